@@ -1,0 +1,203 @@
+//! Command-line interface: `run` starts the operator, `crd` prints the CRD YAML.
+//!
+//! Every flag of `run` has an environment variable, so the Deployment can configure the operator
+//! without a wrapper script. clap turns bad flags into a message and exit code 2.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use url::Url;
+
+/// GoTo's production authorization endpoint (GoTo "New Token Retrieval Migration Guide").
+pub const DEFAULT_AUTHORIZE_URL: &str = "https://authentication.logmeininc.com/oauth/authorize";
+/// GoTo's production token endpoint.
+pub const DEFAULT_TOKEN_URL: &str = "https://authentication.logmeininc.com/oauth/token";
+
+/// Keeps GoTo (LogMeIn) OAuth tokens alive as Kubernetes Secrets.
+#[derive(Parser, Debug)]
+#[command(name = "goto-oauth-operator", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator: controller, authorize/callback endpoint, health and metrics.
+    Run(Box<RunArgs>),
+    /// Print the GoToOAuthClient CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address of the authorize/callback HTTP endpoint.
+    #[arg(long, env = "GOTO_OAUTH_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "GOTO_OAUTH_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    /// External base URL at which people reach the authorize endpoint (https, or http on localhost).
+    #[arg(long, env = "GOTO_OAUTH_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Url,
+
+    /// Namespace to watch; repeat for several. None: all namespaces.
+    #[arg(
+        long = "namespace",
+        env = "GOTO_OAUTH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
+
+    /// Default GoTo authorization URL.
+    #[arg(long, env = "GOTO_OAUTH_AUTHORIZE_URL", default_value = DEFAULT_AUTHORIZE_URL, value_parser = parse_endpoint_url)]
+    pub authorize_url: Url,
+
+    /// Default GoTo token URL.
+    #[arg(long, env = "GOTO_OAUTH_TOKEN_URL", default_value = DEFAULT_TOKEN_URL, value_parser = parse_endpoint_url)]
+    pub token_url: Url,
+
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(
+        long,
+        env = "GOTO_OAUTH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Namespace the operator runs in: home of its Lease and its state-key Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "goto-oauth-operator")]
+    pub operator_namespace: String,
+
+    /// This replica's identity for leader election (defaults to the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Elect a leader through a Lease so that only one replica reconciles and refreshes.
+    #[arg(long, env = "GOTO_OAUTH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "GOTO_OAUTH_LEASE_NAME",
+        default_value = "goto-oauth-operator"
+    )]
+    pub lease_name: String,
+
+    /// Secret (in the operator namespace) holding the key that signs `state`; created once.
+    #[arg(
+        long,
+        env = "GOTO_OAUTH_STATE_KEY_SECRET",
+        default_value = "goto-oauth-operator-state-key"
+    )]
+    pub state_key_secret: String,
+
+    /// Requests per second the operator sends to GoTo's token endpoints, over all clients.
+    #[arg(long, env = "GOTO_OAUTH_TOKEN_RATE_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub token_rate_limit: u32,
+
+    /// Refreshes in flight at once.
+    #[arg(long, env = "GOTO_OAUTH_MAX_CONCURRENT_REFRESHES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_concurrent_refreshes: u32,
+
+    /// Timeout of one token-endpoint request.
+    #[arg(long, env = "GOTO_OAUTH_TOKEN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub token_timeout: Duration,
+}
+
+fn parse_public_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+    check_web_url(&url)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the public URL must not have a query or fragment".into());
+    }
+    Ok(url)
+}
+
+fn parse_endpoint_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+    check_web_url(&url)?;
+    Ok(url)
+}
+
+/// https everywhere; http only where the traffic never leaves the machine (development, tests).
+pub fn check_web_url(url: &Url) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} uses http; only https is allowed (http only for localhost/127.0.0.1)"
+        )),
+        other => Err(format!("{url} has scheme {other}; expected https")),
+    }
+}
+
+/// Whether the URL points at this machine (localhost, 127.0.0.0/8, ::1).
+pub fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("goto-oauth-operator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_needs_public_url() {
+        let err = parse(&["run"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--public-url"));
+    }
+
+    #[test]
+    fn http_public_url_only_on_localhost() {
+        assert!(parse(&["run", "--public-url", "http://127.0.0.1:8080"]).is_ok());
+        let err = parse(&["run", "--public-url", "http://example.com"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("only https"));
+    }
+
+    #[test]
+    fn namespaces_repeat_and_defaults_apply() {
+        let cli = parse(&[
+            "run",
+            "--public-url",
+            "https://x.example",
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.namespaces, vec!["a", "b"]);
+        assert_eq!(args.token_url.as_str(), DEFAULT_TOKEN_URL);
+        assert_eq!(args.token_rate_limit, 10);
+        assert!(args.leader_election);
+    }
+}

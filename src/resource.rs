@@ -1,0 +1,287 @@
+//! The `GoToOAuthClient` custom resource (`goto-oauth.dev/v1alpha1`).
+//!
+//! The spec names a GoTo OAuth client and where its tokens go; the status tells a human (and
+//! `kubectl wait`) whether the client is authorized, where to send the GoTo admin, and when the
+//! tokens expire and refresh. The CRD YAML in `crds/` is generated from these types by
+//! `goto-oauth-operator crd`, so every doc comment here is what `kubectl explain` shows.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of the resource.
+pub const API_GROUP: &str = "goto-oauth.dev";
+/// The label and field-manager name the operator uses for what it writes.
+pub const MANAGER: &str = "goto-oauth-operator";
+/// Annotation that rotates the authorization link when its value changes.
+pub const ROTATE_LINK_ANNOTATION: &str = "goto-oauth.dev/rotate-authorization-link";
+/// Annotation that forces an immediate refresh when its value changes.
+pub const FORCE_REFRESH_ANNOTATION: &str = "goto-oauth.dev/refresh-requested";
+
+/// A GoTo (LogMeIn) OAuth client whose tokens the operator obtains once through a GoTo admin's
+/// consent and then keeps fresh in a Secret for as long as this resource exists.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "goto-oauth.dev",
+    version = "v1alpha1",
+    kind = "GoToOAuthClient",
+    namespaced,
+    shortname = "gotoclient",
+    status = "GoToOAuthClientStatus",
+    doc = "A GoTo OAuth client whose access and refresh tokens the operator keeps in a Secret.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.accessTokenExpiresAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GoToOAuthClientSpec {
+    /// The OAuth client ID from GoTo's developer portal (OAuth Clients → your client).
+    pub client_id: String,
+
+    /// The Secret in this namespace that holds the OAuth client secret.
+    pub client_secret_ref: ClientSecretRef,
+
+    /// The redirect URI registered on the OAuth client in GoTo's developer portal. Defaults to
+    /// `<operator public URL>/callback`. It must reach this operator's callback endpoint, use
+    /// https (http only for localhost / 127.0.0.1 during development) and be registered at GoTo
+    /// byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+
+    /// Scopes to request. GoTo grants only scopes enabled on the OAuth client; leave empty to get
+    /// all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+
+    /// Name of the Secret (in this namespace) the tokens are written to. Defaults to
+    /// `<metadata.name>-token`. The operator owns this Secret and never takes over one it did
+    /// not create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+
+    /// How long before the access token expires it is refreshed, as a duration such as `20m` or
+    /// `1h`. Defaults to one third of the token's lifetime (20 minutes for GoTo's 60-minute
+    /// tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_before: Option<String>,
+
+    /// Per-client override of the operator-wide GoTo endpoints (for example the legacy or a
+    /// regional host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+
+    /// Labels and annotations copied onto the token Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+}
+
+/// A key of a Secret in the resource's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of the Secret, in the same namespace as this resource.
+    pub name: String,
+    /// Key within the Secret that holds the client secret. Defaults to `clientSecret`.
+    #[serde(default = "default_client_secret_key")]
+    pub key: String,
+}
+
+fn default_client_secret_key() -> String {
+    "clientSecret".to_string()
+}
+
+/// GoTo OAuth endpoints.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// The authorization (consent) URL the admin's browser is sent to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
+    /// The token URL codes and refresh tokens are exchanged at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+}
+
+/// Metadata copied onto the token Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Labels added to the token Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the token Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the operator observed and did. Conditions are derived from what was actually written.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GoToOAuthClientStatus {
+    /// `Ready` (a usable access token is in the Secret) and `Authorized` (GoTo consent is on
+    /// record and the refresh token works), with machine-readable reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// The link to send to a GoTo admin to authorize (or re-authorize) this client. It works
+    /// without Kubernetes access, stays valid until used successfully, and is replaced after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_url: Option<String>,
+
+    /// When the access token in the Secret expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token_expires_at: Option<Time>,
+
+    /// When tokens were last obtained (authorization or refresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<Time>,
+
+    /// When the next refresh is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<Time>,
+
+    /// The GoTo account that authorized the client (principal or email), when GoTo returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+
+    /// GoTo account key, when GoTo returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_key: Option<String>,
+
+    /// GoTo organizer key, when GoTo returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organizer_key: Option<String>,
+
+    /// The Secret the tokens are currently stored in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+
+    /// The last value of the rotate-link annotation the operator acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_link_rotation: Option<String>,
+
+    /// The last value of the refresh-requested annotation the operator acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_refresh_request: Option<String>,
+
+    /// Authorization attempts already completed (state nonces, never secret), kept until their
+    /// `state` expires so that a replayed callback is refused on every replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumed_states: Vec<ConsumedState>,
+
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A consumed authorization attempt.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumedState {
+    /// The random nonce of the attempt's `state` parameter.
+    pub nonce: String,
+    /// Unix time (seconds) after which the `state` is expired anyway and the entry can go.
+    pub expires_at: i64,
+}
+
+fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Ready and Authorized conditions (metav1.Condition shape).",
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+            "properties": {
+                "type": {"type": "string", "description": "Condition type: Ready or Authorized."},
+                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string", "description": "Machine-readable CamelCase reason."},
+                "message": {"type": "string", "description": "Human-readable details."},
+                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                "observedGeneration": {"type": "integer", "format": "int64"}
+            }
+        }
+    })
+}
+
+/// The CRD as YAML, exactly as committed in `crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let yaml = serde_yaml::to_string(&GoToOAuthClient::crd())?;
+    Ok(format!(
+        "# Generated by `goto-oauth-operator crd`; do not edit by hand.\n{yaml}"
+    ))
+}
+
+impl GoToOAuthClient {
+    /// The target Secret's name: `spec.secretName` or `<name>-token`.
+    pub fn target_secret_name(&self) -> String {
+        match &self.spec.secret_name {
+            Some(name) if !name.is_empty() => name.clone(),
+            _ => format!(
+                "{}-token",
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// A condition of the current status, by type.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_is_structural_and_named() {
+        let crd = GoToOAuthClient::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("gotooauthclients.goto-oauth.dev")
+        );
+        let version = &crd.spec.versions[0];
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let yaml = crd_yaml().unwrap();
+        // Keywords a real API server rejects in a structural schema.
+        for forbidden in [
+            "$ref",
+            "definitions",
+            "$defs",
+            "anyOf: []",
+            "nullable: null",
+        ] {
+            assert!(!yaml.contains(forbidden), "CRD contains {forbidden}");
+        }
+        assert!(yaml.contains("x-kubernetes-list-type: map"));
+        assert!(yaml.contains("gotoclient"));
+    }
+
+    #[test]
+    fn client_secret_key_defaults() {
+        let spec: GoToOAuthClientSpec = serde_json::from_value(serde_json::json!({
+            "clientId": "abc",
+            "clientSecretRef": {"name": "creds"}
+        }))
+        .unwrap();
+        assert_eq!(spec.client_secret_ref.key, "clientSecret");
+        let client = GoToOAuthClient::new("demo", spec);
+        assert_eq!(client.target_secret_name(), "demo-token");
+    }
+}
