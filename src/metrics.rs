@@ -1,0 +1,236 @@
+//! Prometheus metrics and the operations endpoint (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! Labels are only namespace, name, result and reason values from fixed sets: nothing
+//! token-grade, and no unbounded label values besides the clients themselves (whose series are
+//! removed when a client is deleted).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub namespace: String,
+    pub name: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenRequestLabels {
+    pub grant_type: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub token_expiry: Family<ClientLabels, Gauge>,
+    pub client_ready: Family<ClientLabels, Gauge>,
+    pub refreshes: Family<RefreshLabels, Counter>,
+    pub token_request_duration: Family<TokenRequestLabels, Histogram>,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub leader: Gauge,
+    /// Set once the API server has answered; cleared when it stops answering.
+    api_reachable: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("goto_oauth");
+        let token_expiry = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the stored access token expires",
+            token_expiry.clone(),
+        );
+        let client_ready = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "client_ready",
+            "1 when the client's Ready condition is True, else 0",
+            client_ready.clone(),
+        );
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "refresh",
+            "Token refreshes by result (success, transient_error, rate_limited, invalid_grant, invalid_client, ...)",
+            refreshes.clone(),
+        );
+        let token_request_duration =
+            Family::<TokenRequestLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            });
+        registry.register(
+            "token_request_duration_seconds",
+            "Duration of requests to GoTo's token endpoint",
+            token_request_duration.clone(),
+        );
+        let reconcile_duration =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by reason",
+            reconcile_errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controller",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            token_expiry,
+            client_ready,
+            refreshes,
+            token_request_duration,
+            reconcile_duration,
+            reconcile_errors,
+            leader,
+            api_reachable: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn client(namespace: &str, name: &str) -> ClientLabels {
+        ClientLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn count_refresh(&self, namespace: &str, name: &str, result: &str) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Drops a deleted client's series so dashboards do not show ghosts.
+    pub fn forget_client(&self, namespace: &str, name: &str) {
+        let labels = Self::client(namespace, name);
+        self.token_expiry.remove(&labels);
+        self.client_ready.remove(&labels);
+        for result in [
+            "success",
+            "transient_error",
+            "rate_limited",
+            "invalid_grant",
+            "invalid_client",
+            "error",
+        ] {
+            self.refreshes.remove(&RefreshLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                result: result.into(),
+            });
+        }
+    }
+
+    pub fn set_api_reachable(&self, reachable: bool) {
+        self.api_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    pub fn api_reachable(&self) -> bool {
+        self.api_reachable.load(Ordering::Relaxed)
+    }
+}
+
+/// `/healthz` (the process serves), `/readyz` (the API server answers), `/metrics`.
+pub fn ops_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.api_reachable() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Kubernetes API not reachable",
+        )
+    }
+}
+
+async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::default();
+        m.token_expiry
+            .get_or_create(&Metrics::client("ns", "a"))
+            .set(1_800_000_000);
+        m.count_refresh("ns", "a", "success");
+        m.leader.set(1);
+        let text = m.render();
+        for name in [
+            "goto_oauth_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1800000000",
+            "goto_oauth_refresh_total{namespace=\"ns\",name=\"a\",result=\"success\"} 1",
+            "goto_oauth_leader 1",
+            "goto_oauth_reconcile_duration_seconds",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+        m.forget_client("ns", "a");
+        assert!(!m.render().contains("name=\"a\""));
+    }
+}

@@ -1,0 +1,434 @@
+//! Shared harness of the end-to-end tests: an API server (the in-memory one, or a real cluster
+//! when `KUBECONFIG` is set and `GOTO_OAUTH_E2E_REAL_CLUSTER=1`), the fake GoTo provider, and the
+//! real operator binary as a child process.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use goto_oauth_operator::{
+    resource::GoToOAuthClient,
+    testkit::{
+        apiserver::FakeApiServer,
+        goto::{ClientRegistration, FakeGoTo, FakeGoToConfig},
+    },
+};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, CustomResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
+use tokio::{io::AsyncBufReadExt, process::Child};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether this run targets a real cluster.
+pub fn real_cluster() -> bool {
+    std::env::var("GOTO_OAUTH_E2E_REAL_CLUSTER").as_deref() == Ok("1")
+        && std::env::var_os("KUBECONFIG").is_some()
+}
+
+/// The API server the test talks to.
+pub struct Cluster {
+    pub fake: Option<FakeApiServer>,
+    pub client: Client,
+    pub kubeconfig: PathBuf,
+    pub namespace: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let namespace = format!(
+            "e2e-{}",
+            goto_oauth_operator::state::random_token(6)
+                .to_lowercase()
+                .replace(['_', '-'], "x")
+        );
+        let (fake, client, kubeconfig) = if real_cluster() {
+            eprintln!("e2e: running against the real cluster in KUBECONFIG");
+            let path = PathBuf::from(std::env::var_os("KUBECONFIG").unwrap());
+            (
+                None,
+                Client::try_default().await.expect("kube client"),
+                path,
+            )
+        } else {
+            eprintln!(
+                "e2e: in-memory API server (set KUBECONFIG and GOTO_OAUTH_E2E_REAL_CLUSTER=1 to use a real cluster)"
+            );
+            let fake = FakeApiServer::start().await;
+            let path = dir.path().join("kubeconfig");
+            std::fs::write(&path, fake.kubeconfig_yaml()).expect("write kubeconfig");
+            let client = fake.client();
+            (Some(fake), client, path)
+        };
+        let cluster = Cluster {
+            fake,
+            client,
+            kubeconfig,
+            namespace,
+            _dir: dir,
+        };
+        cluster.install_crd().await;
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(cluster.namespace.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(cluster.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        cluster
+    }
+
+    async fn install_crd(&self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let crd = GoToOAuthClient::crd();
+        crds.patch(
+            "gotooauthclients.goto-oauth.dev",
+            &PatchParams::apply("e2e-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        eventually("CRD established", || async {
+            let api: Api<GoToOAuthClient> = Api::all(self.client.clone());
+            api.list(&Default::default()).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    pub fn clients(&self) -> Api<GoToOAuthClient> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub async fn create_client_secret(&self, name: &str, secret: &str) {
+        let s = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            string_data: Some([("clientSecret".to_string(), secret.to_string())].into()),
+            ..Default::default()
+        };
+        self.secrets()
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("create client secret");
+    }
+
+    pub async fn create_client(&self, name: &str, spec: serde_json::Value) -> GoToOAuthClient {
+        let obj: GoToOAuthClient = serde_json::from_value(serde_json::json!({
+            "apiVersion": "goto-oauth.dev/v1alpha1",
+            "kind": "GoToOAuthClient",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("valid client");
+        self.clients()
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create client")
+    }
+
+    /// Waits until the named client's condition has the given status and reason.
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+    ) -> GoToOAuthClient {
+        eventually(&format!("{name} {type_}={status}/{reason}"), || async {
+            let obj = self.clients().get(name).await.ok()?;
+            let c = obj.condition(type_)?;
+            (c.status == status && c.reason == reason).then_some(obj)
+        })
+        .await
+    }
+
+    /// Events recorded for a client (through events.k8s.io/v1, as kube's Recorder writes them).
+    pub async fn events_for(&self, name: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        api.list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Writes the operator made (status, Secrets, Events) according to the fake's request log.
+    pub fn operator_writes(&self) -> Option<Vec<String>> {
+        let fake = self.fake.as_ref()?;
+        Some(
+            fake.request_log()
+                .into_iter()
+                .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
+                .filter(|r| r.path.contains(&format!("/namespaces/{}/", self.namespace)))
+                .filter(|r| {
+                    r.path.ends_with("/status")
+                        || r.path.contains("/secrets")
+                        || r.path.contains("/events")
+                })
+                .map(|r| format!("{} {} {}", r.verb, r.path, r.status))
+                .collect(),
+        )
+    }
+}
+
+/// The fake GoTo provider with one registered client.
+pub struct Provider {
+    pub goto: FakeGoTo,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl Provider {
+    pub async fn start(config: FakeGoToConfig, redirect_uri: &str) -> Provider {
+        let goto = FakeGoTo::start(config).await;
+        let client_id = "0f0e8c7a-6c3d-4d1e-9a51-goto-e2e".to_string();
+        let client_secret = goto_oauth_operator::testkit::goto::sample_client_secret();
+        goto.register_client(ClientRegistration {
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            redirect_uris: vec![redirect_uri.to_string()],
+            scopes: vec!["identity:".into(), "call-control.v1.calls.control".into()],
+            name: "e2e".into(),
+        });
+        Provider {
+            goto,
+            client_id,
+            client_secret,
+        }
+    }
+}
+
+/// The operator binary running as a child process, its log captured.
+pub struct Operator {
+    pub child: Child,
+    pub public_url: String,
+    pub metrics_url: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Operator {
+    pub async fn start(cluster: &Cluster, provider: &Provider, extra: &[&str]) -> Operator {
+        Self::start_on(cluster, provider, free_port(), extra).await
+    }
+
+    pub async fn start_on(
+        cluster: &Cluster,
+        provider: &Provider,
+        port: u16,
+        extra: &[&str],
+    ) -> Operator {
+        let metrics_port = free_port();
+        let public_url = format!("http://127.0.0.1:{port}");
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"));
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--public-url")
+            .arg(&public_url)
+            .arg("--namespace")
+            .arg(&cluster.namespace)
+            .arg("--operator-namespace")
+            .arg(&cluster.namespace)
+            .arg("--authorize-url")
+            .arg(provider.goto.authorize_url())
+            .arg("--token-url")
+            .arg(provider.goto.token_url())
+            .args(extra)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,goto_oauth_operator=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn operator");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("E2E_SHOW_LOGS").is_some() {
+                        eprintln!("operator: {line}");
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let op = Operator {
+            child,
+            public_url,
+            metrics_url: format!("http://127.0.0.1:{metrics_port}"),
+            log,
+        };
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", op.metrics_url);
+        eventually("operator serving /healthz", || async {
+            http.get(&url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        })
+        .await;
+        op
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.metrics_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("operator exits after SIGTERM")
+            .expect("wait")
+    }
+}
+
+/// A minimal browser: follows redirects by hand, keeps cookies, returns the final response.
+pub struct Browser {
+    pub http: reqwest::Client,
+    pub cookies: Vec<String>,
+}
+
+pub struct Page {
+    pub status: u16,
+    pub url: String,
+    pub body: String,
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        Browser {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: Vec::new(),
+        }
+    }
+
+    /// GET with this browser's cookies; returns the response without following redirects.
+    pub async fn get_raw(&mut self, url: &str) -> reqwest::Response {
+        let mut req = self.http.get(url);
+        if !self.cookies.is_empty() {
+            req = req.header("cookie", self.cookies.join("; "));
+        }
+        let resp = req.send().await.expect("request");
+        for c in resp.headers().get_all("set-cookie") {
+            let pair = c.to_str().unwrap().split(';').next().unwrap().to_string();
+            let name = pair.split('=').next().unwrap().to_string();
+            self.cookies.retain(|c| !c.starts_with(&format!("{name}=")));
+            self.cookies.push(pair);
+        }
+        resp
+    }
+
+    /// GET following redirects (up to 10).
+    pub async fn get(&mut self, url: &str) -> Page {
+        let mut url = url.to_string();
+        for _ in 0..10 {
+            let resp = self.get_raw(&url).await;
+            if resp.status().is_redirection() {
+                url = resp.headers()["location"].to_str().unwrap().to_string();
+                continue;
+            }
+            return Page {
+                status: resp.status().as_u16(),
+                url,
+                body: resp.text().await.unwrap(),
+            };
+        }
+        panic!("too many redirects");
+    }
+
+    /// Opens an authorization link and returns GoTo's consent page URL (the 302 target).
+    pub async fn open_link(&mut self, link: &str) -> String {
+        let resp = self.get_raw(link).await;
+        assert_eq!(
+            resp.status().as_u16(),
+            302,
+            "authorize link redirects to GoTo"
+        );
+        resp.headers()["location"].to_str().unwrap().to_string()
+    }
+}

@@ -1,0 +1,546 @@
+//! The consent flow end to end: the real operator binary, the in-memory API server (or a real
+//! cluster) and the fake GoTo provider, driven like a browser (cookies, redirects, form clicks).
+
+mod common;
+
+use common::{Browser, Cluster, Operator, Page, Provider, eventually, free_port};
+use goto_oauth_operator::{
+    conditions::reason,
+    resource::GoToOAuthClient,
+    secret,
+    state::{StateClaims, StateKey},
+    testkit::goto::{Decision, FakeGoToConfig, TokenFault},
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use std::time::Duration;
+
+struct Env {
+    cluster: Cluster,
+    provider: Provider,
+    op: Operator,
+}
+
+async fn env(extra: &[&str]) -> Env {
+    let cluster = Cluster::start().await;
+    let port = free_port();
+    let provider = Provider::start(
+        FakeGoToConfig::default(),
+        &format!("http://127.0.0.1:{port}/callback"),
+    )
+    .await;
+    let mut args = vec!["--leader-election=false"];
+    args.extend_from_slice(extra);
+    let op = Operator::start_on(&cluster, &provider, port, &args).await;
+    cluster
+        .create_client_secret("creds", &provider.client_secret)
+        .await;
+    Env {
+        cluster,
+        provider,
+        op,
+    }
+}
+
+impl Env {
+    async fn client(&self, name: &str) -> String {
+        self.cluster
+            .create_client(
+                name,
+                serde_json::json!({
+                    "clientId": self.provider.client_id,
+                    "clientSecretRef": {"name": "creds"},
+                    "scopes": ["identity:", "call-control.v1.calls.control"],
+                    "secretTemplate": {"labels": {"team": "payments"}},
+                }),
+            )
+            .await;
+        self.link(name).await
+    }
+
+    async fn link(&self, name: &str) -> String {
+        let obj = self
+            .cluster
+            .wait_condition(name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
+            .await;
+        obj.status.unwrap().authorization_url.unwrap()
+    }
+
+    /// Opens the link, clicks `decision` at GoTo and follows the redirect back: the result page.
+    async fn consent(&self, browser: &mut Browser, link: &str, decision: Decision) -> Page {
+        let goto_url = browser.open_link(link).await;
+        let back = self
+            .provider
+            .goto
+            .consent(&goto_url, decision)
+            .await
+            .expect("consent page");
+        browser.get(&back).await
+    }
+
+    async fn token_secret(&self, name: &str) -> Option<Secret> {
+        self.cluster
+            .secrets()
+            .get_opt(&format!("{name}-token"))
+            .await
+            .unwrap()
+    }
+
+    fn assert_no_secret_material(&self, text: &str) {
+        assert!(
+            !text.contains(&self.provider.client_secret),
+            "client secret leaked"
+        );
+        for token in self
+            .provider
+            .goto
+            .live_access_tokens(&self.provider.client_id)
+        {
+            assert!(!text.contains(&token), "access token leaked");
+        }
+        if let Some(refresh) = self
+            .provider
+            .goto
+            .valid_refresh_token(&self.provider.client_id)
+        {
+            assert!(!text.contains(&refresh), "refresh token leaked");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_stores_tokens_and_publishes_a_fresh_link() {
+    let env = env(&[]).await;
+    let link = env.client("demo").await;
+    assert!(link.starts_with(&env.op.public_url));
+
+    let mut browser = Browser::new();
+    let goto_url = browser.open_link(&link).await;
+    let cookie = browser.cookies.join(";");
+    assert!(
+        cookie.contains("goto_oauth_binding="),
+        "binding cookie set: {cookie}"
+    );
+    let consent = url::Url::parse(&goto_url).unwrap();
+    let params: std::collections::HashMap<_, _> = consent.query_pairs().into_owned().collect();
+    assert_eq!(params["client_id"], env.provider.client_id);
+    assert_eq!(params["response_type"], "code");
+    assert_eq!(
+        params["redirect_uri"],
+        format!("{}/callback", env.op.public_url)
+    );
+    assert_eq!(params["scope"], "identity: call-control.v1.calls.control");
+    assert!(params["state"].len() > 40);
+
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .unwrap();
+    let code = url::Url::parse(&back)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let page = browser.get(&back).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Authorization complete"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("demo") && page.body.contains(&env.cluster.namespace));
+    assert!(page.body.contains("demo-token"));
+    assert!(
+        !page.body.contains(&code),
+        "the code never appears on a page"
+    );
+    env.assert_no_secret_material(&page.body);
+
+    let secret = env.token_secret("demo").await.expect("token Secret");
+    let data = secret.data.clone().unwrap();
+    for key in [
+        "access_token",
+        "refresh_token",
+        "token_type",
+        "expires_at",
+        "scope",
+        "principal",
+        "account_key",
+        "organizer_key",
+    ] {
+        assert!(data.contains_key(key), "Secret lacks {key}");
+    }
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+    let labels = secret.metadata.labels.clone().unwrap();
+    assert_eq!(
+        labels["app.kubernetes.io/managed-by"],
+        "goto-oauth-operator"
+    );
+    assert_eq!(labels["team"], "payments");
+    let access = String::from_utf8(data["access_token"].0.clone()).unwrap();
+    assert!(env.provider.goto.is_access_token_live(&access));
+    let refresh = String::from_utf8(data["refresh_token"].0.clone()).unwrap();
+    assert!(env.provider.goto.is_refresh_token_valid(&refresh));
+    assert_eq!(data["token_type"].0, b"Bearer");
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "GoToOAuthClient");
+
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    let authorized = obj.condition("Authorized").unwrap();
+    assert_eq!(authorized.status, "True");
+    let status = obj.status.clone().unwrap();
+    assert!(status.access_token_expires_at.is_some() && status.next_refresh_time.is_some());
+    assert!(status.principal.is_some(), "principal from GoTo's response");
+    let new_link = status.authorization_url.clone().unwrap();
+    assert_ne!(new_link, link, "a used link is replaced");
+
+    let events = eventually("Authorized event", || async {
+        let e = env.cluster.events_for("demo").await;
+        e.iter().any(|(r, _)| r == reason::AUTHORIZED).then_some(e)
+    })
+    .await;
+    for (_, note) in &events {
+        env.assert_no_secret_material(note);
+    }
+    env.assert_no_secret_material(&serde_json::to_string(&status).unwrap());
+
+    // The spent link no longer works; reusing the callback is refused as a replay.
+    let reopened = browser.get_raw(&link).await;
+    assert_eq!(reopened.status().as_u16(), 404);
+    let replay = browser.get(&back).await;
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert!(replay.body.contains("already used"));
+    // The exchange happened exactly once.
+    let exchanges = env
+        .provider
+        .goto
+        .token_requests()
+        .iter()
+        .filter(|r| r.grant_type.as_deref() == Some("authorization_code"))
+        .count();
+    assert_eq!(exchanges, 1);
+    env.assert_no_secret_material(&env.op.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_and_state_errors_get_pages_conditions_and_no_secret() {
+    let env = env(&[]).await;
+    let link = env.client("demo").await;
+
+    // Deny.
+    let mut browser = Browser::new();
+    let page = env.consent(&mut browser, &link, Decision::Deny).await;
+    assert_eq!(page.status, 403, "{}", page.body);
+    assert!(page.body.contains("denied"), "{}", page.body);
+    env.cluster
+        .wait_condition("demo", "Authorized", "False", reason::ACCESS_DENIED)
+        .await;
+    assert!(env.token_secret("demo").await.is_none());
+    eventually("AccessDenied event", || async {
+        env.cluster
+            .events_for("demo")
+            .await
+            .iter()
+            .any(|(r, _)| r == reason::ACCESS_DENIED)
+            .then_some(())
+    })
+    .await;
+
+    let base = format!("{}/callback", env.op.public_url);
+    // Missing state.
+    let page = Browser::new().get(&format!("{base}?code=abc")).await;
+    assert_eq!(page.status, 400);
+    assert!(
+        page.body.contains("not a valid authorization response"),
+        "{}",
+        page.body
+    );
+    // Malformed and forged state, with markup that must come back escaped.
+    let page = Browser::new()
+        .get(&format!(
+            "{base}?code=abc&state=%3Cscript%3Ealert(1)%3C/script%3E"
+        ))
+        .await;
+    assert_eq!(page.status, 400);
+    assert!(!page.body.contains("<script>"));
+    let forged = StateKey::generate().sign(&StateClaims {
+        namespace: env.cluster.namespace.clone(),
+        name: "demo".into(),
+        uid: "x".into(),
+        client_id: env.provider.client_id.clone(),
+        nonce: "n".into(),
+        expires_at: i64::MAX,
+        browser: "b".into(),
+    });
+    let page = Browser::new()
+        .get(&format!("{base}?code=abc&state={forged}"))
+        .await;
+    assert_eq!(page.status, 400, "{}", page.body);
+
+    // Cookie missing / another browser.
+    let mut first = Browser::new();
+    let goto_url = first.open_link(&link).await;
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .unwrap();
+    let page = Browser::new().get(&back).await;
+    assert_eq!(page.status, 400);
+    assert!(page.body.contains("same browser"), "{}", page.body);
+    let mut other = Browser::new();
+    other.open_link(&link).await; // gets its own cookie
+    let page = other.get(&back).await;
+    assert_eq!(page.status, 400);
+    assert!(page.body.contains("same browser"));
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Authorized", "False", reason::AUTHORIZATION_FAILED)
+        .await;
+    assert!(
+        obj.condition("Authorized")
+            .unwrap()
+            .message
+            .contains("browser")
+    );
+
+    // Expired: a correctly signed state from 11 minutes ago.
+    let key_secret = env
+        .cluster
+        .secrets()
+        .get("goto-oauth-operator-state-key")
+        .await
+        .unwrap();
+    let key = StateKey::from_bytes(&key_secret.data.unwrap()["state-hmac-key"].0).unwrap();
+    let obj = env.cluster.clients().get("demo").await.unwrap();
+    let mut browser = Browser::new();
+    browser.open_link(&link).await;
+    let cookie = browser.cookies[0].split_once('=').unwrap().1.to_string();
+    let expired = key.sign(&StateClaims {
+        namespace: env.cluster.namespace.clone(),
+        name: "demo".into(),
+        uid: obj.metadata.uid.clone().unwrap(),
+        client_id: env.provider.client_id.clone(),
+        nonce: "old".into(),
+        expires_at: jiff::Timestamp::now().as_second() - 60,
+        browser: key.browser_binding(&cookie),
+    });
+    let page = browser
+        .get(&format!("{base}?code=abc&state={expired}"))
+        .await;
+    assert_eq!(page.status, 400);
+    assert!(page.body.contains("expired"), "{}", page.body);
+    assert!(
+        env.token_secret("demo").await.is_none(),
+        "no Secret after any failure"
+    );
+    // Nothing but 404 elsewhere.
+    let page = Browser::new()
+        .get(&format!("{}/metrics", env.op.public_url))
+        .await;
+    assert_eq!(page.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_failures_are_reported_and_store_nothing() {
+    let env = env(&["--token-timeout", "1s"]).await;
+    let link = env.client("demo").await;
+    let cases: Vec<(TokenFault, u16, &str)> = vec![
+        (
+            TokenFault::invalid_grant(),
+            400,
+            "rejected the authorization code",
+        ),
+        (TokenFault::invalid_client(), 502, "client credentials"),
+        (
+            TokenFault::Status {
+                status: 403,
+                body: "{\"error\":\"unauthorized_client\"}".into(),
+                content_type: "application/json".into(),
+                retry_after: None,
+            },
+            502,
+            "token service failed",
+        ),
+        (TokenFault::server_error_html(), 502, "token service failed"),
+        (
+            TokenFault::Delay(Duration::from_secs(3)),
+            504,
+            "did not answer in time",
+        ),
+        (TokenFault::NonJson, 502, "token service failed"),
+        (
+            TokenFault::OversizedBody(2 * 1024 * 1024),
+            502,
+            "token service failed",
+        ),
+    ];
+    for (fault, status, text) in cases {
+        env.provider.goto.push_token_fault(fault.clone());
+        let mut browser = Browser::new();
+        let page = env.consent(&mut browser, &link, Decision::Allow).await;
+        assert_eq!(page.status, status, "{fault:?}: {}", page.body);
+        assert!(page.body.contains(text), "{fault:?}: {}", page.body);
+        assert!(
+            page.body.contains("open the authorization link again")
+                || page.body.contains("Open the authorization link again")
+                || page.body.contains("Tell the person"),
+            "{}",
+            page.body
+        );
+        let obj = env
+            .cluster
+            .wait_condition("demo", "Authorized", "False", reason::AUTHORIZATION_FAILED)
+            .await;
+        assert!(obj.condition("Ready").unwrap().status == "False");
+        assert!(
+            env.token_secret("demo").await.is_none(),
+            "{fault:?} wrote a Secret"
+        );
+    }
+    // After all that, a clean attempt works with the same link.
+    let page = env
+        .consent(&mut Browser::new(), &link, Decision::Allow)
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    env.cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    env.assert_no_secret_material(&env.op.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_during_consent_are_refused() {
+    let env = env(&[]).await;
+    // Client deleted meanwhile.
+    let link = env.client("gone").await;
+    let mut browser = Browser::new();
+    let goto_url = browser.open_link(&link).await;
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .unwrap();
+    env.cluster
+        .clients()
+        .delete("gone", &Default::default())
+        .await
+        .unwrap();
+    eventually("deleted", || async {
+        env.cluster
+            .clients()
+            .get_opt("gone")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let page = browser.get(&back).await;
+    assert_eq!(page.status, 410, "{}", page.body);
+    assert!(page.body.contains("no longer exists"));
+
+    // Client id changed meanwhile.
+    let link = env.client("changed").await;
+    let mut browser = Browser::new();
+    let goto_url = browser.open_link(&link).await;
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .unwrap();
+    let patch = serde_json::json!({"spec": {"clientId": "another-client"}});
+    env.cluster
+        .clients()
+        .patch("changed", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let page = browser.get(&back).await;
+    assert_eq!(page.status, 409, "{}", page.body);
+    assert!(page.body.contains("reconfigured"));
+    env.cluster
+        .wait_condition(
+            "changed",
+            "Authorized",
+            "False",
+            reason::AUTHORIZATION_FAILED,
+        )
+        .await;
+    assert!(env.token_secret("changed").await.is_none());
+
+    // Client secret removed meanwhile.
+    let link = env.client("nosecret").await;
+    let mut browser = Browser::new();
+    let goto_url = browser.open_link(&link).await;
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .unwrap();
+    env.cluster
+        .secrets()
+        .delete("creds", &Default::default())
+        .await
+        .unwrap();
+    let page = browser.get(&back).await;
+    assert_eq!(page.status, 409, "{}", page.body);
+    assert!(page.body.contains("client secret is missing"));
+    assert!(env.token_secret("nosecret").await.is_none());
+    let obj: GoToOAuthClient = env
+        .cluster
+        .wait_condition("nosecret", "Ready", "False", reason::CLIENT_SECRET_MISSING)
+        .await;
+    assert_eq!(obj.condition("Authorized").unwrap().status, "False");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_secret_is_never_overwritten() {
+    let env = env(&[]).await;
+    let foreign = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("demo-token".into()),
+            ..Default::default()
+        },
+        string_data: Some([("access_token".to_string(), "someone-elses".to_string())].into()),
+        ..Default::default()
+    };
+    env.cluster
+        .secrets()
+        .create(&Default::default(), &foreign)
+        .await
+        .unwrap();
+    env.cluster
+        .create_client("demo", serde_json::json!({"clientId": env.provider.client_id, "clientSecretRef": {"name": "creds"}}))
+        .await;
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "False", reason::SECRET_CONFLICT)
+        .await;
+    assert!(
+        obj.status.unwrap().authorization_url.is_none(),
+        "no link while the target is taken"
+    );
+    let secret = env.token_secret("demo").await.unwrap();
+    assert_eq!(secret.data.unwrap()["access_token"].0, b"someone-elses");
+    // Removing the foreign Secret clears the conflict without a restart.
+    env.cluster
+        .secrets()
+        .delete("demo-token", &Default::default())
+        .await
+        .unwrap();
+    env.cluster
+        .wait_condition("demo", "Ready", "False", reason::AWAITING_AUTHORIZATION)
+        .await;
+    let _ = secret::ACCESS_TOKEN_KEY;
+}
