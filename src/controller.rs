@@ -78,6 +78,9 @@ struct ClientMemory {
     not_before: Option<Timestamp>,
     /// The last transient failure, for the condition message.
     last_failure: Option<String>,
+    /// The refresh-requested annotation value already acted on. The status says the same once
+    /// written, but a reconcile can run on a cached object before that status write shows up.
+    handled_refresh_request: Option<String>,
     /// Consecutive reconcile errors, for `error_policy`'s backoff.
     reconcile_errors: u32,
 }
@@ -249,6 +252,8 @@ pub struct StatusInputs<'a> {
     pub consumed_states: Vec<ConsumedState>,
     pub handled_link_rotation: Option<String>,
     pub handled_refresh_request: Option<String>,
+    /// When the consent was given whose refresh token GoTo rejected.
+    pub rejected_authorization: Option<Timestamp>,
 }
 
 fn time(ts: Timestamp) -> Time {
@@ -283,6 +288,7 @@ pub fn desired_status(
         secret_name: inputs.stored_secret_name.clone(),
         handled_link_rotation: inputs.handled_link_rotation.clone(),
         handled_refresh_request: inputs.handled_refresh_request.clone(),
+        rejected_authorization: inputs.rejected_authorization.map(time),
         consumed_states: inputs
             .consumed_states
             .iter()
@@ -459,12 +465,14 @@ fn authorization_state(
                     ),
                 };
             }
+            let rejected = obj
+                .status
+                .as_ref()
+                .and_then(|s| s.rejected_authorization.as_ref())
+                .is_some_and(|t| t.0.as_second() == tokens.authorized_at.as_second());
             match current {
                 // Sticky: a rejected refresh token stays rejected until a new consent replaces it.
-                Some(c)
-                    if c.reason == reason::REAUTHORIZATION_REQUIRED
-                        && tokens.authorized_at <= c.last_transition_time.0 =>
-                {
+                Some(c) if rejected && c.reason == reason::REAUTHORIZATION_REQUIRED => {
                     Authorization::ReauthorizationRequired {
                         message: c
                             .message
@@ -566,12 +574,26 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
     let mut blocker: Option<(&'static str, String)> = None;
     let mut refresh_failure = memory.last_failure.clone();
     let mut handled_refresh_request = status.handled_refresh_request.clone();
+    if refresh_request.is_some() && memory.handled_refresh_request == refresh_request {
+        handled_refresh_request = refresh_request.clone();
+    }
     let mut link = link_token(Some(&status));
     let mut handled_link_rotation = status.handled_link_rotation.clone();
     let mut next_refresh = None;
     let mut stored_secret_name = status.secret_name.clone();
 
     let mut authorization = authorization_state(obj, settings.as_ref().ok(), tokens.as_ref());
+    // Kept only while the stored tokens are those of the rejected consent.
+    let mut rejected_authorization =
+        status
+            .rejected_authorization
+            .as_ref()
+            .map(|t| t.0)
+            .filter(|at| {
+                tokens
+                    .as_ref()
+                    .is_some_and(|t| t.authorized_at.as_second() == at.as_second())
+            });
     match &settings {
         Err(message) => blocker = Some((reason::INVALID_SPEC, message.clone())),
         Ok(settings) => {
@@ -636,6 +658,9 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
                                 tokens = Some((*new).clone());
                                 refresh_failure = None;
                                 handled_refresh_request = refresh_request.clone();
+                                ctx.with_memory(&keys.uid, |m| {
+                                    m.handled_refresh_request = refresh_request.clone();
+                                });
                                 when = refresh::next_refresh_at(
                                     &new,
                                     settings.refresh_before,
@@ -648,9 +673,13 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
                             }
                             RefreshOutcome::Rejected { message } => {
                                 authorization = Authorization::ReauthorizationRequired { message };
+                                rejected_authorization = Some(current.authorized_at);
                                 // A fresh link for the re-authorization.
                                 link = None;
                                 handled_refresh_request = refresh_request.clone();
+                                ctx.with_memory(&keys.uid, |m| {
+                                    m.handled_refresh_request = refresh_request.clone();
+                                });
                             }
                         }
                     }
@@ -697,6 +726,7 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
         consumed_states: status.consumed_states.clone(),
         handled_link_rotation,
         handled_refresh_request,
+        rejected_authorization,
     };
     let desired = desired_status(&inputs, &ctx.settings.defaults, now);
     let wrote = match apply_status(ctx, obj, &keys, desired.clone(), &observation).await {
@@ -762,6 +792,51 @@ async fn delete_owned_secret(
     Ok(())
 }
 
+/// How long a refreshed token's Secret write is retried inside the refresh itself. GoTo may
+/// have invalidated the old refresh token already, so the new one must reach the Secret before
+/// this replica can stop (shutdown, lost leadership); past this, the reconcile retries keep it.
+const STORE_RETRY_WINDOW: Duration = Duration::from_secs(10);
+
+/// Writes refreshed tokens, re-reading the Secret after a conflict and retrying transient
+/// failures for up to [`STORE_RETRY_WINDOW`].
+async fn store_refreshed(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    settings: &ClientSettings,
+    tokens: &StoredTokens,
+    target: Option<&Secret>,
+) -> Result<()> {
+    let namespace = obj
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let deadline = tokio::time::Instant::now() + STORE_RETRY_WINDOW;
+    let mut current = target.cloned();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match write_secret(ctx, obj, settings, tokens, current.as_ref()).await {
+            Ok(_) => return Ok(()),
+            Err(e @ Error::SecretConflict(_)) => return Err(e),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + delay > deadline {
+            return Err(error);
+        }
+        debug!(error = %error, "storing refreshed tokens failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+        if let Ok(latest) = api.get_opt(&settings.secret_name).await {
+            if let Some(stored) = latest.as_ref().and_then(StoredTokens::from_secret)
+                && stored.authorized_at > tokens.authorized_at
+            {
+                // A newer consent replaced these tokens meanwhile; nothing to store.
+                return Ok(());
+            }
+            current = latest;
+        }
+    }
+}
+
 enum RefreshOutcome {
     Refreshed(Box<StoredTokens>),
     Failed {
@@ -816,7 +891,7 @@ async fn refresh_once(
             });
             ctx.metrics
                 .count_refresh(&keys.namespace, &keys.name, "success");
-            match write_secret(ctx, obj, settings, &new, target).await {
+            match store_refreshed(ctx, obj, settings, &new, target).await {
                 Ok(_) => {
                     ctx.with_memory(&keys.uid, |m| m.unstored = false);
                     info!(expires_at = %new.expires_at, "access token refreshed");
@@ -846,11 +921,6 @@ async fn refresh_once(
                 OAuthError::RateLimited { retry_after } => *retry_after,
                 _ => None,
             };
-            if let Some(pause) = retry_after {
-                ctx.limiter
-                    .pause_until(tokio::time::Instant::now() + pause)
-                    .await;
-            }
             let result = if matches!(e, OAuthError::RateLimited { .. }) {
                 "rate_limited"
             } else {
@@ -1237,6 +1307,7 @@ pub async fn complete_authorization(
             consumed_states: status.consumed_states.clone(),
             handled_link_rotation: status.handled_link_rotation.clone(),
             handled_refresh_request: latest.annotations().get(FORCE_REFRESH_ANNOTATION).cloned(),
+            rejected_authorization: None,
         };
         let desired = desired_status(&inputs, &ctx.settings.defaults, now);
         match apply_status(ctx, &latest, keys, desired, &observation).await {

@@ -40,7 +40,13 @@ pub async fn run_when_leader(
         .with_identity(&lease.identity)
         .with_duration(lease.duration.as_secs().max(2))
         .with_grace(lease.grace.as_secs().max(1))
-        .with_field_manager(format!("{}-lease", crate::resource::MANAGER))
+        // kube-lease-manager detects a competing holder through a server-side-apply conflict,
+        // which only happens between different field managers: one per replica.
+        .with_field_manager(format!(
+            "{}-lease-{}",
+            crate::resource::MANAGER,
+            lease.identity
+        ))
         .build()
         .await?;
     let (mut is_leader, task) = manager.watch().await;

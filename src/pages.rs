@@ -60,7 +60,7 @@ h2{font-size:1rem;margin:1.25rem 0 .25rem}\
 dl{margin:1rem 0;display:grid;grid-template-columns:max-content 1fr;gap:.4rem 1rem}\
 dt{font-weight:600;color:#4a5568}dd{margin:0;overflow-wrap:anywhere}\
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.92em;\
-background:#eef0f3;border-radius:4px;padding:.05em .3em;overflow-wrap:anywhere}\
+background:#eef0f3;border-radius:4px;padding:.05em .3em;overflow-wrap:break-word}\
 .small{color:#5b6575;font-size:.9rem}\
 .close{margin-top:1.5rem;font-weight:600}\
 @media (max-width:30rem){main{margin:0;padding:1rem}dl{grid-template-columns:1fr}dd{margin-bottom:.5rem}}";

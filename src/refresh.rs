@@ -166,12 +166,6 @@ impl RateLimiter {
         };
         tokio::time::sleep_until(slot).await;
     }
-
-    /// Pushes every later acquisition back to at least `until` (a 429's `Retry-After`).
-    pub async fn pause_until(&self, until: tokio::time::Instant) {
-        let mut next = self.next_slot.lock().await;
-        *next = (*next).max(until);
-    }
 }
 
 #[cfg(test)]
@@ -262,11 +256,5 @@ mod tests {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_secs(2), "{elapsed:?}");
         assert!(elapsed < Duration::from_millis(2100), "{elapsed:?}");
-        limiter
-            .pause_until(tokio::time::Instant::now() + Duration::from_secs(5))
-            .await;
-        let before = tokio::time::Instant::now();
-        limiter.acquire().await;
-        assert!(before.elapsed() >= Duration::from_secs(5));
     }
 }

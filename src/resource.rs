@@ -160,6 +160,11 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
 
+    /// When the consent was given whose refresh token GoTo rejected. The client stays
+    /// `ReauthorizationRequired` while the Secret holds tokens of that consent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_authorization: Option<Time>,
+
     /// The last value of the rotate-link annotation the operator acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_link_rotation: Option<String>,

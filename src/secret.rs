@@ -109,6 +109,9 @@ impl StoredTokens {
             (None, Some(previous)) => previous.refresh_token.clone(),
             (None, None) => return Err(TokenMergeError::NoRefreshToken),
         };
+        // The Secret stores whole seconds; what is held in memory must compare equal to what
+        // is read back, or the operator would take its own Secret for a hand edit.
+        let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
         let expires_in = response.expires_in.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
         let expires_at = now
             .checked_add(jiff::SignedDuration::from_secs(

@@ -373,9 +373,10 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(64)
             .collect();
-        let message = match &description {
-            Some(d) => format!("GoTo returned error {error_code}: {d}"),
-            None => format!("GoTo returned error {error_code}"),
+        let message = match (error_code.as_str(), &description) {
+            ("access_denied", _) => "Deny was clicked on GoTo's consent page".to_string(),
+            (_, Some(d)) => format!("GoTo returned error {error_code}: {d}"),
+            (_, None) => format!("GoTo returned error {error_code}"),
         };
         let _ = controller::record_consent_failure(&ctx, &obj, &keys, failure, &message).await;
         info!(namespace = %keys.namespace, name = %keys.name, error = %error_code, "consent not given");

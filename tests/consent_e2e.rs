@@ -226,7 +226,9 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
         .filter(|r| r.grant_type.as_deref() == Some("authorization_code"))
         .count();
     assert_eq!(exchanges, 1);
-    env.assert_no_secret_material(&env.op.logs());
+    let logs = env.op.logs();
+    env.assert_no_secret_material(&logs);
+    assert!(!logs.contains(&code), "the code never reaches a log line");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,7 +138,7 @@ impl InProcessOperator {
 
     /// Whether this replica currently runs the controller.
     pub fn is_leader(&self) -> bool {
-        self.metrics.render().contains("goto_oauth_leader 1")
+        self.metrics.leader.get() == 1
     }
 
     /// Stops the controller and the endpoint, waiting for both (leases are released).

@@ -1,0 +1,1538 @@
+//! The refresh lifecycle end to end, with the operator in-process on a manual clock: the
+//! in-memory API server, the fake GoTo provider and a scripted browser for the consent.
+//!
+//! Time only moves when a test calls [`Env::advance`], so "just before" and "just after" a
+//! refresh are exact and no test waits for wall-clock refresh times. Every absence ("no refresh
+//! request yet") is asserted after [`Env::advance`], which waits until at least one reconcile ran
+//! at the new time and the controller went quiet, so a missing request is really missing rather
+//! than not sent yet.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use common::{Browser, Cluster, DEADLINE, Provider, eventually};
+use goto_oauth_operator::{
+    conditions::reason,
+    refresh::Clock,
+    resource::{FORCE_REFRESH_ANNOTATION, GoToOAuthClient, ROTATE_LINK_ANNOTATION},
+    testkit::{
+        apiserver::Fault,
+        goto::{Decision, FakeGoToConfig, RefreshTokenRotation, TokenFault},
+        operator::{InProcessOperator, Options},
+    },
+};
+use jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, Patch, PatchParams};
+
+fn secs(n: i64) -> SignedDuration {
+    SignedDuration::from_secs(n)
+}
+
+/// How long the controller must stay idle to count as settled.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// GoTo's access-token lifetime, as the fake provider issues it.
+const LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
+
+/// One test's world: the API server, GoTo, the manual clock and the operator (restartable).
+struct Env {
+    cluster: Cluster,
+    provider: Provider,
+    clock: Clock,
+    port: u16,
+    op: Option<InProcessOperator>,
+    /// Every token and authorization code the test saw, to check none of them leaks.
+    seen: Mutex<Vec<String>>,
+}
+
+fn whole_second_now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).expect("valid timestamp")
+}
+
+impl Env {
+    async fn start() -> Env {
+        Self::start_at(whole_second_now()).await
+    }
+
+    async fn start_at(start: Timestamp) -> Env {
+        let cluster = Cluster::start().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let provider = Provider::start(
+            FakeGoToConfig::default(),
+            &format!("http://127.0.0.1:{port}/callback"),
+        )
+        .await;
+        cluster
+            .create_client_secret("creds", &provider.client_secret)
+            .await;
+        let mut env = Env {
+            cluster,
+            provider,
+            clock: Clock::manual(start),
+            port,
+            op: None,
+            seen: Mutex::new(Vec::new()),
+        };
+        env.start_operator(listener).await;
+        env
+    }
+
+    async fn start_operator(&mut self, listener: tokio::net::TcpListener) {
+        let options = Options {
+            clock: self.clock.clone(),
+            ..Options::new(
+                &self.cluster.namespace,
+                &self.provider.goto.authorize_url(),
+                &self.provider.goto.token_url(),
+            )
+        };
+        let op = InProcessOperator::start(self.cluster.client.clone(), listener, options)
+            .await
+            .expect("start in-process operator");
+        self.op = Some(op);
+    }
+
+    fn op(&self) -> &InProcessOperator {
+        self.op.as_ref().expect("operator running")
+    }
+
+    async fn stop_operator(&mut self) {
+        if let Some(op) = self.op.take() {
+            op.stop().await;
+        }
+    }
+
+    /// A new operator with empty memory on the same port (so the registered redirect URI holds).
+    async fn restart_operator(&mut self) {
+        self.stop_operator().await;
+        self.start_again().await;
+    }
+
+    /// Starts a new operator (empty memory) after [`Env::stop_operator`]; waits for its first
+    /// reconciles to finish.
+    async fn start_again(&mut self) {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let listener = eventually("rebind the operator port", || async {
+            tokio::net::TcpListener::bind(&addr).await.ok()
+        })
+        .await;
+        self.start_operator(listener).await;
+        self.quiet_after(Some(0)).await;
+    }
+
+    fn fake(&self) -> &goto_oauth_operator::testkit::apiserver::FakeApiServer {
+        self.cluster
+            .fake
+            .as_ref()
+            .expect("these tests need the in-memory API server")
+    }
+
+    async fn create(&self, name: &str, extra: serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "clientId": self.provider.client_id,
+            "clientSecretRef": {"name": "creds"},
+            "scopes": ["identity:", "call-control.v1.calls.control"],
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        self.cluster.create_client(name, spec).await;
+    }
+
+    async fn get(&self, name: &str) -> GoToOAuthClient {
+        self.cluster.clients().get(name).await.expect("get client")
+    }
+
+    async fn link(&self, name: &str) -> String {
+        eventually(&format!("{name} has an authorization link"), || async {
+            self.cluster
+                .clients()
+                .get(name)
+                .await
+                .ok()?
+                .status?
+                .authorization_url
+        })
+        .await
+    }
+
+    /// Consent through the published link, like an admin in a browser; waits for Ready.
+    async fn authorize(&self, name: &str) -> GoToOAuthClient {
+        let link = self.link(name).await;
+        let mut browser = Browser::new();
+        let goto_url = browser.open_link(&link).await;
+        let back = self
+            .provider
+            .goto
+            .consent(&goto_url, Decision::Allow)
+            .await
+            .expect("consent page");
+        if let Some((_, code)) = url::Url::parse(&back)
+            .expect("callback url")
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+        {
+            self.remember(&code);
+        }
+        let page = browser.get(&back).await;
+        assert_eq!(page.status, 200, "callback page: {}", page.body);
+        let obj = self
+            .cluster
+            .wait_condition(name, "Ready", "True", reason::AUTHORIZED)
+            .await;
+        self.tokens(&format!("{name}-token"))
+            .await
+            .expect("token Secret after consent");
+        obj
+    }
+
+    fn remember(&self, value: &str) {
+        self.seen.lock().expect("seen").push(value.to_string());
+    }
+
+    /// The token Secret's data as text (and remembers the tokens for the leak checks).
+    async fn tokens(&self, secret: &str) -> Option<BTreeMap<String, String>> {
+        let s = self
+            .cluster
+            .secrets()
+            .get_opt(secret)
+            .await
+            .expect("get secret")?;
+        let data: BTreeMap<String, String> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).expect("utf-8 secret value")))
+            .collect();
+        for key in ["access_token", "refresh_token"] {
+            if let Some(v) = data.get(key) {
+                self.remember(v);
+            }
+        }
+        Some(data)
+    }
+
+    fn refresh_requests(&self) -> usize {
+        self.provider
+            .goto
+            .token_requests()
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .count()
+    }
+
+    async fn wait_refresh_requests(&self, n: usize) {
+        eventually(&format!("{n} refresh requests"), || async {
+            (self.refresh_requests() >= n).then_some(())
+        })
+        .await;
+    }
+
+    fn metrics(&self) -> String {
+        self.op().metrics.render()
+    }
+
+    fn reconciles(&self) -> u64 {
+        metric(
+            &self.metrics(),
+            "goto_oauth_reconcile_duration_seconds_count",
+            &[],
+        )
+        .unwrap_or(0.0) as u64
+    }
+
+    fn refresh_metric(&self, name: &str, result: &str) -> f64 {
+        metric(
+            &self.metrics(),
+            "goto_oauth_refresh_total",
+            &[
+                ("namespace", &self.cluster.namespace),
+                ("name", name),
+                ("result", result),
+            ],
+        )
+        .unwrap_or(0.0)
+    }
+
+    /// Waits until no reconcile has completed for a while: the controller has nothing queued.
+    async fn quiet(&self) {
+        self.quiet_after(None).await;
+    }
+
+    /// Like [`Env::quiet`], but first waits for the reconcile count to pass `after`.
+    async fn quiet_after(&self, after: Option<u64>) {
+        let start = Instant::now();
+        let mut last = self.reconciles();
+        let mut quiet_since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.reconciles();
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+            if after.is_none_or(|a| last > a) && quiet_since.elapsed() >= QUIET {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the controller never settled ({last} reconciles, waiting for more than {after:?})"
+            );
+        }
+    }
+
+    /// Moves the operator's clock, then waits until a reconcile ran at the new time and the
+    /// controller went quiet. Quiet first, so the reconcile counted cannot be one that started
+    /// before the clock moved.
+    async fn advance(&self, by: SignedDuration) {
+        self.quiet().await;
+        let before = self.reconciles();
+        self.clock.advance(Duration::try_from(by).expect("forward"));
+        self.quiet_after(Some(before)).await;
+    }
+
+    /// Moves the clock to `at` (which must be in the future) and settles.
+    async fn advance_to(&self, at: Timestamp) {
+        let by = at.duration_since(self.clock.now());
+        assert!(
+            by > SignedDuration::ZERO,
+            "advance_to({at}) is not in the future"
+        );
+        self.advance(by).await;
+    }
+
+    /// Events for a client as (reason, how many times it was published): kube's Recorder
+    /// folds repeats of one event into a series, so the series count is the number of publishes.
+    async fn event_counts(&self, name: &str) -> BTreeMap<String, i32> {
+        let api: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace);
+        let mut out = BTreeMap::new();
+        for e in api
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+        {
+            if e.regarding.as_ref().and_then(|r| r.name.as_deref()) != Some(name) {
+                continue;
+            }
+            let n = e.series.as_ref().map(|s| s.count).unwrap_or(1);
+            *out.entry(e.reason.unwrap_or_default()).or_insert(0) += n;
+        }
+        out
+    }
+
+    /// Status writes and Secret writes the operator made since the request log was cleared.
+    fn writes(&self) -> Vec<String> {
+        self.cluster
+            .operator_writes()
+            .expect("in-memory API server")
+    }
+
+    /// No token, code or client secret in any status, annotation, Event or metric.
+    async fn assert_no_secret_material(&self) {
+        let mut haystacks = Vec::new();
+        let clients = self
+            .cluster
+            .clients()
+            .list(&Default::default())
+            .await
+            .expect("list clients");
+        haystacks.push(serde_json::to_string(&clients.items).expect("json"));
+        let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace);
+        haystacks.push(
+            serde_json::to_string(
+                &events
+                    .list(&Default::default())
+                    .await
+                    .expect("events")
+                    .items,
+            )
+            .expect("json"),
+        );
+        let core_events: kube::Api<k8s_openapi::api::core::v1::Event> =
+            kube::Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace);
+        if let Ok(list) = core_events.list(&Default::default()).await {
+            haystacks.push(serde_json::to_string(&list.items).expect("json"));
+        }
+        if let Some(op) = &self.op {
+            haystacks.push(op.metrics.render());
+        }
+        let mut needles = self.seen.lock().expect("seen").clone();
+        needles.push(self.provider.client_secret.clone());
+        needles.extend(
+            self.provider
+                .goto
+                .live_access_tokens(&self.provider.client_id),
+        );
+        needles.extend(
+            self.provider
+                .goto
+                .valid_refresh_token(&self.provider.client_id),
+        );
+        for hay in &haystacks {
+            for needle in &needles {
+                assert!(
+                    needle.len() >= 8,
+                    "a needle that short would match by chance"
+                );
+                assert!(
+                    !hay.contains(needle.as_str()),
+                    "secret material leaked into status, events or metrics"
+                );
+            }
+        }
+    }
+}
+
+/// A sample's value in Prometheus text: the first line of `name` whose labels include `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            });
+            if all { value.parse().ok() } else { None }
+        })
+}
+
+fn ts(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Timestamp {
+    t.0
+}
+
+/// (lastRefreshTime, accessTokenExpiresAt, nextRefreshTime) of a client's status.
+fn schedule(obj: &GoToOAuthClient) -> (Timestamp, Timestamp, Timestamp) {
+    let s = obj.status.as_ref().expect("status");
+    (
+        ts(s.last_refresh_time.as_ref().expect("lastRefreshTime")),
+        ts(s.access_token_expires_at
+            .as_ref()
+            .expect("accessTokenExpiresAt")),
+        ts(s.next_refresh_time.as_ref().expect("nextRefreshTime")),
+    )
+}
+
+/// Checks the default schedule: issued now, expires a lifetime later, refresh at
+/// expiry − lifetime/3 within ±10 % of lifetime/3 (the jitter), rounded to seconds.
+fn assert_default_schedule(obj: &GoToOAuthClient, issued: Timestamp) -> Timestamp {
+    let (last, expires, next) = schedule(obj);
+    assert_eq!(last, issued, "lastRefreshTime is when the token was issued");
+    assert_eq!(
+        expires,
+        issued + LIFETIME,
+        "accessTokenExpiresAt = issue + expires_in"
+    );
+    let nominal = expires - LIFETIME / 3;
+    let off = next.duration_since(nominal).abs();
+    assert!(
+        off <= LIFETIME / 30 + SignedDuration::from_secs(1),
+        "nextRefreshTime {next} is {off} from {nominal}"
+    );
+    next
+}
+
+fn condition(obj: &GoToOAuthClient, type_: &str) -> (String, String) {
+    let c = obj
+        .condition(type_)
+        .unwrap_or_else(|| panic!("condition {type_}"));
+    (c.status.clone(), c.reason.clone())
+}
+
+fn pair(status: &str, reason: &str) -> (String, String) {
+    (status.to_string(), reason.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_happens_before_expiry_for_three_cycles() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let first = env.tokens("demo-token").await.expect("Secret");
+    let refresh_token = first["refresh_token"].clone();
+    let mut next = assert_default_schedule(&obj, env.clock.now());
+    let mut access = first["access_token"].clone();
+
+    for cycle in 1..=3usize {
+        // Just before the refresh time: nothing happens.
+        env.advance_to(next - SignedDuration::from_secs(1)).await;
+        assert_eq!(
+            env.refresh_requests(),
+            cycle - 1,
+            "cycle {cycle}: no refresh before nextRefreshTime"
+        );
+        // Just after: exactly one refresh.
+        env.advance(SignedDuration::from_secs(2)).await;
+        env.wait_refresh_requests(cycle).await;
+        let refreshed_at = env.clock.now();
+        let data = eventually("the refreshed token is stored", || async {
+            env.tokens("demo-token")
+                .await
+                .filter(|d| d["access_token"] != access)
+        })
+        .await;
+        env.quiet().await;
+        assert_eq!(
+            env.refresh_requests(),
+            cycle,
+            "cycle {cycle}: exactly one refresh"
+        );
+        assert_eq!(
+            data["refresh_token"], refresh_token,
+            "GoTo returned no refresh_token: the old one is kept"
+        );
+        assert_eq!(
+            data["token_type"], "Bearer",
+            "GoTo omitted token_type: Bearer is kept"
+        );
+        assert!(
+            env.provider
+                .goto
+                .is_access_token_live(&data["access_token"])
+        );
+        assert_eq!(
+            data["expires_at"],
+            goto_oauth_operator::secret::rfc3339(refreshed_at + LIFETIME)
+        );
+        access = data["access_token"].clone();
+
+        let obj = env.get("demo").await;
+        assert_eq!(condition(&obj, "Ready"), pair("True", reason::AUTHORIZED));
+        assert_eq!(
+            condition(&obj, "Authorized"),
+            pair("True", reason::AUTHORIZED)
+        );
+        let new_next = assert_default_schedule(&obj, refreshed_at);
+        assert!(new_next > next, "the schedule moves forward");
+        next = new_next;
+        assert_eq!(
+            env.refresh_metric("demo", "success"),
+            cycle as f64,
+            "{}",
+            env.metrics()
+        );
+        let expiry_metric = metric(
+            &env.metrics(),
+            "goto_oauth_token_expiry_timestamp_seconds",
+            &[("namespace", &env.cluster.namespace), ("name", "demo")],
+        );
+        assert_eq!(
+            expiry_metric,
+            Some((refreshed_at + LIFETIME).as_second() as f64)
+        );
+    }
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "goto_oauth_client_ready",
+            &[("name", "demo")]
+        ),
+        Some(1.0)
+    );
+    let counts = env.event_counts("demo").await;
+    assert_eq!(
+        counts.get(reason::AUTHORIZED),
+        Some(&1),
+        "refreshes on schedule publish no Events: {counts:?}"
+    );
+    env.assert_no_secret_material().await;
+}
+
+/// Merge-patches a client (spec or metadata).
+async fn patch_client(env: &Env, name: &str, patch: serde_json::Value) {
+    env.cluster
+        .clients()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch client");
+}
+
+async fn annotate(env: &Env, name: &str, key: &str, value: &str) {
+    patch_client(
+        env,
+        name,
+        serde_json::json!({"metadata": {"annotations": {key: value}}}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_conflicts() {
+    let env = Env::start().await;
+    env.provider.goto.set_rotation(RefreshTokenRotation::Always);
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let (_, _, next) = schedule(&obj);
+
+    env.quiet().await;
+    env.fake().clear_request_log();
+    env.fake().inject_fault(Fault {
+        method: Some(http::Method::PATCH),
+        path_contains: "/secrets/demo-token".into(),
+        status: 409,
+        times: 1,
+    });
+    env.advance_to(next + secs(1)).await;
+    let rotated = eventually("the rotated refresh token is stored", || async {
+        let valid = env
+            .provider
+            .goto
+            .valid_refresh_token(&env.provider.client_id)?;
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["refresh_token"] == valid)
+    })
+    .await;
+    env.quiet().await;
+    let conflicts = env
+        .fake()
+        .request_log()
+        .into_iter()
+        .filter(|r| {
+            r.method == "PATCH" && r.path.contains("/secrets/demo-token") && r.status == 409
+        })
+        .count();
+    assert_eq!(conflicts, 1, "the injected conflict was served");
+    assert_eq!(
+        env.refresh_requests(),
+        1,
+        "the held token was written again, not refreshed again"
+    );
+    assert_ne!(rotated["refresh_token"], before["refresh_token"]);
+    assert!(
+        !env.provider
+            .goto
+            .is_refresh_token_valid(&before["refresh_token"]),
+        "GoTo spent the old one"
+    );
+    assert!(
+        env.provider
+            .goto
+            .is_access_token_live(&rotated["access_token"])
+    );
+    let obj = env.get("demo").await;
+    assert_eq!(condition(&obj, "Ready"), pair("True", reason::AUTHORIZED));
+    assert_default_schedule(&obj, env.clock.now());
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "goto_oauth_reconcile_errors_total",
+            &[("reason", "tokens_unstored")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "the write is retried inside the refresh, before anything can drop the held token: {}",
+        env.metrics()
+    );
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_refresh_waits_for_retry_after() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let (_, _, next) = schedule(&obj);
+
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::too_many_requests(120));
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(1).await;
+    env.quiet().await;
+    let obj = env.get("demo").await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REFRESH_FAILING)
+    );
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED)
+    );
+    assert_eq!(env.refresh_metric("demo", "rate_limited"), 1.0);
+
+    env.advance(secs(60)).await;
+    assert_eq!(
+        env.refresh_requests(),
+        1,
+        "no retry before Retry-After (120 s)"
+    );
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::REFRESH_FAILING)
+    );
+
+    env.advance(secs(61)).await;
+    env.wait_refresh_requests(2).await;
+    eventually("refreshed after Retry-After", || async {
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["access_token"] != before["access_token"])
+    })
+    .await;
+    env.cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    assert_eq!(env.refresh_requests(), 2);
+    assert_eq!(env.refresh_metric("demo", "rate_limited"), 1.0);
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_refresh_does_not_stall_another_clients_consent() {
+    let env = Env::start().await;
+    env.create("first", serde_json::json!({})).await;
+    let obj = env.authorize("first").await;
+    let (_, _, next) = schedule(&obj);
+    env.create("second", serde_json::json!({})).await;
+    let link = env.link("second").await;
+
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::too_many_requests(600));
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(1).await;
+
+    // The admin of "second" consents now; the callback must not wait 10 minutes.
+    let mut browser = Browser::new();
+    let goto_url = browser.open_link(&link).await;
+    let back = env
+        .provider
+        .goto
+        .consent(&goto_url, Decision::Allow)
+        .await
+        .expect("consent");
+    let started = Instant::now();
+    let page = tokio::time::timeout(Duration::from_secs(15), browser.get(&back)).await;
+    assert!(
+        page.is_ok(),
+        "the consent callback hung for {:?} behind another client's Retry-After",
+        started.elapsed()
+    );
+    env.cluster
+        .wait_condition("second", "Ready", "True", reason::AUTHORIZED)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_back_off_and_recover_with_one_event_per_state_change() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let (_, _, next) = schedule(&obj);
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::service_unavailable());
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::service_unavailable());
+
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(1).await;
+    env.quiet().await;
+    let obj = env.get("demo").await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REFRESH_FAILING)
+    );
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED)
+    );
+
+    // First retry 5 s later.
+    env.advance(secs(4)).await;
+    assert_eq!(env.refresh_requests(), 1, "no retry within 5 s");
+    env.advance(secs(2)).await;
+    env.wait_refresh_requests(2).await;
+    env.quiet().await;
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::REFRESH_FAILING)
+    );
+    // Second retry 10 s after the second failure.
+    env.advance(secs(9)).await;
+    assert_eq!(env.refresh_requests(), 2, "no retry within 10 s");
+    env.advance(secs(2)).await;
+    env.wait_refresh_requests(3).await;
+    eventually("recovered token stored", || async {
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["access_token"] != before["access_token"])
+    })
+    .await;
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED)
+    );
+    assert_default_schedule(&obj, env.clock.now());
+    env.quiet().await;
+    assert_eq!(env.refresh_requests(), 3);
+    assert_eq!(env.refresh_metric("demo", "transient_error"), 2.0);
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
+
+    let counts = eventually("recovery event", || async {
+        let c = env.event_counts("demo").await;
+        (c.get(reason::AUTHORIZED) == Some(&2)).then_some(c)
+    })
+    .await;
+    assert_eq!(
+        counts.get(reason::REFRESH_FAILING),
+        Some(&1),
+        "one Event for the failing state, not one per attempt: {counts:?}"
+    );
+    assert_eq!(
+        counts
+            .keys()
+            .filter(|r| *r != reason::AWAITING_AUTHORIZATION)
+            .count(),
+        2,
+        "only Authorized (consent, recovery) and RefreshFailing: {counts:?}"
+    );
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let (_, expires, next) = schedule(&obj);
+    let old_link = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.authorization_url.clone())
+        .expect("link");
+    env.provider
+        .goto
+        .revoke_refresh_tokens(&env.provider.client_id);
+
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(1).await;
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "Authorized",
+            "False",
+            reason::REAUTHORIZATION_REQUIRED,
+        )
+        .await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REAUTHORIZATION_REQUIRED),
+        "the token still lives"
+    );
+    let status = obj.status.clone().expect("status");
+    let new_link = status
+        .authorization_url
+        .clone()
+        .expect("a link for the re-authorization");
+    assert_ne!(new_link, old_link, "a fresh link");
+    assert!(
+        status.next_refresh_time.is_none(),
+        "no refresh scheduled: {:?}",
+        status.next_refresh_time
+    );
+    assert_eq!(
+        Browser::new().get_raw(&old_link).await.status().as_u16(),
+        404,
+        "the previous link is dead"
+    );
+    assert_eq!(env.refresh_metric("demo", "invalid_grant"), 1.0);
+    let counts = eventually("ReauthorizationRequired event", || async {
+        let c = env.event_counts("demo").await;
+        c.contains_key(reason::REAUTHORIZATION_REQUIRED)
+            .then_some(c)
+    })
+    .await;
+    assert_eq!(
+        counts.get(reason::REAUTHORIZATION_REQUIRED),
+        Some(&1),
+        "{counts:?}"
+    );
+
+    // No retry loop: minutes later, still the one request.
+    env.advance(secs(5 * 60)).await;
+    assert_eq!(env.refresh_requests(), 1);
+    assert_eq!(
+        env.event_counts("demo")
+            .await
+            .get(reason::REAUTHORIZATION_REQUIRED),
+        Some(&1),
+        "exactly one ReauthorizationRequired Event while the token lives"
+    );
+    // After expiry the Secret's token is useless: Ready turns False; still no request.
+    env.advance_to(expires + secs(1)).await;
+    let obj = env.get("demo").await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("False", reason::REAUTHORIZATION_REQUIRED)
+    );
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("False", reason::REAUTHORIZATION_REQUIRED)
+    );
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "goto_oauth_client_ready",
+            &[("name", "demo")]
+        ),
+        Some(0.0)
+    );
+    let after_expiry = env.event_counts("demo").await;
+    // At most one more: Ready turning False when the token expires is a state change too.
+    assert!(
+        after_expiry
+            .get(reason::REAUTHORIZATION_REQUIRED)
+            .is_some_and(|n| *n <= 2),
+        "{after_expiry:?}"
+    );
+    env.advance(secs(6 * 3600)).await;
+    assert_eq!(
+        env.refresh_requests(),
+        1,
+        "a rejected refresh token is never retried"
+    );
+    assert_eq!(
+        env.event_counts("demo").await,
+        after_expiry,
+        "no Events while nothing changes"
+    );
+    assert_eq!(
+        env.get("demo")
+            .await
+            .status
+            .and_then(|s| s.authorization_url),
+        Some(new_link.clone()),
+        "the link stays put"
+    );
+
+    // The admin re-authorizes through the new link.
+    let obj = env.authorize("demo").await;
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED)
+    );
+    let after = env.tokens("demo-token").await.expect("Secret");
+    assert_ne!(after["refresh_token"], before["refresh_token"]);
+    assert!(
+        env.provider
+            .goto
+            .is_refresh_token_valid(&after["refresh_token"])
+    );
+    // ... and the schedule runs again.
+    let next = assert_default_schedule(&obj, env.clock.now());
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(2).await;
+    env.quiet().await;
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::AUTHORIZED)
+    );
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_resumes_the_schedule() {
+    let mut env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+    let obj = env.get("demo").await;
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let (_, _, next) = schedule(&obj);
+
+    // A restart in the middle of the token's life recomputes the same schedule: no write.
+    env.fake().clear_request_log();
+    env.restart_operator().await;
+    let after = env.get("demo").await;
+    assert_eq!(
+        schedule(&after),
+        schedule(&obj),
+        "nextRefreshTime survives a restart"
+    );
+    assert_eq!(
+        after.metadata.resource_version, obj.metadata.resource_version,
+        "no status write"
+    );
+    assert_eq!(
+        env.writes(),
+        Vec::<String>::new(),
+        "a restart writes nothing"
+    );
+    assert_eq!(env.refresh_requests(), 0);
+
+    // Down while the refresh falls due: the new operator refreshes at once.
+    env.stop_operator().await;
+    let overdue = next.duration_since(env.clock.now()) + secs(600);
+    env.clock
+        .advance(Duration::try_from(overdue).expect("forward"));
+    env.start_again().await;
+    env.wait_refresh_requests(1).await;
+    let data = eventually("overdue refresh stored", || async {
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["access_token"] != before["access_token"])
+    })
+    .await;
+    env.quiet().await;
+    assert_eq!(
+        env.refresh_requests(),
+        1,
+        "exactly one refresh for the overdue token"
+    );
+    assert_eq!(data["refresh_token"], before["refresh_token"]);
+    let obj = env.get("demo").await;
+    assert_eq!(condition(&obj, "Ready"), pair("True", reason::AUTHORIZED));
+    assert_default_schedule(&obj, env.clock.now());
+    env.assert_no_secret_material().await;
+}
+
+/// The issue time of a client's token (its lastRefreshTime).
+fn obj_now(obj: &GoToOAuthClient) -> Timestamp {
+    schedule(obj).0
+}
+
+/// Sets the force-refresh annotation to `value`; waits until the operator marked it handled
+/// and went quiet. Returns the token Secret's data afterwards.
+async fn force_refresh(env: &Env, value: &str) -> BTreeMap<String, String> {
+    let before = env.tokens("demo-token").await.expect("Secret");
+    let requests = env.refresh_requests();
+    annotate(env, "demo", FORCE_REFRESH_ANNOTATION, value).await;
+    env.wait_refresh_requests(requests + 1).await;
+    let data = eventually("forced refresh stored", || async {
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["access_token"] != before["access_token"])
+    })
+    .await;
+    eventually("the request is marked handled", || async {
+        let obj = env.get("demo").await;
+        (obj.status?.handled_refresh_request.as_deref() == Some(value)).then_some(())
+    })
+    .await;
+    env.quiet().await;
+    assert_eq!(
+        env.refresh_requests(),
+        requests + 1,
+        "refresh-requested={value:?} must cause exactly one refresh"
+    );
+    assert_eq!(data["refresh_token"], before["refresh_token"]);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_refresh_annotation_refreshes_once_immediately() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+
+    // Each new value: one refresh at once, without the clock moving.
+    for (i, value) in ["2026-01-01T00:00:00Z", "again", "and-again"]
+        .into_iter()
+        .enumerate()
+    {
+        force_refresh(&env, value).await;
+        let obj = env.get("demo").await;
+        assert_eq!(
+            obj_now(&obj),
+            env.clock.now(),
+            "refreshed without the clock moving"
+        );
+        assert_eq!(schedule(&obj).1, env.clock.now() + LIFETIME);
+        assert_eq!(env.refresh_metric("demo", "success"), (i + 1) as f64);
+    }
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::AUTHORIZED)
+    );
+    env.assert_no_secret_material().await;
+}
+
+/// The request is handled once the refresh is stored, even if recording that in the status
+/// fails the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_refresh_is_not_repeated_when_the_status_write_fails() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+    env.fake().inject_fault(Fault {
+        method: Some(http::Method::PATCH),
+        path_contains: "/gotooauthclients/demo/status".into(),
+        status: 500,
+        times: 1,
+    });
+    force_refresh(&env, "once").await;
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_link_annotation_replaces_the_link_once() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+    let old_link = env
+        .get("demo")
+        .await
+        .status
+        .and_then(|s| s.authorization_url)
+        .expect("link");
+    assert_eq!(
+        Browser::new().get_raw(&old_link).await.status().as_u16(),
+        302,
+        "the link works before rotation"
+    );
+    annotate(&env, "demo", ROTATE_LINK_ANNOTATION, "1").await;
+    let obj = eventually("a new link", || async {
+        let obj = env.get("demo").await;
+        let url = obj.status.as_ref()?.authorization_url.clone()?;
+        (url != old_link).then_some(obj)
+    })
+    .await;
+    let new_link = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.authorization_url.clone())
+        .expect("link");
+    assert_eq!(
+        obj.status
+            .as_ref()
+            .and_then(|s| s.handled_link_rotation.as_deref()),
+        Some("1")
+    );
+    assert_eq!(
+        Browser::new().get_raw(&old_link).await.status().as_u16(),
+        404,
+        "the old link is dead"
+    );
+    assert_eq!(
+        Browser::new().get_raw(&new_link).await.status().as_u16(),
+        302,
+        "the new link works"
+    );
+    env.quiet().await;
+    env.advance(secs(1)).await;
+    assert_eq!(
+        env.get("demo")
+            .await
+            .status
+            .and_then(|s| s.authorization_url),
+        Some(new_link),
+        "rotated once per annotation value"
+    );
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::AUTHORIZED),
+        "rotating the link keeps the tokens"
+    );
+    assert_eq!(
+        env.refresh_requests(),
+        0,
+        "rotating the link does not refresh"
+    );
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_or_edited_secret_is_restored_from_memory() {
+    let mut env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    let original = env.tokens("demo-token").await.expect("Secret");
+    env.quiet().await;
+
+    env.cluster
+        .secrets()
+        .delete("demo-token", &DeleteParams::default())
+        .await
+        .expect("delete Secret");
+    let restored = eventually("deleted Secret restored", || async {
+        env.tokens("demo-token").await
+    })
+    .await;
+    assert_eq!(
+        restored, original,
+        "restored with the same tokens and fields"
+    );
+    let secret = env
+        .cluster
+        .secrets()
+        .get("demo-token")
+        .await
+        .expect("Secret");
+    assert!(
+        secret
+            .metadata
+            .owner_references
+            .is_some_and(|o| o.iter().any(|o| o.kind == "GoToOAuthClient"))
+    );
+
+    let garbage = "hand-edited-refresh-token-value";
+    let edit = serde_json::json!({"data": {"refresh_token": base64_encode(garbage)}});
+    env.cluster
+        .secrets()
+        .patch("demo-token", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit Secret");
+    eventually("edited Secret restored", || async {
+        env.tokens("demo-token")
+            .await
+            .filter(|d| d["refresh_token"] == original["refresh_token"])
+    })
+    .await;
+    env.quiet().await;
+    assert_eq!(env.tokens("demo-token").await, Some(original.clone()));
+    assert_eq!(env.refresh_requests(), 0, "restoring is not refreshing");
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::AUTHORIZED)
+    );
+
+    // A restarted operator has no memory: a Secret lost while it was down means a new consent.
+    env.stop_operator().await;
+    env.cluster
+        .secrets()
+        .delete("demo-token", &DeleteParams::default())
+        .await
+        .expect("delete Secret");
+    env.start_again().await;
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "False", reason::AWAITING_AUTHORIZATION)
+        .await;
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("False", reason::AWAITING_AUTHORIZATION)
+    );
+    assert!(
+        obj.status
+            .as_ref()
+            .is_some_and(|s| s.access_token_expires_at.is_none() && s.next_refresh_time.is_none())
+    );
+    env.quiet().await;
+    assert!(
+        env.tokens("demo-token").await.is_none(),
+        "nothing to restore from"
+    );
+    env.assert_no_secret_material().await;
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_name_change_moves_tokens_and_client_id_change_requires_reauthorization() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let original = env.tokens("demo-token").await.expect("Secret");
+    let (_, _, next) = schedule(&obj);
+
+    patch_client(
+        &env,
+        "demo",
+        serde_json::json!({"spec": {"secretName": "moved"}}),
+    )
+    .await;
+    let moved = eventually("tokens in the new Secret", || async {
+        env.tokens("moved").await
+    })
+    .await;
+    assert_eq!(moved, original, "the same tokens, moved");
+    eventually("old Secret deleted", || async {
+        env.cluster
+            .secrets()
+            .get_opt("demo-token")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let obj = eventually("status names the new Secret", || async {
+        let obj = env.get("demo").await;
+        (obj.status.as_ref()?.secret_name.as_deref() == Some("moved")).then_some(obj)
+    })
+    .await;
+    assert_eq!(condition(&obj, "Ready"), pair("True", reason::AUTHORIZED));
+    assert_eq!(env.refresh_requests(), 0);
+
+    patch_client(
+        &env,
+        "demo",
+        serde_json::json!({"spec": {"clientId": "another-goto-client"}}),
+    )
+    .await;
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "Authorized",
+            "False",
+            reason::REAUTHORIZATION_REQUIRED,
+        )
+        .await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REAUTHORIZATION_REQUIRED)
+    );
+    assert!(
+        obj.status
+            .as_ref()
+            .is_some_and(|s| s.authorization_url.is_some())
+    );
+    env.advance_to(next + secs(1)).await;
+    assert_eq!(
+        env.refresh_requests(),
+        0,
+        "tokens of another client are never refreshed"
+    );
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_change_requires_reauthorization() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let (_, _, next) = schedule(&obj);
+    let other = format!("{}/regional/oauth/v2/token", env.provider.goto.base_url());
+
+    patch_client(
+        &env,
+        "demo",
+        serde_json::json!({"spec": {"endpoints": {"tokenUrl": other}}}),
+    )
+    .await;
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "Authorized",
+            "False",
+            reason::REAUTHORIZATION_REQUIRED,
+        )
+        .await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REAUTHORIZATION_REQUIRED)
+    );
+    assert!(
+        obj.condition("Authorized")
+            .is_some_and(|c| c.message.contains(&other)),
+        "the message names the new endpoint"
+    );
+    env.advance_to(next + secs(1)).await;
+    assert_eq!(
+        env.refresh_requests(),
+        0,
+        "tokens of another endpoint are never refreshed"
+    );
+    assert!(
+        env.provider
+            .goto
+            .token_requests()
+            .iter()
+            .all(|r| r.status == 200),
+        "nothing sent to the new endpoint"
+    );
+    env.assert_no_secret_material().await;
+}
+
+/// A mistaken spec change that is put back leaves valid tokens: no consent should be needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverting_a_client_id_change_restores_authorized() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let (_, _, next) = schedule(&obj);
+
+    patch_client(
+        &env,
+        "demo",
+        serde_json::json!({"spec": {"clientId": "typo-client-id"}}),
+    )
+    .await;
+    env.cluster
+        .wait_condition(
+            "demo",
+            "Authorized",
+            "False",
+            reason::REAUTHORIZATION_REQUIRED,
+        )
+        .await;
+    env.advance(secs(60)).await;
+    patch_client(
+        &env,
+        "demo",
+        serde_json::json!({"spec": {"clientId": env.provider.client_id}}),
+    )
+    .await;
+    env.quiet().await;
+    env.advance(secs(1)).await;
+    let obj = env.get("demo").await;
+    assert_eq!(
+        (condition(&obj, "Authorized"), condition(&obj, "Ready")),
+        (
+            pair("True", reason::AUTHORIZED),
+            pair("True", reason::AUTHORIZED)
+        ),
+        "the stored tokens belong to the spec's client again"
+    );
+    env.advance_to(next + secs(1)).await;
+    assert_eq!(
+        env.refresh_requests(),
+        1,
+        "and they are refreshed on schedule"
+    );
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_turns_false_after_expiry_while_refresh_keeps_failing() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    let obj = env.authorize("demo").await;
+    let (_, expires, next) = schedule(&obj);
+    for _ in 0..20 {
+        env.provider
+            .goto
+            .push_token_fault(TokenFault::server_error_html());
+    }
+
+    env.advance_to(next + secs(1)).await;
+    env.wait_refresh_requests(1).await;
+    env.quiet().await;
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready"),
+        pair("True", reason::REFRESH_FAILING)
+    );
+    env.advance_to(expires - secs(1)).await;
+    assert_eq!(
+        condition(&env.get("demo").await, "Ready").0,
+        "True",
+        "usable until it expires"
+    );
+    let failures = env.refresh_requests();
+    assert!(failures >= 2, "retried meanwhile");
+
+    env.advance(secs(2)).await;
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "False", reason::REFRESH_FAILING)
+        .await;
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED),
+        "the consent still stands"
+    );
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "goto_oauth_client_ready",
+            &[("name", "demo")]
+        ),
+        Some(0.0)
+    );
+    assert!(env.refresh_metric("demo", "transient_error") >= 2.0);
+
+    env.provider.goto.clear_token_faults();
+    env.advance(secs(300)).await;
+    let obj = env
+        .cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "goto_oauth_client_ready",
+            &[("name", "demo")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
+    assert!(schedule(&obj).1 > env.clock.now());
+    env.assert_no_secret_material().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_before_overrides_the_default_schedule() {
+    let env = Env::start().await;
+    env.create("demo", serde_json::json!({"refreshBefore": "10m"}))
+        .await;
+    let obj = env.authorize("demo").await;
+    let (issued, expires, next) = schedule(&obj);
+    assert_eq!(expires, issued + LIFETIME);
+    let off = next.duration_since(expires - secs(600)).abs();
+    assert!(
+        off <= secs(61),
+        "nextRefreshTime {next} is {off} from expiry − 10m"
+    );
+    env.advance_to(next - secs(1)).await;
+    assert_eq!(env.refresh_requests(), 0);
+    env.advance(secs(2)).await;
+    env.wait_refresh_requests(1).await;
+}
+
+/// Production clocks have sub-second precision while the Secret stores whole seconds: an idle
+/// reconcile and a restart must still find nothing to write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_second_clock_idle_reconciles_and_restarts_write_nothing() {
+    let start = whole_second_now() + SignedDuration::from_millis(437);
+    let mut env = Env::start_at(start).await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+    let obj = env.get("demo").await;
+
+    env.fake().clear_request_log();
+    env.advance(secs(1)).await;
+    let idle_writes = env.writes();
+
+    env.fake().clear_request_log();
+    env.restart_operator().await;
+    let after = env.get("demo").await;
+    let restart_writes = env.writes();
+    assert_eq!(
+        (idle_writes, restart_writes, schedule(&after)),
+        (Vec::new(), Vec::new(), schedule(&obj)),
+        "an idle reconcile and a restart write nothing (Secret, status), and the schedule is kept"
+    );
+}
