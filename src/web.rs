@@ -324,15 +324,13 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
         }
     };
     if let Some(e) = binding_error {
-        let _ = controller::record_consent_failure(
+        return record(
             &ctx,
             &obj,
             &keys,
-            reason::AUTHORIZATION_FAILED,
-            &state_message(&e),
+            Failed::new(state_message(&e), state_page_for(&e, &keys)),
         )
         .await;
-        return state_page_for(&e, &keys);
     }
 
     // Single use, across every replica.
@@ -345,7 +343,75 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
             return server_error(Some(&keys.namespace), Some(&keys.name));
         }
     };
+    match complete_attempt(&ctx, &obj, &keys, &claims, &query).await {
+        Ok(response) => response,
+        Err(failed) => record(&ctx, &obj, &keys, failed).await,
+    }
+}
 
+/// A failed authorization attempt: what goes on the resource and the page the admin sees.
+struct Failed {
+    reason: &'static str,
+    message: String,
+    response: Response,
+}
+
+impl Failed {
+    fn new(message: impl Into<String>, response: Response) -> Failed {
+        Failed {
+            reason: reason::AUTHORIZATION_FAILED,
+            message: message.into(),
+            response,
+        }
+    }
+}
+
+/// Records a failed attempt on the resource (condition and Event), then answers with its page.
+async fn record(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    keys: &ObjectKeys,
+    failed: Failed,
+) -> Response {
+    if let Err(e) =
+        controller::record_consent_failure(ctx, obj, keys, failed.reason, &failed.message).await
+    {
+        warn!(error = %e, "callback: recording the failed attempt failed");
+    }
+    failed.response
+}
+
+/// An error page about one client.
+fn client_page(
+    keys: &ObjectKeys,
+    status: StatusCode,
+    title: &str,
+    what_happened: &str,
+    what_to_do: &str,
+    reference: &str,
+) -> Response {
+    page(
+        status,
+        &ErrorPage {
+            title,
+            what_happened,
+            what_to_do,
+            namespace: Some(&keys.namespace),
+            name: Some(&keys.name),
+            reference: Some(reference),
+        },
+    )
+}
+
+/// The part of the callback after the attempt was verified and claimed: GoTo's answer, the
+/// code exchange and storing the tokens.
+async fn complete_attempt(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    keys: &ObjectKeys,
+    claims: &StateClaims,
+    query: &HashMap<String, String>,
+) -> Result<Response, Failed> {
     if let Some(error) = query.get("error") {
         let description = query.get("error_description").map(|d| {
             d.chars()
@@ -353,143 +419,99 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
                 .take(200)
                 .collect::<String>()
         });
-        let (status, failure, title, what_to_do) = if error == "access_denied" {
-            (
-                StatusCode::FORBIDDEN,
-                reason::ACCESS_DENIED,
-                "Authorization was denied",
-                "Nothing was stored. If this was a mistake, open the authorization link again and click Allow.",
-            )
-        } else {
-            (
-                StatusCode::BAD_GATEWAY,
-                reason::AUTHORIZATION_FAILED,
-                "GoTo reported an error",
-                "Nothing was stored. Open the authorization link again; if it keeps failing, tell the person who sent it.",
-            )
-        };
         let error_code: String = error
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
             .take(64)
             .collect();
-        let message = match (error_code.as_str(), &description) {
-            ("access_denied", _) => "Deny was clicked on GoTo's consent page".to_string(),
-            (_, Some(d)) => format!("GoTo returned error {error_code}: {d}"),
-            (_, None) => format!("GoTo returned error {error_code}"),
-        };
-        let _ = controller::record_consent_failure(&ctx, &obj, &keys, failure, &message).await;
         info!(namespace = %keys.namespace, name = %keys.name, error = %error_code, "consent not given");
-        return page(
-            status,
-            &ErrorPage {
-                title,
-                what_happened: &message,
-                what_to_do,
-                namespace: Some(&keys.namespace),
-                name: Some(&keys.name),
-                reference: Some(failure),
-            },
+        if error_code == "access_denied" {
+            let message = "Deny was clicked on GoTo's consent page";
+            return Err(Failed {
+                reason: reason::ACCESS_DENIED,
+                message: message.into(),
+                response: client_page(
+                    keys,
+                    StatusCode::FORBIDDEN,
+                    "Authorization was denied",
+                    message,
+                    "Nothing was stored. If this was a mistake, open the authorization link again and click Allow.",
+                    reason::ACCESS_DENIED,
+                ),
+            });
+        }
+        let message = match &description {
+            Some(d) => format!("GoTo returned error {error_code}: {d}"),
+            None => format!("GoTo returned error {error_code}"),
+        };
+        let response = client_page(
+            keys,
+            StatusCode::BAD_GATEWAY,
+            "GoTo reported an error",
+            &message,
+            "Nothing was stored. Open the authorization link again; if it keeps failing, tell the person who sent it.",
+            reason::AUTHORIZATION_FAILED,
         );
+        return Err(Failed::new(message, response));
     }
 
     let Some(code) = query.get("code").filter(|c| !c.is_empty()) else {
         let message = "GoTo sent the browser back without an authorization code";
-        let _ = controller::record_consent_failure(
-            &ctx,
-            &obj,
-            &keys,
-            reason::AUTHORIZATION_FAILED,
-            message,
-        )
-        .await;
-        return page(
+        let response = client_page(
+            keys,
             StatusCode::BAD_REQUEST,
-            &ErrorPage {
-                title: "No authorization code",
-                what_happened: message,
-                what_to_do: "Open the authorization link again and click Allow.",
-                namespace: Some(&keys.namespace),
-                name: Some(&keys.name),
-                reference: Some(reason::AUTHORIZATION_FAILED),
-            },
+            "No authorization code",
+            message,
+            "Open the authorization link again and click Allow.",
+            reason::AUTHORIZATION_FAILED,
         );
+        return Err(Failed::new(message, response));
     };
 
-    let settings = match validate(&obj, &ctx.settings.defaults) {
-        Ok(s) => s,
-        Err(message) => {
-            let message =
-                format!("the client's spec became invalid during the authorization: {message}");
-            let _ = controller::record_consent_failure(
-                &ctx,
-                &obj,
-                &keys,
-                reason::AUTHORIZATION_FAILED,
-                &message,
-            )
-            .await;
-            return page(
+    let settings = validate(obj, &ctx.settings.defaults).map_err(|message| {
+        Failed::new(
+            format!("the client's spec became invalid during the authorization: {message}"),
+            client_page(
+                keys,
                 StatusCode::CONFLICT,
-                &ErrorPage {
-                    title: "This client is misconfigured",
-                    what_happened: "The client's configuration became invalid while you were authorizing. Nothing was stored.",
-                    what_to_do: "Tell the person who sent you the link; once it is fixed, open the link again.",
-                    namespace: Some(&keys.namespace),
-                    name: Some(&keys.name),
-                    reference: Some(reason::INVALID_SPEC),
-                },
-            );
-        }
-    };
-    if claims.client_id != settings.client_id {
-        let message = "the client id changed while the authorization was in progress";
-        let _ = controller::record_consent_failure(
-            &ctx,
-            &obj,
-            &keys,
-            reason::AUTHORIZATION_FAILED,
-            message,
+                "This client is misconfigured",
+                "The client's configuration became invalid while you were authorizing. Nothing was stored.",
+                "Tell the person who sent you the link; once it is fixed, open the link again.",
+                reason::INVALID_SPEC,
+            ),
         )
-        .await;
-        return page(
-            StatusCode::CONFLICT,
-            &ErrorPage {
-                title: "The client changed",
-                what_happened: "The OAuth client was reconfigured while you were authorizing. Nothing was stored.",
-                what_to_do: "Open the authorization link again.",
-                namespace: Some(&keys.namespace),
-                name: Some(&keys.name),
-                reference: Some(reason::AUTHORIZATION_FAILED),
-            },
-        );
+    })?;
+    if claims.client_id != settings.client_id {
+        return Err(Failed::new(
+            "the client id changed while the authorization was in progress",
+            client_page(
+                keys,
+                StatusCode::CONFLICT,
+                "The client changed",
+                "The OAuth client was reconfigured while you were authorizing. Nothing was stored.",
+                "Open the authorization link again.",
+                reason::AUTHORIZATION_FAILED,
+            ),
+        ));
     }
-    let credentials = match controller::client_credentials(&ctx, &keys.namespace, &settings).await {
+    let credentials = match controller::client_credentials(ctx, &keys.namespace, &settings).await {
         Ok(Ok(c)) => c,
         Ok(Err(message)) => {
-            let _ = controller::record_consent_failure(
-                &ctx,
-                &obj,
-                &keys,
-                reason::AUTHORIZATION_FAILED,
-                &format!("the code could not be exchanged: {message}"),
-            )
-            .await;
-            return page(
-                StatusCode::CONFLICT,
-                &ErrorPage {
-                    title: "This client is not ready",
-                    what_happened: "The OAuth client secret is missing from the cluster, so the authorization could not be completed. Nothing was stored.",
-                    what_to_do: "Tell the person who sent you the link; once the client secret is in place, open the link again.",
-                    namespace: Some(&keys.namespace),
-                    name: Some(&keys.name),
-                    reference: Some(reason::CLIENT_SECRET_MISSING),
-                },
-            );
+            return Err(Failed::new(
+                format!("the code could not be exchanged: {message}"),
+                client_page(
+                    keys,
+                    StatusCode::CONFLICT,
+                    "This client is not ready",
+                    "The OAuth client secret is missing from the cluster, so the authorization could not be completed. Nothing was stored.",
+                    "Tell the person who sent you the link; once the client secret is in place, open the link again.",
+                    reason::CLIENT_SECRET_MISSING,
+                ),
+            ));
         }
         Err(e) => {
             warn!(error = %e, "callback: reading the client secret failed");
-            return server_error(Some(&keys.namespace), Some(&keys.name));
+            return Ok(server_error(Some(&keys.namespace), Some(&keys.name)));
         }
     };
 
@@ -504,28 +526,19 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
             &settings.redirect_uri,
         )
         .await;
-    controller::observe_token_request(&ctx, "authorization_code", &response, started);
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => {
-            let message = format!("exchanging the authorization code failed: {e}");
-            let _ = controller::record_consent_failure(
-                &ctx,
-                &obj,
-                &keys,
-                reason::AUTHORIZATION_FAILED,
-                &message,
-            )
-            .await;
-            warn!(namespace = %keys.namespace, name = %keys.name, error = %e, "code exchange failed");
-            return exchange_error_page(&e, &keys);
-        }
-    };
+    controller::observe_token_request(ctx, "authorization_code", &response, started);
+    let response = response.map_err(|e| {
+        warn!(namespace = %keys.namespace, name = %keys.name, error = %e, "code exchange failed");
+        Failed::new(
+            format!("exchanging the authorization code failed: {e}"),
+            exchange_error_page(&e, keys),
+        )
+    })?;
 
-    match controller::complete_authorization(&ctx, &obj, &keys, &settings, &response).await {
+    match controller::complete_authorization(ctx, obj, keys, &settings, &response).await {
         Ok(done) => {
             let expires = rfc3339(done.tokens.expires_at);
-            html(
+            Ok(html(
                 StatusCode::OK,
                 success_page(&SuccessPage {
                     namespace: &keys.namespace,
@@ -535,44 +548,26 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
                     access_token_expires_at: Some(&expires),
                     secret_name: &done.secret_name,
                 }),
-            )
+            ))
         }
-        Err(Error::SecretConflict(message)) => {
-            let _ = controller::record_consent_failure(
-                &ctx,
-                &obj,
-                &keys,
-                reason::AUTHORIZATION_FAILED,
-                &format!("the tokens could not be stored: {message}"),
-            )
-            .await;
-            page(
+        Err(Error::SecretConflict(message)) => Err(Failed::new(
+            format!("the tokens could not be stored: {message}"),
+            client_page(
+                keys,
                 StatusCode::CONFLICT,
-                &ErrorPage {
-                    title: "The tokens could not be stored",
-                    what_happened: "A Secret with the target name already exists and belongs to something else, so the operator will not overwrite it. GoTo's consent was given but nothing was stored.",
-                    what_to_do: "Tell the person who sent you the link; after they resolve the Secret conflict, open the link again.",
-                    namespace: Some(&keys.namespace),
-                    name: Some(&keys.name),
-                    reference: Some(reason::SECRET_CONFLICT),
-                },
-            )
-        }
-        Err(Error::OAuth(e)) => {
-            let message = format!("GoTo's token response was unusable: {e}");
-            let _ = controller::record_consent_failure(
-                &ctx,
-                &obj,
-                &keys,
-                reason::AUTHORIZATION_FAILED,
-                &message,
-            )
-            .await;
-            exchange_error_page(&e, &keys)
-        }
+                "The tokens could not be stored",
+                "A Secret with the target name already exists and belongs to something else, so the operator will not overwrite it. GoTo's consent was given but nothing was stored.",
+                "Tell the person who sent you the link; after they resolve the Secret conflict, open the link again.",
+                reason::SECRET_CONFLICT,
+            ),
+        )),
+        Err(Error::OAuth(e)) => Err(Failed::new(
+            format!("GoTo's token response was unusable: {e}"),
+            exchange_error_page(&e, keys),
+        )),
         Err(e) => {
             warn!(error = %e, "callback: storing the tokens failed");
-            server_error(Some(&keys.namespace), Some(&keys.name))
+            Ok(server_error(Some(&keys.namespace), Some(&keys.name)))
         }
     }
 }
@@ -669,15 +664,12 @@ fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys) -> Response {
             "Open the authorization link again in a few minutes; if it keeps failing, tell the person who sent it.",
         ),
     };
-    page(
+    client_page(
+        keys,
         status,
-        &ErrorPage {
-            title,
-            what_happened: &format!("Nothing was stored. Details: {e}"),
-            what_to_do,
-            namespace: Some(&keys.namespace),
-            name: Some(&keys.name),
-            reference: Some(reason::AUTHORIZATION_FAILED),
-        },
+        title,
+        &format!("Nothing was stored. Details: {e}"),
+        what_to_do,
+        reason::AUTHORIZATION_FAILED,
     )
 }
