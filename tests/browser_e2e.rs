@@ -13,21 +13,21 @@
 
 mod common;
 
-use std::io::Write as _;
-
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{Cluster, Operator, Provider, free_port};
-use goto_oauth_operator::{conditions::reason, testkit::goto::FakeGoToConfig};
+use common::{
+    Stack, TOKEN_SECRET_KEYS,
+    node::{self, Script},
+    secret_field,
+};
+use goto_oauth_operator::conditions::reason;
 use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
-    process::{Child, ChildStdin, ChildStdout},
+    process::ChildStdout,
 };
 
 const SKIP_ENV: &str = "GOTO_OAUTH_SKIP_BROWSER_TESTS";
@@ -37,10 +37,6 @@ const INSTALL_HINT: &str = "run `bash scripts/install-test-deps.sh` (it installs
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const DESKTOP: (u32, u32) = (1280, 800);
 const PHONE: (u32, u32) = (390, 844);
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
 
 fn screenshot_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots")
@@ -56,34 +52,14 @@ fn prerequisites() -> Option<PathBuf> {
     if !chromium.is_file() {
         missing.push(format!("Chromium ({})", chromium.display()));
     }
-    if !interop_dir()
+    if !node::interop_dir()
         .join("node_modules/playwright-core/package.json")
         .is_file()
     {
         missing.push("tests/interop/node_modules/playwright-core".to_string());
     }
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        missing.push("node (Node.js ≥ 20.19)".to_string());
-    }
-    if missing.is_empty() {
-        return Some(chromium);
-    }
-    if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-        // skip must be visible.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED browser_e2e: missing {} ({SKIP_ENV}=1)",
-            missing.join(", ")
-        );
-        return None;
-    }
-    panic!("browser_e2e needs {}: {INSTALL_HINT}", missing.join(", "));
+    missing.extend(node::missing_node());
+    node::run_or_skip("browser_e2e", &missing, SKIP_ENV, INSTALL_HINT).then_some(chromium)
 }
 
 /// What `browser.js` reports about the page after a navigation.
@@ -100,43 +76,22 @@ struct PageInfo {
     viewport_meta: Option<String>,
 }
 
-/// Headless Chromium behind `tests/interop/browser.js`, one JSON command per line.
+/// Headless Chromium behind `tests/interop/browser.js`, one JSON command per line. Dropping it
+/// closes `browser.js`'s stdin, which makes it close Chromium and exit (Chromium, started with a
+/// debugging pipe, exits with it); after 5 s it is killed.
 struct Chromium {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    script: Script,
     stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Chromium {
     async fn launch(chromium: &Path) -> Chromium {
-        let mut child = tokio::process::Command::new("node")
-            .arg(interop_dir().join("browser.js"))
-            .current_dir(interop_dir())
-            .env("GOTO_OAUTH_CHROMIUM", chromium)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn node tests/interop/browser.js");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(err) = child.stderr.take() {
-            let stderr = stderr.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    stderr.lock().unwrap().push(line);
-                }
-            });
-        }
+        let mut cmd = node::command("browser.js");
+        cmd.env("GOTO_OAUTH_CHROMIUM", chromium);
+        let (script, stdout) = Script::spawn(cmd, Duration::from_secs(5));
         let mut browser = Chromium {
-            child,
-            stdin,
-            stdout,
-            stderr,
+            script,
+            stdout: BufReader::new(stdout).lines(),
         };
         let ready = browser.read_answer("launch Chromium").await;
         eprintln!(
@@ -170,12 +125,12 @@ impl Chromium {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
+        self.script.stderr()
     }
 
     async fn call(&mut self, command: serde_json::Value) -> serde_json::Value {
         let what = command.to_string();
-        let stdin = self.stdin.as_mut().expect("browser.js stdin open");
+        let stdin = self.script.stdin();
         stdin
             .write_all(format!("{command}\n").as_bytes())
             .await
@@ -230,70 +185,6 @@ impl Chromium {
     }
 }
 
-impl Drop for Chromium {
-    /// Closing stdin makes `browser.js` close Chromium and exit; if it does not within a few
-    /// seconds it is killed (Chromium, started with a debugging pipe, exits with it).
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.start_kill();
-    }
-}
-
-struct Env {
-    cluster: Cluster,
-    provider: Provider,
-    op: Operator,
-}
-
-async fn env() -> Env {
-    let cluster = Cluster::start().await;
-    let port = free_port();
-    let provider = Provider::start(
-        FakeGoToConfig::default(),
-        &format!("http://127.0.0.1:{port}/callback"),
-    )
-    .await;
-    let op = Operator::start_on(&cluster, &provider, port, &["--leader-election=false"]).await;
-    cluster
-        .create_client_secret("creds", &provider.client_secret)
-        .await;
-    Env {
-        cluster,
-        provider,
-        op,
-    }
-}
-
-impl Env {
-    /// Creates a client and returns its authorization link once published.
-    async fn client(&self, name: &str) -> String {
-        self.cluster
-            .create_client(
-                name,
-                serde_json::json!({
-                    "clientId": self.provider.client_id,
-                    "clientSecretRef": {"name": "creds"},
-                    "scopes": ["identity:", "call-control.v1.calls.control"],
-                }),
-            )
-            .await;
-        let obj = self
-            .cluster
-            .wait_condition(name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
-            .await;
-        obj.status
-            .and_then(|s| s.authorization_url)
-            .expect("status.authorizationUrl")
-    }
-}
-
 fn assert_page(page: &PageInfo, status: u16, title: &str) {
     assert_eq!(page.status, Some(status), "{page:#?}");
     assert_eq!(page.title, title, "{page:#?}");
@@ -319,8 +210,8 @@ async fn consent_in_a_real_browser() {
     let Some(chromium) = prerequisites() else {
         return;
     };
-    let env = env().await;
-    let link = env.client("demo").await;
+    let env = Stack::start(&[]).await;
+    let link = env.client("demo", serde_json::json!({})).await;
     let mut browser = Chromium::launch(&chromium).await;
 
     // The link sends the browser to GoTo's consent page.
@@ -364,26 +255,17 @@ async fn consent_in_a_real_browser() {
 
     let secret = env
         .cluster
-        .secrets()
-        .get_opt("demo-token")
+        .token_secret("demo")
         .await
-        .unwrap()
         .expect("token Secret after Allow");
-    let data = secret.data.unwrap_or_default();
-    for key in [
-        "access_token",
-        "refresh_token",
-        "token_type",
-        "expires_at",
-        "scope",
-        "principal",
-    ] {
+    let data = secret.data.clone().unwrap_or_default();
+    for key in TOKEN_SECRET_KEYS {
         assert!(
             data.get(key).is_some_and(|v| !v.0.is_empty()),
             "Secret lacks {key}"
         );
     }
-    let access = String::from_utf8(data["access_token"].0.clone()).unwrap();
+    let access = secret_field(&secret, "access_token");
     assert!(
         env.provider.goto.is_access_token_live(&access),
         "the stored access token is the one GoTo issued"
@@ -402,7 +284,7 @@ async fn consent_in_a_real_browser() {
 
     // Deny, on a second client in a fresh browser profile.
     browser.reset().await;
-    let other = env.client("other").await;
+    let other = env.client("other", serde_json::json!({})).await;
     let consent = browser.goto(&other).await;
     assert_page(&consent, 200, "Sign in to GoTo");
     let denied = browser.click("#deny").await;
@@ -413,21 +295,12 @@ async fn consent_in_a_real_browser() {
         .wait_condition("other", "Authorized", "False", reason::ACCESS_DENIED)
         .await;
     assert!(
-        env.cluster
-            .secrets()
-            .get_opt("other-token")
-            .await
-            .unwrap()
-            .is_none(),
+        env.cluster.token_secret("other").await.is_none(),
         "no Secret after Deny"
     );
-
-    let exchanges = env
-        .provider
-        .goto
-        .token_requests()
-        .iter()
-        .filter(|r| r.grant_type.as_deref() == Some("authorization_code"))
-        .count();
-    assert_eq!(exchanges, 1, "one code exchange for one Allow");
+    assert_eq!(
+        env.provider.grant_requests("authorization_code"),
+        1,
+        "one code exchange for one Allow"
+    );
 }

@@ -3,115 +3,48 @@
 
 mod common;
 
-use common::{Browser, Cluster, Operator, Page, Provider, eventually, free_port};
+use common::{Browser, Page, Stack, TOKEN_SECRET_KEYS, eventually, secret_field};
 use goto_oauth_operator::{
     conditions::reason,
-    resource::GoToOAuthClient,
     secret,
     state::{StateClaims, StateKey},
-    testkit::goto::{Decision, FakeGoToConfig, TokenFault},
+    testkit::goto::{Decision, TokenFault},
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use std::time::Duration;
 
-struct Env {
-    cluster: Cluster,
-    provider: Provider,
-    op: Operator,
-}
-
-async fn env(extra: &[&str]) -> Env {
-    let cluster = Cluster::start().await;
-    let port = free_port();
-    let provider = Provider::start(
-        FakeGoToConfig::default(),
-        &format!("http://127.0.0.1:{port}/callback"),
+/// Creates a client (its token Secret labelled `team=payments`); returns its link once published.
+async fn client(env: &Stack, name: &str) -> String {
+    env.client(
+        name,
+        serde_json::json!({"secretTemplate": {"labels": {"team": "payments"}}}),
     )
-    .await;
-    let mut args = vec!["--leader-election=false"];
-    args.extend_from_slice(extra);
-    let op = Operator::start_on(&cluster, &provider, port, &args).await;
-    cluster
-        .create_client_secret("creds", &provider.client_secret)
-        .await;
-    Env {
-        cluster,
-        provider,
-        op,
-    }
+    .await
 }
 
-impl Env {
-    async fn client(&self, name: &str) -> String {
-        self.cluster
-            .create_client(
-                name,
-                serde_json::json!({
-                    "clientId": self.provider.client_id,
-                    "clientSecretRef": {"name": "creds"},
-                    "scopes": ["identity:", "call-control.v1.calls.control"],
-                    "secretTemplate": {"labels": {"team": "payments"}},
-                }),
-            )
-            .await;
-        self.link(name).await
-    }
+/// Opens the link, clicks `decision` at GoTo and follows the redirect back: the result page.
+async fn consent(env: &Stack, browser: &mut Browser, link: &str, decision: Decision) -> Page {
+    let back = env.provider.consent_via(browser, link, decision).await;
+    browser.get(&back).await
+}
 
-    async fn link(&self, name: &str) -> String {
-        let obj = self
-            .cluster
-            .wait_condition(name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
-            .await;
-        obj.status.unwrap().authorization_url.unwrap()
-    }
-
-    /// Opens the link, clicks `decision` at GoTo and follows the redirect back: the result page.
-    async fn consent(&self, browser: &mut Browser, link: &str, decision: Decision) -> Page {
-        let goto_url = browser.open_link(link).await;
-        let back = self
-            .provider
-            .goto
-            .consent(&goto_url, decision)
-            .await
-            .expect("consent page");
-        browser.get(&back).await
-    }
-
-    async fn token_secret(&self, name: &str) -> Option<Secret> {
-        self.cluster
-            .secrets()
-            .get_opt(&format!("{name}-token"))
-            .await
-            .unwrap()
-    }
-
-    fn assert_no_secret_material(&self, text: &str) {
-        assert!(
-            !text.contains(&self.provider.client_secret),
-            "client secret leaked"
-        );
-        for token in self
-            .provider
-            .goto
-            .live_access_tokens(&self.provider.client_id)
-        {
-            assert!(!text.contains(&token), "access token leaked");
-        }
-        if let Some(refresh) = self
-            .provider
-            .goto
-            .valid_refresh_token(&self.provider.client_id)
-        {
-            assert!(!text.contains(&refresh), "refresh token leaked");
-        }
-    }
+/// A new client whose admin allowed access at GoTo but whose browser has not followed the
+/// redirect back yet: the browser and the callback URL it is about to open.
+async fn consent_pending(env: &Stack, name: &str) -> (Browser, String) {
+    let link = client(env, name).await;
+    let mut browser = Browser::new();
+    let back = env
+        .provider
+        .consent_via(&mut browser, &link, Decision::Allow)
+        .await;
+    (browser, back)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_stores_tokens_and_publishes_a_fresh_link() {
-    let env = env(&[]).await;
-    let link = env.client("demo").await;
+    let env = Stack::start(&[]).await;
+    let link = client(&env, "demo").await;
     assert!(link.starts_with(&env.op.public_url));
 
     let mut browser = Browser::new();
@@ -158,20 +91,18 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
         !page.body.contains(&code),
         "the code never appears on a page"
     );
-    env.assert_no_secret_material(&page.body);
+    env.provider.assert_no_secret_material(&page.body);
 
-    let secret = env.token_secret("demo").await.expect("token Secret");
+    let secret = env
+        .cluster
+        .token_secret("demo")
+        .await
+        .expect("token Secret");
     let data = secret.data.clone().unwrap();
-    for key in [
-        "access_token",
-        "refresh_token",
-        "token_type",
-        "expires_at",
-        "scope",
-        "principal",
-        "account_key",
-        "organizer_key",
-    ] {
+    for key in TOKEN_SECRET_KEYS
+        .into_iter()
+        .chain(["account_key", "organizer_key"])
+    {
         assert!(data.contains_key(key), "Secret lacks {key}");
     }
     assert_eq!(secret.type_.as_deref(), Some("Opaque"));
@@ -181,9 +112,9 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
         "goto-oauth-operator"
     );
     assert_eq!(labels["team"], "payments");
-    let access = String::from_utf8(data["access_token"].0.clone()).unwrap();
+    let access = secret_field(&secret, "access_token");
     assert!(env.provider.goto.is_access_token_live(&access));
-    let refresh = String::from_utf8(data["refresh_token"].0.clone()).unwrap();
+    let refresh = secret_field(&secret, "refresh_token");
     assert!(env.provider.goto.is_refresh_token_valid(&refresh));
     assert_eq!(data["token_type"].0, b"Bearer");
     let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
@@ -207,9 +138,10 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
     })
     .await;
     for (_, note) in &events {
-        env.assert_no_secret_material(note);
+        env.provider.assert_no_secret_material(note);
     }
-    env.assert_no_secret_material(&serde_json::to_string(&status).unwrap());
+    env.provider
+        .assert_no_secret_material(&serde_json::to_string(&status).unwrap());
 
     // The spent link no longer works; reusing the callback is refused as a replay.
     let reopened = browser.get_raw(&link).await;
@@ -218,33 +150,26 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
     assert_eq!(replay.status, 409, "{}", replay.body);
     assert!(replay.body.contains("already used"));
     // The exchange happened exactly once.
-    let exchanges = env
-        .provider
-        .goto
-        .token_requests()
-        .iter()
-        .filter(|r| r.grant_type.as_deref() == Some("authorization_code"))
-        .count();
-    assert_eq!(exchanges, 1);
+    assert_eq!(env.provider.grant_requests("authorization_code"), 1);
     let logs = env.op.logs();
-    env.assert_no_secret_material(&logs);
+    env.provider.assert_no_secret_material(&logs);
     assert!(!logs.contains(&code), "the code never reaches a log line");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_and_state_errors_get_pages_conditions_and_no_secret() {
-    let env = env(&[]).await;
-    let link = env.client("demo").await;
+    let env = Stack::start(&[]).await;
+    let link = client(&env, "demo").await;
 
     // Deny.
     let mut browser = Browser::new();
-    let page = env.consent(&mut browser, &link, Decision::Deny).await;
+    let page = consent(&env, &mut browser, &link, Decision::Deny).await;
     assert_eq!(page.status, 403, "{}", page.body);
     assert!(page.body.contains("denied"), "{}", page.body);
     env.cluster
         .wait_condition("demo", "Authorized", "False", reason::ACCESS_DENIED)
         .await;
-    assert!(env.token_secret("demo").await.is_none());
+    assert!(env.cluster.token_secret("demo").await.is_none());
     eventually("AccessDenied event", || async {
         env.cluster
             .events_for("demo")
@@ -287,14 +212,10 @@ async fn deny_and_state_errors_get_pages_conditions_and_no_secret() {
     assert_eq!(page.status, 400, "{}", page.body);
 
     // Cookie missing / another browser.
-    let mut first = Browser::new();
-    let goto_url = first.open_link(&link).await;
     let back = env
         .provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .unwrap();
+        .consent_via(&mut Browser::new(), &link, Decision::Allow)
+        .await;
     let page = Browser::new().get(&back).await;
     assert_eq!(page.status, 400);
     assert!(page.body.contains("same browser"), "{}", page.body);
@@ -341,7 +262,7 @@ async fn deny_and_state_errors_get_pages_conditions_and_no_secret() {
     assert_eq!(page.status, 400);
     assert!(page.body.contains("expired"), "{}", page.body);
     assert!(
-        env.token_secret("demo").await.is_none(),
+        env.cluster.token_secret("demo").await.is_none(),
         "no Secret after any failure"
     );
     // Nothing but 404 elsewhere.
@@ -353,8 +274,8 @@ async fn deny_and_state_errors_get_pages_conditions_and_no_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_failures_are_reported_and_store_nothing() {
-    let env = env(&["--token-timeout", "1s"]).await;
-    let link = env.client("demo").await;
+    let env = Stack::start(&["--token-timeout", "1s"]).await;
+    let link = client(&env, "demo").await;
     let cases: Vec<(TokenFault, u16, &str)> = vec![
         (
             TokenFault::invalid_grant(),
@@ -388,7 +309,7 @@ async fn token_endpoint_failures_are_reported_and_store_nothing() {
     for (fault, status, text) in cases {
         env.provider.goto.push_token_fault(fault.clone());
         let mut browser = Browser::new();
-        let page = env.consent(&mut browser, &link, Decision::Allow).await;
+        let page = consent(&env, &mut browser, &link, Decision::Allow).await;
         assert_eq!(page.status, status, "{fault:?}: {}", page.body);
         assert!(page.body.contains(text), "{fault:?}: {}", page.body);
         assert!(
@@ -404,63 +325,36 @@ async fn token_endpoint_failures_are_reported_and_store_nothing() {
             .await;
         assert!(obj.condition("Ready").unwrap().status == "False");
         assert!(
-            env.token_secret("demo").await.is_none(),
+            env.cluster.token_secret("demo").await.is_none(),
             "{fault:?} wrote a Secret"
         );
     }
     // After all that, a clean attempt works with the same link.
-    let page = env
-        .consent(&mut Browser::new(), &link, Decision::Allow)
-        .await;
+    let page = consent(&env, &mut Browser::new(), &link, Decision::Allow).await;
     assert_eq!(page.status, 200, "{}", page.body);
     env.cluster
         .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
         .await;
-    env.assert_no_secret_material(&env.op.logs());
+    env.provider.assert_no_secret_material(&env.op.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_during_consent_are_refused() {
-    let env = env(&[]).await;
+    let env = Stack::start(&[]).await;
     // Client deleted meanwhile.
-    let link = env.client("gone").await;
-    let mut browser = Browser::new();
-    let goto_url = browser.open_link(&link).await;
-    let back = env
-        .provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .unwrap();
+    let (mut browser, back) = consent_pending(&env, "gone").await;
     env.cluster
         .clients()
         .delete("gone", &Default::default())
         .await
         .unwrap();
-    eventually("deleted", || async {
-        env.cluster
-            .clients()
-            .get_opt("gone")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    env.cluster.wait_client_gone("gone").await;
     let page = browser.get(&back).await;
     assert_eq!(page.status, 410, "{}", page.body);
     assert!(page.body.contains("no longer exists"));
 
     // Client id changed meanwhile.
-    let link = env.client("changed").await;
-    let mut browser = Browser::new();
-    let goto_url = browser.open_link(&link).await;
-    let back = env
-        .provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .unwrap();
+    let (mut browser, back) = consent_pending(&env, "changed").await;
     let patch = serde_json::json!({"spec": {"clientId": "another-client"}});
     env.cluster
         .clients()
@@ -478,18 +372,10 @@ async fn changes_during_consent_are_refused() {
             reason::AUTHORIZATION_FAILED,
         )
         .await;
-    assert!(env.token_secret("changed").await.is_none());
+    assert!(env.cluster.token_secret("changed").await.is_none());
 
     // Client secret removed meanwhile.
-    let link = env.client("nosecret").await;
-    let mut browser = Browser::new();
-    let goto_url = browser.open_link(&link).await;
-    let back = env
-        .provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .unwrap();
+    let (mut browser, back) = consent_pending(&env, "nosecret").await;
     env.cluster
         .secrets()
         .delete("creds", &Default::default())
@@ -498,8 +384,8 @@ async fn changes_during_consent_are_refused() {
     let page = browser.get(&back).await;
     assert_eq!(page.status, 409, "{}", page.body);
     assert!(page.body.contains("client secret is missing"));
-    assert!(env.token_secret("nosecret").await.is_none());
-    let obj: GoToOAuthClient = env
+    assert!(env.cluster.token_secret("nosecret").await.is_none());
+    let obj = env
         .cluster
         .wait_condition("nosecret", "Ready", "False", reason::CLIENT_SECRET_MISSING)
         .await;
@@ -508,7 +394,7 @@ async fn changes_during_consent_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_secret_is_never_overwritten() {
-    let env = env(&[]).await;
+    let env = Stack::start(&[]).await;
     let foreign = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some("demo-token".into()),
@@ -533,7 +419,7 @@ async fn a_foreign_secret_is_never_overwritten() {
         obj.status.unwrap().authorization_url.is_none(),
         "no link while the target is taken"
     );
-    let secret = env.token_secret("demo").await.unwrap();
+    let secret = env.cluster.token_secret("demo").await.unwrap();
     assert_eq!(secret.data.unwrap()["access_token"].0, b"someone-elses");
     // Removing the foreign Secret clears the conflict without a restart.
     env.cluster

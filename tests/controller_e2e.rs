@@ -7,11 +7,17 @@ use common::{Cluster, Operator, Provider, eventually};
 use goto_oauth_operator::{conditions::reason, testkit::goto::FakeGoToConfig};
 use kube::api::{DeleteParams, Patch, PatchParams};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete() {
+/// The operator binary (leader election off) and a provider whose callback is never used here.
+async fn start() -> (Cluster, Provider, Operator) {
     let cluster = Cluster::start().await;
     let provider = Provider::start(FakeGoToConfig::default(), "http://127.0.0.1:1/callback").await;
     let op = Operator::start(&cluster, &provider, &["--leader-election=false"]).await;
+    (cluster, provider, op)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete() {
+    let (cluster, provider, op) = start().await;
 
     cluster
         .create_client(
@@ -52,16 +58,7 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
     cluster
         .create_client_secret("demo-credentials", &provider.client_secret)
         .await;
-    let obj = cluster
-        .wait_condition("demo", "Ready", "False", reason::AWAITING_AUTHORIZATION)
-        .await;
-    let url = obj
-        .status
-        .as_ref()
-        .unwrap()
-        .authorization_url
-        .clone()
-        .expect("authorizationUrl");
+    let (obj, url) = cluster.awaiting_authorization("demo").await;
     assert!(
         url.starts_with(&format!(
             "{}/authorize/{}/demo/",
@@ -119,16 +116,7 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
         .delete("demo", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("client gone", || async {
-        cluster
-            .clients()
-            .get_opt("demo")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    cluster.wait_client_gone("demo").await;
     let leftovers: Vec<String> = cluster
         .secrets()
         .list(&Default::default())
@@ -147,9 +135,7 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_spec_waits_for_a_change_without_hot_looping() {
-    let cluster = Cluster::start().await;
-    let provider = Provider::start(FakeGoToConfig::default(), "http://127.0.0.1:1/callback").await;
-    let op = Operator::start(&cluster, &provider, &["--leader-election=false"]).await;
+    let (cluster, provider, op) = start().await;
     cluster
         .create_client_secret("creds", &provider.client_secret)
         .await;

@@ -21,14 +21,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Browser, Cluster, Provider, eventually};
+use common::{Cluster, Provider, bind_callback, eventually, metrics::metric_sum, secret_field};
 use goto_oauth_operator::{
     conditions::reason,
     refresh::Clock,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
     testkit::{
         apiserver::Fault,
-        goto::{ClientRegistration, Decision, FakeGoToConfig, RefreshTokenRotation},
+        goto::{FakeGoToConfig, RefreshTokenRotation},
         operator::{InProcessOperator, Options},
     },
 };
@@ -82,59 +82,24 @@ struct Ha {
     replicas: Vec<Replica>,
 }
 
-/// Sum of the samples of a metric whose line starts with `prefix` (name plus optional labels).
-fn metric_sum(rendered: &str, prefix: &str, label_filter: &str) -> f64 {
-    rendered
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with(prefix) && l.contains(label_filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn refresh_requests(provider: &Provider) -> usize {
-    provider
-        .goto
-        .token_requests()
-        .iter()
-        .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
-        .count()
-}
-
 /// Starts the cluster, the provider (with both replicas' callbacks registered) and two replicas
 /// electing a leader, started at the same moment as two pods of a Deployment are.
 async fn start() -> Ha {
     let cluster = Cluster::start().await;
-    let listeners = [
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    ];
-    let callbacks: Vec<String> = listeners
-        .iter()
-        .map(|l| format!("http://{}/callback", l.local_addr().unwrap()))
-        .collect();
+    let (la, callback_a) = bind_callback().await;
+    let (lb, callback_b) = bind_callback().await;
+    let callbacks = vec![callback_a, callback_b];
     let provider = Provider::start(FakeGoToConfig::default(), &callbacks[0]).await;
-    provider.goto.register_client(ClientRegistration {
-        client_id: provider.client_id.clone(),
-        client_secret: provider.client_secret.clone(),
-        redirect_uris: callbacks.clone(),
-        scopes: vec!["identity:".into(), "call-control.v1.calls.control".into()],
-        name: "ha-e2e".into(),
-    });
+    provider.register(&provider.client_id, callbacks.clone(), "ha-e2e");
     cluster
         .create_client_secret("creds", &provider.client_secret)
         .await;
 
     let clock = Clock::manual("2026-11-23T10:00:00Z".parse().unwrap());
     let identities = ["replica-a", "replica-b"];
-    let [la, lb] = listeners;
     let options = |identity: &str| Options {
-        clock: clock.clone(),
         leader_identity: Some(identity.to_string()),
-        ..Options::new(
-            &cluster.namespace,
-            &provider.goto.authorize_url(),
-            &provider.goto.token_url(),
-        )
+        ..provider.operator_options(&cluster, clock.clone())
     };
     let (a, b) = tokio::join!(
         InProcessOperator::start(cluster.client.clone(), la, options(identities[0])),
@@ -174,10 +139,32 @@ impl Ha {
         .await
     }
 
+    /// Waits for the leader; returns (leader, follower).
+    async fn roles(&self) -> (usize, usize) {
+        let leader = self.leader().await;
+        (leader, 1 - leader)
+    }
+
+    /// Stops every replica still running.
+    async fn stop_all(self) {
+        for op in self.replicas.into_iter().filter_map(|r| r.op) {
+            op.stop().await;
+        }
+    }
+
     async fn lease_holder(&self) -> Option<String> {
         let leases: Api<Lease> =
             Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace);
         leases.get(LEASE_NAME).await.ok()?.spec?.holder_identity
+    }
+
+    /// Waits until the Lease names replica `index`.
+    async fn wait_lease_holder(&self, index: usize) {
+        let identity = self.replicas[index].identity.as_str();
+        eventually(&format!("Lease names {identity}"), || async {
+            (self.lease_holder().await.as_deref() == Some(identity)).then_some(())
+        })
+        .await;
     }
 
     /// The field managers that own the Lease's `spec.holderIdentity` (server-side apply).
@@ -212,24 +199,12 @@ impl Ha {
                 }),
             )
             .await;
-        let obj = self
-            .cluster
-            .wait_condition(name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
-            .await;
-        let link = obj.status.unwrap().authorization_url.unwrap();
-        let mut browser = Browser::new();
-        let goto_url = browser.open_link(&link).await;
-        let back = self
-            .provider
-            .goto
-            .consent(&goto_url, Decision::Allow)
-            .await
-            .expect("consent");
+        let link = self.cluster.authorization_link(name).await;
+        let (back, page) = self.provider.allow(&link).await;
         assert!(
             back.starts_with(&self.replicas[via].callback),
             "GoTo sends the browser back to replica {via}"
         );
-        let page = browser.get(&back).await;
         assert_eq!(
             page.status, 200,
             "callback on {}: {}",
@@ -241,13 +216,8 @@ impl Ha {
     }
 
     async fn expires_at(&self, name: &str) -> String {
-        let secret = self
-            .cluster
-            .secrets()
-            .get(&format!("{name}-token"))
-            .await
-            .unwrap();
-        String::from_utf8(secret.data.unwrap()[EXPIRES_AT_KEY].0.clone()).unwrap()
+        let secret = self.cluster.token_secret(name).await.expect("token Secret");
+        secret_field(&secret, EXPIRES_AT_KEY)
     }
 
     /// Advances the shared clock past the client's next refresh and waits for the Secret to
@@ -279,8 +249,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_only_the_leader_refreshes() {
     let ha = start().await;
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
     assert!(!ha.replicas[follower].leads());
     assert_eq!(leader_sample(&ha.replicas[leader].metrics()), Some(1));
     assert_eq!(leader_sample(&ha.replicas[follower].metrics()), Some(0));
@@ -291,14 +260,14 @@ async fn one_leader_and_only_the_leader_refreshes() {
     );
 
     ha.authorize("solo", leader).await;
-    assert_eq!(refresh_requests(&ha.provider), 0);
+    assert_eq!(ha.provider.refresh_requests(), 0);
     ha.refresh_due("solo").await;
 
     // Both replicas saw the clock move; a second refresh would spend the refresh token twice.
     holds_for(
         "exactly one refresh request",
         Duration::from_secs(3),
-        || async { refresh_requests(&ha.provider) == 1 },
+        || async { ha.provider.refresh_requests() == 1 },
     )
     .await;
     let success = r#"result="success""#;
@@ -334,16 +303,13 @@ async fn one_leader_and_only_the_leader_refreshes() {
         .await;
     assert!(obj.status.unwrap().next_refresh_time.is_some());
 
-    for r in ha.replicas {
-        r.op.unwrap().stop().await;
-    }
+    ha.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_on_the_follower_completes_the_authorization() {
     let ha = start().await;
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
 
     ha.authorize("via-follower", follower).await;
     let secret = ha
@@ -352,21 +318,12 @@ async fn a_callback_on_the_follower_completes_the_authorization() {
         .get("via-follower-token")
         .await
         .unwrap();
-    let data = secret.data.unwrap();
-    let refresh = String::from_utf8(data["refresh_token"].0.clone()).unwrap();
+    let refresh = secret_field(&secret, REFRESH_TOKEN_KEY);
     assert!(
         ha.provider.goto.is_refresh_token_valid(&refresh),
         "the follower stored a working refresh token"
     );
-    assert_eq!(
-        ha.provider
-            .goto
-            .token_requests()
-            .iter()
-            .filter(|r| r.grant_type.as_deref() == Some("authorization_code"))
-            .count(),
-        1
-    );
+    assert_eq!(ha.provider.grant_requests("authorization_code"), 1);
 
     // The leader (not the follower, which runs no controller) keeps the status: it reports the
     // authorization and schedules the refresh.
@@ -404,21 +361,18 @@ async fn a_callback_on_the_follower_completes_the_authorization() {
         ),
         1.0
     );
-    assert_eq!(refresh_requests(&ha.provider), 1);
+    assert_eq!(ha.provider.refresh_requests(), 1);
 
-    for r in ha.replicas {
-        r.op.unwrap().stop().await;
-    }
+    ha.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_the_leader_hands_over_within_the_lease_duration() {
     let mut ha = start().await;
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
     ha.authorize("handover", leader).await;
     ha.refresh_due("handover").await;
-    assert_eq!(refresh_requests(&ha.provider), 1);
+    assert_eq!(ha.provider.refresh_requests(), 1);
 
     let old = ha.replicas[leader].op.take().unwrap();
     let old_metrics = old.metrics.clone();
@@ -443,17 +397,13 @@ async fn stopping_the_leader_hands_over_within_the_lease_duration() {
         took <= LEASE_DURATION + Duration::from_secs(1),
         "takeover took {took:?}, lease duration {LEASE_DURATION:?}"
     );
-    eventually("Lease names the new leader", || async {
-        (ha.lease_holder().await.as_deref() == Some(ha.replicas[follower].identity.as_str()))
-            .then_some(())
-    })
-    .await;
+    ha.wait_lease_holder(follower).await;
 
     ha.refresh_due("handover").await;
     holds_for(
         "one more refresh, by the new leader",
         Duration::from_secs(2),
-        || async { refresh_requests(&ha.provider) == 2 },
+        || async { ha.provider.refresh_requests() == 2 },
     )
     .await;
     assert_eq!(
@@ -510,9 +460,7 @@ async fn two_replicas_starting_together_never_both_lead() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let holder = ha.lease_holder().await;
-        for r in ha.replicas {
-            r.op.unwrap().stop().await;
-        }
+        ha.stop_all().await;
         if let Some(at) = both {
             panic!(
                 "trial {trial}: both replicas led at {at:?} after start (Lease holder {holder:?})"
@@ -526,8 +474,7 @@ async fn two_replicas_starting_together_never_both_lead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn is_leader_agrees_with_the_leader_gauge() {
     let ha = start().await;
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
     let op = ha.replicas[follower].op();
     assert_eq!(leader_sample(&op.metrics.render()), Some(0));
     assert!(
@@ -535,9 +482,7 @@ async fn is_leader_agrees_with_the_leader_gauge() {
         "InProcessOperator::is_leader() says the follower leads"
     );
     assert!(ha.replicas[leader].op().is_leader());
-    for r in ha.replicas {
-        r.op.unwrap().stop().await;
-    }
+    ha.stop_all().await;
 }
 
 /// kube-lease-manager takes a free Lease with a server-side apply *without* force and relies on
@@ -550,8 +495,7 @@ async fn is_leader_agrees_with_the_leader_gauge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_replica_takes_the_lease_under_its_own_field_manager() {
     let mut ha = start().await;
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
     let first = ha.holder_field_managers().await;
     assert!(
         !first.is_empty(),
@@ -559,11 +503,7 @@ async fn each_replica_takes_the_lease_under_its_own_field_manager() {
     );
 
     ha.replicas[leader].op.take().unwrap().stop().await;
-    eventually("Lease names the new leader", || async {
-        (ha.lease_holder().await.as_deref() == Some(ha.replicas[follower].identity.as_str()))
-            .then_some(())
-    })
-    .await;
+    ha.wait_lease_holder(follower).await;
     let second = ha.holder_field_managers().await;
     assert!(
         second.iter().all(|m| !first.contains(m)),
@@ -583,8 +523,7 @@ async fn each_replica_takes_the_lease_under_its_own_field_manager() {
 async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     let mut ha = start().await;
     ha.provider.goto.set_rotation(RefreshTokenRotation::Always);
-    let leader = ha.leader().await;
-    let follower = 1 - leader;
+    let (leader, follower) = ha.roles().await;
     ha.authorize("rolling", leader).await;
     let fake = ha.cluster.fake.as_ref().expect("in-memory API server");
 
@@ -605,7 +544,7 @@ async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     })
     .await;
     assert_eq!(
-        refresh_requests(&ha.provider),
+        ha.provider.refresh_requests(),
         1,
         "the leader refreshed once"
     );
@@ -631,7 +570,7 @@ async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     )
     .await;
     let secret = ha.cluster.secrets().get("rolling-token").await.unwrap();
-    let stored = String::from_utf8(secret.data.unwrap()[REFRESH_TOKEN_KEY].0.clone()).unwrap();
+    let stored = secret_field(&secret, REFRESH_TOKEN_KEY);
     assert!(
         ha.provider.goto.valid_refresh_token(&ha.provider.client_id) == Some(stored),
         "the Secret does not hold the refresh token GoTo still accepts: the rotated one was lost \

@@ -16,24 +16,21 @@
 
 mod common;
 
-use std::io::Write as _;
-
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use common::{Browser, Cluster, Operator, Provider, eventually, free_port};
-use goto_oauth_operator::{conditions::reason, testkit::goto::FakeGoToConfig};
-use serde::Deserialize;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, ChildStdin},
+use common::{
+    Browser, SCOPES, Stack, eventually,
+    node::{self, Script},
+    secret_field,
 };
+use goto_oauth_operator::conditions::reason;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SKIP_ENV: &str = "GOTO_OAUTH_SKIP_INTEROP_TESTS";
 const INSTALL_HINT: &str = "run `bash scripts/install-test-deps.sh` (or `npm ci --prefix tests/interop`), \
@@ -44,44 +41,19 @@ const CLIENT_ID: &str = "7c1d2f0e-interop-client";
 const CLIENT_SECRET: &str = "Qm9v+Zt/xK2aLq8=rW+/pE9TGEQ==";
 /// `expires_in` of the first token response: short, so the operator refreshes within seconds.
 const FIRST_EXPIRES_IN: i64 = 5;
-const SCOPES: [&str; 2] = ["identity:", "call-control.v1.calls.control"];
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
 
 /// Whether to run; panics with the install hint when a prerequisite is missing and skipping was
 /// not asked for.
 fn prerequisites() -> bool {
     let mut missing = Vec::new();
-    if !interop_dir()
+    if !node::interop_dir()
         .join("node_modules/oauth2-mock-server/package.json")
         .is_file()
     {
-        missing.push("tests/interop/node_modules/oauth2-mock-server");
+        missing.push("tests/interop/node_modules/oauth2-mock-server".to_string());
     }
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        missing.push("node (Node.js ≥ 20.19)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a
-        // skip must be visible.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED interop_e2e: missing {} ({SKIP_ENV}=1)",
-            missing.join(", ")
-        );
-        return false;
-    }
-    panic!("interop_e2e needs {}: {INSTALL_HINT}", missing.join(", "));
+    missing.extend(node::missing_node());
+    node::run_or_skip("interop_e2e", &missing, SKIP_ENV, INSTALL_HINT)
 }
 
 /// A token request as oauth2-mock-server received it, and what it answered.
@@ -125,30 +97,21 @@ impl TokenRecord {
 }
 
 /// `tests/interop/oauth2-mock.mjs` as a child process; its JSON lines are collected as they come.
+/// Dropping it closes the script's stdin, which stops it; after 3 s it is killed.
 struct MockServer {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    script: Script,
     url: String,
     records: Arc<Mutex<Vec<serde_json::Value>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl MockServer {
     async fn start() -> MockServer {
-        let mut child = tokio::process::Command::new("node")
-            .arg(interop_dir().join("oauth2-mock.mjs"))
-            .arg("--first-expires-in")
-            .arg(FIRST_EXPIRES_IN.to_string())
-            .current_dir(interop_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn node tests/interop/oauth2-mock.mjs");
+        let mut cmd = node::command("oauth2-mock.mjs");
+        cmd.arg("--first-expires-in")
+            .arg(FIRST_EXPIRES_IN.to_string());
+        let (script, out) = Script::spawn(cmd, Duration::from_secs(3));
         let records = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(out) = child.stdout.take() {
+        {
             let records = records.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
@@ -160,22 +123,10 @@ impl MockServer {
                 }
             });
         }
-        if let Some(err) = child.stderr.take() {
-            let stderr = stderr.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    stderr.lock().unwrap().push(line);
-                }
-            });
-        }
-        let stdin = child.stdin.take();
         let mut mock = MockServer {
-            child,
-            stdin,
+            script,
             url: String::new(),
             records,
-            stderr,
         };
         let start = Instant::now();
         mock.url = loop {
@@ -186,7 +137,7 @@ impl MockServer {
             {
                 break url;
             }
-            if let Ok(Some(status)) = mock.child.try_wait() {
+            if let Ok(Some(status)) = mock.script.child.try_wait() {
                 panic!(
                     "oauth2-mock.mjs exited ({status}); stderr:\n{}",
                     mock.stderr()
@@ -225,22 +176,7 @@ impl MockServer {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for MockServer {
-    /// Closing stdin stops the script; if it lingers it is killed.
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.start_kill();
+        self.script.stderr()
     }
 }
 
@@ -293,26 +229,20 @@ fn assert_standard_request(record: &TokenRecord) {
     );
 }
 
-fn secret_text(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> String {
-    let value = data
-        .get(key)
-        .unwrap_or_else(|| panic!("token Secret lacks {key}"));
-    String::from_utf8(value.0.clone()).unwrap_or_else(|_| panic!("{key} is UTF-8"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorizes_and_refreshes_against_oauth2_mock_server() {
     if !prerequisites() {
         return;
     }
     let mock = MockServer::start().await;
-    let cluster = Cluster::start().await;
-    let port = free_port();
-    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
     // The operator-wide default endpoints point at the fake GoTo, which must stay untouched: the
     // per-resource override alone decides where this client goes.
-    let provider = Provider::start(FakeGoToConfig::default(), &redirect_uri).await;
-    let op = Operator::start_on(&cluster, &provider, port, &["--leader-election=false"]).await;
+    let Stack {
+        cluster,
+        provider,
+        op,
+        redirect_uri,
+    } = Stack::start(&[]).await;
     cluster
         .create_client_secret("interop-creds", CLIENT_SECRET)
         .await;
@@ -330,13 +260,7 @@ async fn authorizes_and_refreshes_against_oauth2_mock_server() {
             }),
         )
         .await;
-    let obj = cluster
-        .wait_condition("interop", "Ready", "False", reason::AWAITING_AUTHORIZATION)
-        .await;
-    let link = obj
-        .status
-        .and_then(|s| s.authorization_url)
-        .expect("status.authorizationUrl");
+    let link = cluster.authorization_link("interop").await;
 
     // The browser part: the operator's link, the mock's /authorize (which redirects straight back
     // with a code), the operator's /callback.
@@ -413,24 +337,18 @@ async fn authorizes_and_refreshes_against_oauth2_mock_server() {
     );
 
     // The tokens the mock issued are stored.
-    let secret = cluster
-        .secrets()
-        .get_opt("interop-token")
-        .await
-        .unwrap()
-        .expect("token Secret");
-    let data = secret.data.unwrap_or_default();
+    let secret = cluster.token_secret("interop").await.expect("token Secret");
     assert!(
-        secret_text(&data, "access_token") == exchange.issued("access_token"),
+        secret_field(&secret, "access_token") == exchange.issued("access_token"),
         "stored access token is the issued one"
     );
     assert!(
-        secret_text(&data, "refresh_token") == exchange.issued("refresh_token"),
+        secret_field(&secret, "refresh_token") == exchange.issued("refresh_token"),
         "stored refresh token is the issued one"
     );
-    assert_eq!(secret_text(&data, "token_type"), "Bearer");
-    assert_eq!(secret_text(&data, "scope"), exchange.issued("scope"));
-    let expires_at: jiff::Timestamp = secret_text(&data, "expires_at")
+    assert_eq!(secret_field(&secret, "token_type"), "Bearer");
+    assert_eq!(secret_field(&secret, "scope"), exchange.issued("scope"));
+    let expires_at: jiff::Timestamp = secret_field(&secret, "expires_at")
         .parse()
         .expect("expires_at is RFC 3339");
     let lifetime = jiff::SignedDuration::from_secs(FIRST_EXPIRES_IN);

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Browser, Cluster, DEADLINE, Provider, eventually};
+use common::{Browser, Cluster, DEADLINE, Provider, bind_callback, eventually, metrics::metric};
 use goto_oauth_operator::{
     conditions::reason,
     refresh::Clock,
@@ -23,7 +23,7 @@ use goto_oauth_operator::{
     testkit::{
         apiserver::Fault,
         goto::{Decision, FakeGoToConfig, RefreshTokenRotation, TokenFault},
-        operator::{InProcessOperator, Options},
+        operator::InProcessOperator,
     },
 };
 use jiff::{SignedDuration, Timestamp};
@@ -61,15 +61,9 @@ impl Env {
 
     async fn start_at(start: Timestamp) -> Env {
         let cluster = Cluster::start().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let (listener, callback) = bind_callback().await;
         let port = listener.local_addr().expect("addr").port();
-        let provider = Provider::start(
-            FakeGoToConfig::default(),
-            &format!("http://127.0.0.1:{port}/callback"),
-        )
-        .await;
+        let provider = Provider::start(FakeGoToConfig::default(), &callback).await;
         cluster
             .create_client_secret("creds", &provider.client_secret)
             .await;
@@ -86,14 +80,9 @@ impl Env {
     }
 
     async fn start_operator(&mut self, listener: tokio::net::TcpListener) {
-        let options = Options {
-            clock: self.clock.clone(),
-            ..Options::new(
-                &self.cluster.namespace,
-                &self.provider.goto.authorize_url(),
-                &self.provider.goto.token_url(),
-            )
-        };
+        let options = self
+            .provider
+            .operator_options(&self.cluster, self.clock.clone());
         let op = InProcessOperator::start(self.cluster.client.clone(), listener, options)
             .await
             .expect("start in-process operator");
@@ -136,15 +125,17 @@ impl Env {
     }
 
     async fn create(&self, name: &str, extra: serde_json::Value) {
-        let mut spec = serde_json::json!({
-            "clientId": self.provider.client_id,
-            "clientSecretRef": {"name": "creds"},
-            "scopes": ["identity:", "call-control.v1.calls.control"],
-        });
-        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
-        }
-        self.cluster.create_client(name, spec).await;
+        self.cluster
+            .create_client(name, self.provider.spec(extra))
+            .await;
+    }
+
+    /// A fresh world with the client "demo" (default spec) authorized; its state after consent.
+    async fn with_demo() -> (Env, GoToOAuthClient) {
+        let env = Env::start().await;
+        env.create("demo", serde_json::json!({})).await;
+        let obj = env.authorize("demo").await;
+        (env, obj)
     }
 
     async fn get(&self, name: &str) -> GoToOAuthClient {
@@ -167,14 +158,7 @@ impl Env {
     /// Consent through the published link, like an admin in a browser; waits for Ready.
     async fn authorize(&self, name: &str) -> GoToOAuthClient {
         let link = self.link(name).await;
-        let mut browser = Browser::new();
-        let goto_url = browser.open_link(&link).await;
-        let back = self
-            .provider
-            .goto
-            .consent(&goto_url, Decision::Allow)
-            .await
-            .expect("consent page");
+        let (back, page) = self.provider.allow(&link).await;
         if let Some((_, code)) = url::Url::parse(&back)
             .expect("callback url")
             .query_pairs()
@@ -182,7 +166,6 @@ impl Env {
         {
             self.remember(&code);
         }
-        let page = browser.get(&back).await;
         assert_eq!(page.status, 200, "callback page: {}", page.body);
         let obj = self
             .cluster
@@ -220,13 +203,35 @@ impl Env {
         Some(data)
     }
 
+    /// "demo"'s token Secret data, which must exist.
+    async fn demo_tokens(&self) -> BTreeMap<String, String> {
+        self.tokens("demo-token").await.expect("Secret")
+    }
+
+    /// Waits until "demo"'s token Secret holds an access token other than `old`; returns its data.
+    async fn new_demo_tokens(&self, what: &str, old: &str) -> BTreeMap<String, String> {
+        eventually(what, || async {
+            self.tokens("demo-token")
+                .await
+                .filter(|d| d["access_token"] != old)
+        })
+        .await
+    }
+
+    /// Waits until the client's consent no longer stands (`Authorized=False/ReauthorizationRequired`).
+    async fn wait_reauthorization_required(&self, name: &str) -> GoToOAuthClient {
+        self.cluster
+            .wait_condition(
+                name,
+                "Authorized",
+                "False",
+                reason::REAUTHORIZATION_REQUIRED,
+            )
+            .await
+    }
+
     fn refresh_requests(&self) -> usize {
-        self.provider
-            .goto
-            .token_requests()
-            .iter()
-            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
-            .count()
+        self.provider.refresh_requests()
     }
 
     async fn wait_refresh_requests(&self, n: usize) {
@@ -238,6 +243,15 @@ impl Env {
 
     fn metrics(&self) -> String {
         self.op().metrics.render()
+    }
+
+    /// The `goto_oauth_client_ready` sample of a client.
+    fn client_ready(&self, name: &str) -> Option<f64> {
+        metric(
+            &self.metrics(),
+            "goto_oauth_client_ready",
+            &[("name", name)],
+        )
     }
 
     fn reconciles(&self) -> u64 {
@@ -368,17 +382,7 @@ impl Env {
             haystacks.push(op.metrics.render());
         }
         let mut needles = self.seen.lock().expect("seen").clone();
-        needles.push(self.provider.client_secret.clone());
-        needles.extend(
-            self.provider
-                .goto
-                .live_access_tokens(&self.provider.client_id),
-        );
-        needles.extend(
-            self.provider
-                .goto
-                .valid_refresh_token(&self.provider.client_id),
-        );
+        needles.extend(self.provider.secret_material().into_iter().map(|(_, v)| v));
         for hay in &haystacks {
             for needle in &needles {
                 assert!(
@@ -392,28 +396,6 @@ impl Env {
             }
         }
     }
-}
-
-/// A sample's value in Prometheus text: the first line of `name` whose labels include `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric_name, label_text) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric_name != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|pair| pair == format!("{k}=\"{v}\""))
-            });
-            if all { value.parse().ok() } else { None }
-        })
 }
 
 fn ts(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Timestamp {
@@ -464,10 +446,8 @@ fn pair(status: &str, reason: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_happens_before_expiry_for_three_cycles() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
-    let first = env.tokens("demo-token").await.expect("Secret");
+    let (env, obj) = Env::with_demo().await;
+    let first = env.demo_tokens().await;
     let refresh_token = first["refresh_token"].clone();
     let mut next = assert_default_schedule(&obj, env.clock.now());
     let mut access = first["access_token"].clone();
@@ -484,12 +464,9 @@ async fn refresh_happens_before_expiry_for_three_cycles() {
         env.advance(SignedDuration::from_secs(2)).await;
         env.wait_refresh_requests(cycle).await;
         let refreshed_at = env.clock.now();
-        let data = eventually("the refreshed token is stored", || async {
-            env.tokens("demo-token")
-                .await
-                .filter(|d| d["access_token"] != access)
-        })
-        .await;
+        let data = env
+            .new_demo_tokens("the refreshed token is stored", &access)
+            .await;
         env.quiet().await;
         assert_eq!(
             env.refresh_requests(),
@@ -540,14 +517,7 @@ async fn refresh_happens_before_expiry_for_three_cycles() {
             Some((refreshed_at + LIFETIME).as_second() as f64)
         );
     }
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "goto_oauth_client_ready",
-            &[("name", "demo")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(env.client_ready("demo"), Some(1.0));
     let counts = env.event_counts("demo").await;
     assert_eq!(
         counts.get(reason::AUTHORIZED),
@@ -566,6 +536,26 @@ async fn patch_client(env: &Env, name: &str, patch: serde_json::Value) {
         .expect("patch client");
 }
 
+/// Merge-patches demo's spec.
+async fn patch_spec(env: &Env, spec: serde_json::Value) {
+    patch_client(env, "demo", serde_json::json!({"spec": spec})).await;
+}
+
+/// Changes demo's spec so that its tokens no longer match it: waits until the consent no longer
+/// stands, and checks the token still counts as usable meanwhile (Ready stays True).
+async fn change_spec_requiring_reauthorization(
+    env: &Env,
+    spec: serde_json::Value,
+) -> GoToOAuthClient {
+    patch_spec(env, spec).await;
+    let obj = env.wait_reauthorization_required("demo").await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("True", reason::REAUTHORIZATION_REQUIRED)
+    );
+    obj
+}
+
 async fn annotate(env: &Env, name: &str, key: &str, value: &str) {
     patch_client(
         env,
@@ -581,7 +571,7 @@ async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_confli
     env.provider.goto.set_rotation(RefreshTokenRotation::Always);
     env.create("demo", serde_json::json!({})).await;
     let obj = env.authorize("demo").await;
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let before = env.demo_tokens().await;
     let (_, _, next) = schedule(&obj);
 
     env.quiet().await;
@@ -650,10 +640,8 @@ async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_confli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_refresh_waits_for_retry_after() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let (env, obj) = Env::with_demo().await;
+    let before = env.demo_tokens().await;
     let (_, _, next) = schedule(&obj);
 
     env.provider
@@ -686,12 +674,8 @@ async fn rate_limited_refresh_waits_for_retry_after() {
 
     env.advance(secs(61)).await;
     env.wait_refresh_requests(2).await;
-    eventually("refreshed after Retry-After", || async {
-        env.tokens("demo-token")
-            .await
-            .filter(|d| d["access_token"] != before["access_token"])
-    })
-    .await;
+    env.new_demo_tokens("refreshed after Retry-After", &before["access_token"])
+        .await;
     env.cluster
         .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
         .await;
@@ -718,13 +702,10 @@ async fn a_rate_limited_refresh_does_not_stall_another_clients_consent() {
 
     // The admin of "second" consents now; the callback must not wait 10 minutes.
     let mut browser = Browser::new();
-    let goto_url = browser.open_link(&link).await;
     let back = env
         .provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .expect("consent");
+        .consent_via(&mut browser, &link, Decision::Allow)
+        .await;
     let started = Instant::now();
     let page = tokio::time::timeout(Duration::from_secs(15), browser.get(&back)).await;
     assert!(
@@ -739,10 +720,8 @@ async fn a_rate_limited_refresh_does_not_stall_another_clients_consent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_back_off_and_recover_with_one_event_per_state_change() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let (env, obj) = Env::with_demo().await;
+    let before = env.demo_tokens().await;
     let (_, _, next) = schedule(&obj);
     env.provider
         .goto
@@ -779,12 +758,8 @@ async fn server_errors_back_off_and_recover_with_one_event_per_state_change() {
     assert_eq!(env.refresh_requests(), 2, "no retry within 10 s");
     env.advance(secs(2)).await;
     env.wait_refresh_requests(3).await;
-    eventually("recovered token stored", || async {
-        env.tokens("demo-token")
-            .await
-            .filter(|d| d["access_token"] != before["access_token"])
-    })
-    .await;
+    env.new_demo_tokens("recovered token stored", &before["access_token"])
+        .await;
     let obj = env
         .cluster
         .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
@@ -822,10 +797,8 @@ async fn server_errors_back_off_and_recover_with_one_event_per_state_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let (env, obj) = Env::with_demo().await;
+    let before = env.demo_tokens().await;
     let (_, expires, next) = schedule(&obj);
     let old_link = obj
         .status
@@ -838,15 +811,7 @@ async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
 
     env.advance_to(next + secs(1)).await;
     env.wait_refresh_requests(1).await;
-    let obj = env
-        .cluster
-        .wait_condition(
-            "demo",
-            "Authorized",
-            "False",
-            reason::REAUTHORIZATION_REQUIRED,
-        )
-        .await;
+    let obj = env.wait_reauthorization_required("demo").await;
     assert_eq!(
         condition(&obj, "Ready"),
         pair("True", reason::REAUTHORIZATION_REQUIRED),
@@ -864,7 +829,7 @@ async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
         status.next_refresh_time
     );
     assert_eq!(
-        Browser::new().get_raw(&old_link).await.status().as_u16(),
+        link_status(&old_link).await,
         404,
         "the previous link is dead"
     );
@@ -902,14 +867,7 @@ async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
         condition(&obj, "Authorized"),
         pair("False", reason::REAUTHORIZATION_REQUIRED)
     );
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "goto_oauth_client_ready",
-            &[("name", "demo")]
-        ),
-        Some(0.0)
-    );
+    assert_eq!(env.client_ready("demo"), Some(0.0));
     let after_expiry = env.event_counts("demo").await;
     // At most one more: Ready turning False when the token expires is a state change too.
     assert!(
@@ -944,7 +902,7 @@ async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
         condition(&obj, "Authorized"),
         pair("True", reason::AUTHORIZED)
     );
-    let after = env.tokens("demo-token").await.expect("Secret");
+    let after = env.demo_tokens().await;
     assert_ne!(after["refresh_token"], before["refresh_token"]);
     assert!(
         env.provider
@@ -966,12 +924,10 @@ async fn invalid_grant_requires_reauthorization_and_stops_refreshing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_operator_resumes_the_schedule() {
-    let mut env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    env.authorize("demo").await;
+    let (mut env, _) = Env::with_demo().await;
     env.quiet().await;
     let obj = env.get("demo").await;
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let before = env.demo_tokens().await;
     let (_, _, next) = schedule(&obj);
 
     // A restart in the middle of the token's life recomputes the same schedule: no write.
@@ -1001,12 +957,9 @@ async fn a_restarted_operator_resumes_the_schedule() {
         .advance(Duration::try_from(overdue).expect("forward"));
     env.start_again().await;
     env.wait_refresh_requests(1).await;
-    let data = eventually("overdue refresh stored", || async {
-        env.tokens("demo-token")
-            .await
-            .filter(|d| d["access_token"] != before["access_token"])
-    })
-    .await;
+    let data = env
+        .new_demo_tokens("overdue refresh stored", &before["access_token"])
+        .await;
     env.quiet().await;
     assert_eq!(
         env.refresh_requests(),
@@ -1028,16 +981,13 @@ fn obj_now(obj: &GoToOAuthClient) -> Timestamp {
 /// Sets the force-refresh annotation to `value`; waits until the operator marked it handled
 /// and went quiet. Returns the token Secret's data afterwards.
 async fn force_refresh(env: &Env, value: &str) -> BTreeMap<String, String> {
-    let before = env.tokens("demo-token").await.expect("Secret");
+    let before = env.demo_tokens().await;
     let requests = env.refresh_requests();
     annotate(env, "demo", FORCE_REFRESH_ANNOTATION, value).await;
     env.wait_refresh_requests(requests + 1).await;
-    let data = eventually("forced refresh stored", || async {
-        env.tokens("demo-token")
-            .await
-            .filter(|d| d["access_token"] != before["access_token"])
-    })
-    .await;
+    let data = env
+        .new_demo_tokens("forced refresh stored", &before["access_token"])
+        .await;
     eventually("the request is marked handled", || async {
         let obj = env.get("demo").await;
         (obj.status?.handled_refresh_request.as_deref() == Some(value)).then_some(())
@@ -1055,9 +1005,7 @@ async fn force_refresh(env: &Env, value: &str) -> BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_refresh_annotation_refreshes_once_immediately() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    env.authorize("demo").await;
+    let (env, _) = Env::with_demo().await;
     env.quiet().await;
 
     // Each new value: one refresh at once, without the clock moving.
@@ -1086,9 +1034,7 @@ async fn force_refresh_annotation_refreshes_once_immediately() {
 /// fails the first time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_refresh_is_not_repeated_when_the_status_write_fails() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    env.authorize("demo").await;
+    let (env, _) = Env::with_demo().await;
     env.quiet().await;
     env.fake().inject_fault(Fault {
         method: Some(http::Method::PATCH),
@@ -1102,9 +1048,7 @@ async fn force_refresh_is_not_repeated_when_the_status_write_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_link_annotation_replaces_the_link_once() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    env.authorize("demo").await;
+    let (env, _) = Env::with_demo().await;
     env.quiet().await;
     let old_link = env
         .get("demo")
@@ -1113,7 +1057,7 @@ async fn rotate_link_annotation_replaces_the_link_once() {
         .and_then(|s| s.authorization_url)
         .expect("link");
     assert_eq!(
-        Browser::new().get_raw(&old_link).await.status().as_u16(),
+        link_status(&old_link).await,
         302,
         "the link works before rotation"
     );
@@ -1135,16 +1079,8 @@ async fn rotate_link_annotation_replaces_the_link_once() {
             .and_then(|s| s.handled_link_rotation.as_deref()),
         Some("1")
     );
-    assert_eq!(
-        Browser::new().get_raw(&old_link).await.status().as_u16(),
-        404,
-        "the old link is dead"
-    );
-    assert_eq!(
-        Browser::new().get_raw(&new_link).await.status().as_u16(),
-        302,
-        "the new link works"
-    );
+    assert_eq!(link_status(&old_link).await, 404, "the old link is dead");
+    assert_eq!(link_status(&new_link).await, 302, "the new link works");
     env.quiet().await;
     env.advance(secs(1)).await;
     assert_eq!(
@@ -1170,10 +1106,8 @@ async fn rotate_link_annotation_replaces_the_link_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_or_edited_secret_is_restored_from_memory() {
-    let mut env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    env.authorize("demo").await;
-    let original = env.tokens("demo-token").await.expect("Secret");
+    let (mut env, _) = Env::with_demo().await;
+    let original = env.demo_tokens().await;
     env.quiet().await;
 
     env.cluster
@@ -1252,6 +1186,11 @@ async fn deleted_or_edited_secret_is_restored_from_memory() {
     env.assert_no_secret_material().await;
 }
 
+/// The HTTP status a fresh browser gets for an authorization link (302 to GoTo while it works).
+async fn link_status(link: &str) -> u16 {
+    Browser::new().get_raw(link).await.status().as_u16()
+}
+
 fn base64_encode(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
@@ -1259,18 +1198,11 @@ fn base64_encode(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_name_change_moves_tokens_and_client_id_change_requires_reauthorization() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
-    let original = env.tokens("demo-token").await.expect("Secret");
+    let (env, obj) = Env::with_demo().await;
+    let original = env.demo_tokens().await;
     let (_, _, next) = schedule(&obj);
 
-    patch_client(
-        &env,
-        "demo",
-        serde_json::json!({"spec": {"secretName": "moved"}}),
-    )
-    .await;
+    patch_spec(&env, serde_json::json!({"secretName": "moved"})).await;
     let moved = eventually("tokens in the new Secret", || async {
         env.tokens("moved").await
     })
@@ -1294,25 +1226,11 @@ async fn secret_name_change_moves_tokens_and_client_id_change_requires_reauthori
     assert_eq!(condition(&obj, "Ready"), pair("True", reason::AUTHORIZED));
     assert_eq!(env.refresh_requests(), 0);
 
-    patch_client(
+    let obj = change_spec_requiring_reauthorization(
         &env,
-        "demo",
-        serde_json::json!({"spec": {"clientId": "another-goto-client"}}),
+        serde_json::json!({"clientId": "another-goto-client"}),
     )
     .await;
-    let obj = env
-        .cluster
-        .wait_condition(
-            "demo",
-            "Authorized",
-            "False",
-            reason::REAUTHORIZATION_REQUIRED,
-        )
-        .await;
-    assert_eq!(
-        condition(&obj, "Ready"),
-        pair("True", reason::REAUTHORIZATION_REQUIRED)
-    );
     assert!(
         obj.status
             .as_ref()
@@ -1329,31 +1247,15 @@ async fn secret_name_change_moves_tokens_and_client_id_change_requires_reauthori
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_change_requires_reauthorization() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
+    let (env, obj) = Env::with_demo().await;
     let (_, _, next) = schedule(&obj);
     let other = format!("{}/regional/oauth/v2/token", env.provider.goto.base_url());
 
-    patch_client(
+    let obj = change_spec_requiring_reauthorization(
         &env,
-        "demo",
-        serde_json::json!({"spec": {"endpoints": {"tokenUrl": other}}}),
+        serde_json::json!({"endpoints": {"tokenUrl": other}}),
     )
     .await;
-    let obj = env
-        .cluster
-        .wait_condition(
-            "demo",
-            "Authorized",
-            "False",
-            reason::REAUTHORIZATION_REQUIRED,
-        )
-        .await;
-    assert_eq!(
-        condition(&obj, "Ready"),
-        pair("True", reason::REAUTHORIZATION_REQUIRED)
-    );
     assert!(
         obj.condition("Authorized")
             .is_some_and(|c| c.message.contains(&other)),
@@ -1379,30 +1281,15 @@ async fn token_endpoint_change_requires_reauthorization() {
 /// A mistaken spec change that is put back leaves valid tokens: no consent should be needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverting_a_client_id_change_restores_authorized() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
+    let (env, obj) = Env::with_demo().await;
     let (_, _, next) = schedule(&obj);
 
-    patch_client(
-        &env,
-        "demo",
-        serde_json::json!({"spec": {"clientId": "typo-client-id"}}),
-    )
-    .await;
-    env.cluster
-        .wait_condition(
-            "demo",
-            "Authorized",
-            "False",
-            reason::REAUTHORIZATION_REQUIRED,
-        )
-        .await;
+    patch_spec(&env, serde_json::json!({"clientId": "typo-client-id"})).await;
+    env.wait_reauthorization_required("demo").await;
     env.advance(secs(60)).await;
-    patch_client(
+    patch_spec(
         &env,
-        "demo",
-        serde_json::json!({"spec": {"clientId": env.provider.client_id}}),
+        serde_json::json!({"clientId": env.provider.client_id}),
     )
     .await;
     env.quiet().await;
@@ -1427,9 +1314,7 @@ async fn reverting_a_client_id_change_restores_authorized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_false_after_expiry_while_refresh_keeps_failing() {
-    let env = Env::start().await;
-    env.create("demo", serde_json::json!({})).await;
-    let obj = env.authorize("demo").await;
+    let (env, obj) = Env::with_demo().await;
     let (_, expires, next) = schedule(&obj);
     for _ in 0..20 {
         env.provider
@@ -1463,14 +1348,7 @@ async fn ready_turns_false_after_expiry_while_refresh_keeps_failing() {
         pair("True", reason::AUTHORIZED),
         "the consent still stands"
     );
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "goto_oauth_client_ready",
-            &[("name", "demo")]
-        ),
-        Some(0.0)
-    );
+    assert_eq!(env.client_ready("demo"), Some(0.0));
     assert!(env.refresh_metric("demo", "transient_error") >= 2.0);
 
     env.provider.goto.clear_token_faults();
@@ -1479,14 +1357,7 @@ async fn ready_turns_false_after_expiry_while_refresh_keeps_failing() {
         .cluster
         .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
         .await;
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "goto_oauth_client_ready",
-            &[("name", "demo")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(env.client_ready("demo"), Some(1.0));
     assert_eq!(env.refresh_metric("demo", "success"), 1.0);
     assert!(schedule(&obj).1 > env.clock.now());
     env.assert_no_secret_material().await;

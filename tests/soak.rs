@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Browser, Cluster, Provider};
+use common::{Cluster, Provider, bind_callback, metrics::metric_sum, secret_text};
 use futures::StreamExt;
 use goto_oauth_operator::{
     conditions::reason,
@@ -33,7 +33,7 @@ use goto_oauth_operator::{
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
     testkit::{
         apiserver::Fault,
-        goto::{ClientRegistration, Decision, FakeGoToConfig, RefreshTokenRotation, TokenOutcome},
+        goto::{FakeGoToConfig, RefreshTokenRotation, TokenOutcome},
         operator::{InProcessOperator, Options},
     },
 };
@@ -73,11 +73,6 @@ fn client_id(i: usize) -> String {
     format!("5ea10000-0000-4000-8000-{i:012}")
 }
 
-fn text(secret: &Secret, key: &str) -> Option<String> {
-    let data = secret.data.as_ref()?;
-    String::from_utf8(data.get(key)?.0.clone()).ok()
-}
-
 /// Every client's token Secret, by client name.
 async fn token_secrets(cluster: &Cluster) -> BTreeMap<String, Secret> {
     cluster
@@ -96,17 +91,29 @@ async fn token_secrets(cluster: &Cluster) -> BTreeMap<String, Secret> {
 }
 
 fn expires_at(secret: &Secret) -> Option<Timestamp> {
-    text(secret, EXPIRES_AT_KEY)?.parse().ok()
+    secret_text(secret, EXPIRES_AT_KEY)?.parse().ok()
 }
 
 /// Sum of the samples of `goto_oauth_refresh_total` with the given result.
 fn refreshes_with_result(rendered: &str, result: &str) -> u64 {
-    let label = format!("result=\"{result}\"");
-    rendered
-        .lines()
-        .filter(|l| l.starts_with("goto_oauth_refresh_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    metric_sum(
+        rendered,
+        "goto_oauth_refresh_total{",
+        &format!("result=\"{result}\""),
+    ) as u64
+}
+
+/// Waits until every client is Ready with its consent in place.
+async fn all_ready(cluster: &Cluster) {
+    futures::stream::iter(0..CLIENTS)
+        .map(|i| async move {
+            cluster
+                .wait_condition(&client_name(i), "Ready", "True", reason::AUTHORIZED)
+                .await;
+        })
+        .buffer_unordered(AUTHORIZE_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
 }
 
 /// Creates the client, opens its link, clicks Allow at GoTo and follows the callback.
@@ -121,21 +128,8 @@ async fn authorize(cluster: &Cluster, provider: &Provider, i: usize) {
             }),
         )
         .await;
-    let obj = cluster
-        .wait_condition(&name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
-        .await;
-    let link = obj
-        .status
-        .and_then(|s| s.authorization_url)
-        .expect("authorization link");
-    let mut browser = Browser::new();
-    let goto_url = browser.open_link(&link).await;
-    let back = provider
-        .goto
-        .consent(&goto_url, Decision::Allow)
-        .await
-        .unwrap_or_else(|e| panic!("{name}: consent: {e}"));
-    let page = browser.get(&back).await;
+    let link = cluster.authorization_link(&name).await;
+    let (_, page) = provider.allow(&link).await;
     assert_eq!(page.status, 200, "{name}: callback page: {}", page.body);
 }
 
@@ -162,19 +156,12 @@ async fn no_refresh_token_is_lost_under_faults() {
         .fake
         .as_ref()
         .expect("the soak runs against the in-memory API server");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let callback = format!("http://{}/callback", listener.local_addr().unwrap());
+    let (listener, callback) = bind_callback().await;
     let provider = Provider::start(FakeGoToConfig::default(), &callback).await;
     provider.goto.set_rotation(RefreshTokenRotation::Always);
     provider.goto.set_rate_limit(None);
     for i in 0..CLIENTS {
-        provider.goto.register_client(ClientRegistration {
-            client_id: client_id(i),
-            client_secret: provider.client_secret.clone(),
-            redirect_uris: vec![callback.clone()],
-            scopes: vec!["identity:".into(), "call-control.v1.calls.control".into()],
-            name: client_name(i),
-        });
+        provider.register(&client_id(i), vec![callback.clone()], &client_name(i));
     }
     cluster
         .create_client_secret("creds", &provider.client_secret)
@@ -182,15 +169,10 @@ async fn no_refresh_token_is_lost_under_faults() {
 
     let clock = Clock::manual("2026-11-23T10:00:00Z".parse().unwrap());
     let options = Options {
-        clock: clock.clone(),
         token_rate_limit: 1000,
         max_concurrent_refreshes: 50,
         token_timeout: Duration::from_secs(2),
-        ..Options::new(
-            &cluster.namespace,
-            &provider.goto.authorize_url(),
-            &provider.goto.token_url(),
-        )
+        ..provider.operator_options(&cluster, clock.clone())
     };
     let op = InProcessOperator::start(cluster.client.clone(), listener, options)
         .await
@@ -203,16 +185,7 @@ async fn no_refresh_token_is_lost_under_faults() {
         .buffer_unordered(AUTHORIZE_CONCURRENCY)
         .collect::<Vec<()>>()
         .await;
-    let cluster_ref = &cluster;
-    futures::stream::iter(0..CLIENTS)
-        .map(|i| async move {
-            cluster_ref
-                .wait_condition(&client_name(i), "Ready", "True", reason::AUTHORIZED)
-                .await;
-        })
-        .buffer_unordered(AUTHORIZE_CONCURRENCY)
-        .collect::<Vec<()>>()
-        .await;
+    all_ready(&cluster).await;
     let authorized_in = started.elapsed();
     eprintln!("soak: {CLIENTS} clients authorized in {authorized_in:?}");
 
@@ -285,7 +258,9 @@ async fn no_refresh_token_is_lost_under_faults() {
         let mut lost = Vec::new();
         for i in 0..CLIENTS {
             let name = client_name(i);
-            let stored = secrets.get(&name).and_then(|s| text(s, REFRESH_TOKEN_KEY));
+            let stored = secrets
+                .get(&name)
+                .and_then(|s| secret_text(s, REFRESH_TOKEN_KEY));
             let valid = provider.goto.valid_refresh_token(&client_id(i));
             if stored.is_none() || stored != valid {
                 lost.push(name);
@@ -350,13 +325,11 @@ async fn no_refresh_token_is_lost_under_faults() {
         .collect();
     let metrics = op.metrics.render();
     // Refreshes whose tokens were still unstored when the refresh ended.
-    let unstored_retries: u64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("goto_oauth_reconcile_errors_total{") && l.contains("tokens_unstored")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let unstored_retries = metric_sum(
+        &metrics,
+        "goto_oauth_reconcile_errors_total{",
+        "tokens_unstored",
+    ) as u64;
     let api_faults_hit = fake
         .request_log()
         .iter()
@@ -405,16 +378,7 @@ async fn no_refresh_token_is_lost_under_faults() {
         "no refreshed token waited unstored past its refresh"
     );
     // The status follows the Secrets: everyone ends Ready.
-    let cluster_ref = &cluster;
-    futures::stream::iter(0..CLIENTS)
-        .map(|i| async move {
-            cluster_ref
-                .wait_condition(&client_name(i), "Ready", "True", reason::AUTHORIZED)
-                .await;
-        })
-        .buffer_unordered(AUTHORIZE_CONCURRENCY)
-        .collect::<Vec<()>>()
-        .await;
+    all_ready(&cluster).await;
 
     op.stop().await;
 }

@@ -1,7 +1,13 @@
 //! Shared harness of the end-to-end tests: an API server (the in-memory one, or a real cluster
 //! when `KUBECONFIG` is set and `GOTO_OAUTH_E2E_REAL_CLUSTER=1`), the fake GoTo provider, and the
 //! real operator binary as a child process.
+//!
+//! Submodules: [`metrics`] reads Prometheus text, [`node`] runs the Node.js helper scripts of
+//! the browser and interop tests.
 #![allow(dead_code)] // each test file uses a different part of the harness
+
+pub mod metrics;
+pub mod node;
 
 use std::{
     future::Future,
@@ -11,10 +17,13 @@ use std::{
 };
 
 use goto_oauth_operator::{
+    conditions::reason,
+    refresh::Clock,
     resource::GoToOAuthClient,
     testkit::{
         apiserver::FakeApiServer,
-        goto::{ClientRegistration, FakeGoTo, FakeGoToConfig},
+        goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig},
+        operator::Options,
     },
 };
 use k8s_openapi::{
@@ -28,6 +37,19 @@ use kube::{
 use tokio::{io::AsyncBufReadExt, process::Child};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Keys every token Secret carries after a consent at GoTo (GoTo adds more of its own).
+pub const TOKEN_SECRET_KEYS: [&str; 6] = [
+    "access_token",
+    "refresh_token",
+    "token_type",
+    "expires_at",
+    "scope",
+    "principal",
+];
+
+/// The scopes every test client asks for.
+pub const SCOPES: [&str; 2] = ["identity:", "call-control.v1.calls.control"];
 
 /// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
@@ -179,6 +201,45 @@ impl Cluster {
         .await
     }
 
+    /// Waits until the named client awaits its consent; returns it and its authorization link.
+    pub async fn awaiting_authorization(&self, name: &str) -> (GoToOAuthClient, String) {
+        let obj = self
+            .wait_condition(name, "Ready", "False", reason::AWAITING_AUTHORIZATION)
+            .await;
+        let link = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.authorization_url.clone())
+            .expect("status.authorizationUrl");
+        (obj, link)
+    }
+
+    /// The authorization link of a client that awaits its consent.
+    pub async fn authorization_link(&self, name: &str) -> String {
+        self.awaiting_authorization(name).await.1
+    }
+
+    /// The token Secret of a client with the default `secretName` (`<name>-token`).
+    pub async fn token_secret(&self, name: &str) -> Option<Secret> {
+        self.secrets()
+            .get_opt(&format!("{name}-token"))
+            .await
+            .expect("get token Secret")
+    }
+
+    /// Waits until the named client is gone from the API.
+    pub async fn wait_client_gone(&self, name: &str) {
+        eventually(&format!("{name} deleted"), || async {
+            self.clients()
+                .get_opt(name)
+                .await
+                .expect("get client")
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Events recorded for a client (through events.k8s.io/v1, as kube's Recorder writes them).
     pub async fn events_for(&self, name: &str) -> Vec<(String, String)> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
@@ -224,18 +285,175 @@ impl Provider {
         let goto = FakeGoTo::start(config).await;
         let client_id = "0f0e8c7a-6c3d-4d1e-9a51-goto-e2e".to_string();
         let client_secret = goto_oauth_operator::testkit::goto::sample_client_secret();
-        goto.register_client(ClientRegistration {
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            redirect_uris: vec![redirect_uri.to_string()],
-            scopes: vec!["identity:".into(), "call-control.v1.calls.control".into()],
-            name: "e2e".into(),
-        });
-        Provider {
+        let provider = Provider {
             goto,
             client_id,
             client_secret,
+        };
+        provider.register(&provider.client_id, vec![redirect_uri.to_string()], "e2e");
+        provider
+    }
+
+    /// Registers (or re-registers) a GoTo client with this provider's client secret and [`SCOPES`].
+    pub fn register(&self, client_id: &str, redirect_uris: Vec<String>, name: &str) {
+        self.goto.register_client(ClientRegistration {
+            client_id: client_id.to_string(),
+            client_secret: self.client_secret.clone(),
+            redirect_uris,
+            scopes: SCOPES.iter().map(|s| s.to_string()).collect(),
+            name: name.to_string(),
+        });
+    }
+
+    /// A client spec for the registered client, its secret in the Secret `creds`, asking for
+    /// [`SCOPES`]; the fields of `extra` are added (or replace these).
+    pub fn spec(&self, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "clientId": self.client_id,
+            "clientSecretRef": {"name": "creds"},
+            "scopes": SCOPES,
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
         }
+        spec
+    }
+
+    /// Opens `link` in `browser` and answers GoTo's consent page with `decision`; returns the
+    /// callback URL GoTo sends the browser back to (not yet followed).
+    pub async fn consent_via(
+        &self,
+        browser: &mut Browser,
+        link: &str,
+        decision: Decision,
+    ) -> String {
+        let goto_url = browser.open_link(link).await;
+        self.goto
+            .consent(&goto_url, decision)
+            .await
+            .unwrap_or_else(|e| panic!("GoTo's consent page: {e}"))
+    }
+
+    /// An admin allowing access through `link` in a new browser: returns GoTo's callback URL
+    /// (it carries the code) and the operator's result page.
+    pub async fn allow(&self, link: &str) -> (String, Page) {
+        let mut browser = Browser::new();
+        let back = self.consent_via(&mut browser, link, Decision::Allow).await;
+        let page = browser.get(&back).await;
+        (back, page)
+    }
+
+    /// How many requests with this `grant_type` reached GoTo's token endpoint.
+    pub fn grant_requests(&self, grant_type: &str) -> usize {
+        self.goto
+            .token_requests()
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some(grant_type))
+            .count()
+    }
+
+    /// Refresh requests at GoTo's token endpoint.
+    pub fn refresh_requests(&self) -> usize {
+        self.grant_requests("refresh_token")
+    }
+
+    /// What must never show in a page, log, status, Event or metric, each with what it is: the
+    /// client secret and every token GoTo still honours for the client.
+    pub fn secret_material(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![("client secret", self.client_secret.clone())];
+        out.extend(
+            self.goto
+                .live_access_tokens(&self.client_id)
+                .into_iter()
+                .map(|t| ("access token", t)),
+        );
+        out.extend(
+            self.goto
+                .valid_refresh_token(&self.client_id)
+                .map(|t| ("refresh token", t)),
+        );
+        out
+    }
+
+    pub fn assert_no_secret_material(&self, text: &str) {
+        for (what, value) in self.secret_material() {
+            assert!(!text.contains(&value), "{what} leaked");
+        }
+    }
+
+    /// Options for an in-process operator on `cluster`'s namespace that talks to this provider.
+    pub fn operator_options(&self, cluster: &Cluster, clock: Clock) -> Options {
+        Options {
+            clock,
+            ..Options::new(
+                &cluster.namespace,
+                &self.goto.authorize_url(),
+                &self.goto.token_url(),
+            )
+        }
+    }
+}
+
+/// A loopback listener for an in-process operator and the callback URL it serves (to register
+/// at the provider before the operator starts).
+pub async fn bind_callback() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let callback = format!(
+        "http://{}/callback",
+        listener.local_addr().expect("local addr")
+    );
+    (listener, callback)
+}
+
+/// A Secret's value as text; `None` when the key is missing or the value is not UTF-8.
+pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    let data = secret.data.as_ref()?;
+    String::from_utf8(data.get(key)?.0.clone()).ok()
+}
+
+/// A Secret's value as text; panics naming the key when it is missing or not UTF-8.
+pub fn secret_field(secret: &Secret, key: &str) -> String {
+    secret_text(secret, key).unwrap_or_else(|| panic!("token Secret lacks {key} (or not UTF-8)"))
+}
+
+/// The real operator binary (leader election off) with its callback registered at the fake
+/// GoTo, and the registered client's secret in the Secret `creds`.
+pub struct Stack {
+    pub cluster: Cluster,
+    pub provider: Provider,
+    pub op: Operator,
+    /// The operator's callback URL, as registered at the provider.
+    pub redirect_uri: String,
+}
+
+impl Stack {
+    pub async fn start(extra: &[&str]) -> Stack {
+        let cluster = Cluster::start().await;
+        let port = free_port();
+        let redirect_uri = format!("http://127.0.0.1:{port}/callback");
+        let provider = Provider::start(FakeGoToConfig::default(), &redirect_uri).await;
+        let mut args = vec!["--leader-election=false"];
+        args.extend_from_slice(extra);
+        let op = Operator::start_on(&cluster, &provider, port, &args).await;
+        cluster
+            .create_client_secret("creds", &provider.client_secret)
+            .await;
+        Stack {
+            cluster,
+            provider,
+            op,
+            redirect_uri,
+        }
+    }
+
+    /// Creates a client from [`Provider::spec`] with `extra`; returns its authorization link.
+    pub async fn client(&self, name: &str, extra: serde_json::Value) -> String {
+        self.cluster
+            .create_client(name, self.provider.spec(extra))
+            .await;
+        self.cluster.authorization_link(name).await
     }
 }
 
