@@ -81,6 +81,9 @@ struct ClientMemory {
     /// The refresh-requested annotation value already acted on. The status says the same once
     /// written, but a reconcile can run on a cached object before that status write shows up.
     handled_refresh_request: Option<String>,
+    /// The resourceVersion of this replica's last status write: a cached object older than
+    /// that is about to be replaced by the watch, and writing from it would only conflict.
+    written_resource_version: Option<u64>,
     /// Consecutive reconcile errors, for `error_policy`'s backoff.
     reconcile_errors: u32,
 }
@@ -163,6 +166,12 @@ impl Context {
             }
         }
     }
+}
+
+/// The resourceVersion as a number. Kubernetes calls it opaque, but every API server in use
+/// (etcd-backed) hands out increasing integers; anything else simply disables the comparison.
+fn resource_version_number(obj: &GoToOAuthClient) -> Option<u64> {
+    obj.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 /// Names of an object the API server always sets.
@@ -319,12 +328,15 @@ pub async fn apply_status(
         "metadata": { "name": keys.name, "resourceVersion": obj.resource_version() },
         "status": status,
     });
-    api.patch_status(
-        &keys.name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &keys.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    let version = resource_version_number(&written);
+    ctx.with_memory(&keys.uid, |m| m.written_resource_version = version);
 
     let now = ctx.clock.now();
     let desired = conditions::desired_conditions(observation, now);
@@ -515,9 +527,21 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
         ctx.metrics.forget_client(&keys.namespace, &keys.name);
         return Ok(Action::await_change());
     }
-    ctx.with_memory(&keys.uid, |m| {
+    let written = ctx.with_memory(&keys.uid, |m| {
         m.owner = Some((keys.namespace.clone(), keys.name.clone()));
+        m.written_resource_version
     });
+    if let (Some(seen), Some(written)) = (resource_version_number(obj), written)
+        && seen < written
+    {
+        // Triggered (say, by our own Secret write) before the watch delivered our own status
+        // write: the newer object is on its way and reconciles then.
+        debug!(
+            seen,
+            written, "cached object predates our last write; waiting for the watch"
+        );
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     let now = ctx.clock.now();
     let status = obj.status.clone().unwrap_or_default();
     let annotations = obj.annotations();
@@ -1048,7 +1072,10 @@ pub async fn run(
                     ),
                     None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
                 };
-            let controller = Controller::new(clients, watcher::Config::default());
+            // Bounded concurrency: a thousand clients reconciled at once would each hold an API
+            // connection (and its memory) for nothing; refreshes are rate-limited anyway.
+            let controller = Controller::new(clients, watcher::Config::default())
+                .with_config(kube::runtime::controller::Config::default().concurrency(16));
             let store = controller.store();
             // Metadata only: the controller needs to know that a Secret changed, not its data.
             let secret_events = watcher(secrets, watcher::Config::default())
