@@ -1074,9 +1074,16 @@ pub async fn run(
                 };
             // Bounded concurrency: a thousand clients reconciled at once would each hold an API
             // connection (and its memory) for nothing; refreshes are rate-limited anyway.
-            let controller = Controller::new(clients, watcher::Config::default())
+            // The cache keeps every client; managedFields are most of each object's size and
+            // the operator never reads them.
+            let (store, writer) = kube::runtime::reflector::store();
+            let client_events = watcher(clients, watcher::Config::default())
+                .default_backoff()
+                .modify(|client: &mut GoToOAuthClient| client.managed_fields_mut().clear())
+                .reflect(writer)
+                .touched_objects();
+            let controller = Controller::for_stream(client_events, store.clone())
                 .with_config(kube::runtime::controller::Config::default().concurrency(16));
-            let store = controller.store();
             // Metadata only: the controller needs to know that a Secret changed, not its data.
             let secret_events = watcher(secrets, watcher::Config::default())
                 .default_backoff()
