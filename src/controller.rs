@@ -59,6 +59,35 @@ pub struct Settings {
     pub namespaces: Vec<String>,
     /// Identity used in Events.
     pub reporter_instance: Option<String>,
+    /// With leader election: the Lease that must be held, and valid, when a refresh is sent.
+    pub lease: Option<LeaseHolder>,
+}
+
+/// The Lease a leader holds, as checked before every refresh.
+#[derive(Clone, Debug)]
+pub struct LeaseHolder {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+}
+
+/// Whether the Lease is held by this replica and not expired. The leader-election task only
+/// learns of a lost Lease when a renewal fails; a refresh must never rely on that, because
+/// two replicas refreshing the same token at once can lose a rotated refresh token.
+async fn holds_lease(ctx: &Context, lease: &LeaseHolder) -> Result<bool> {
+    let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(ctx.client.clone(), &lease.namespace);
+    let Some(current) = api.get_opt(&lease.name).await? else {
+        return Ok(false);
+    };
+    let Some(spec) = current.spec else {
+        return Ok(false);
+    };
+    let ours = spec.holder_identity.as_deref() == Some(lease.identity.as_str());
+    let valid_until = spec.renew_time.map(|t| {
+        t.0 + jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)))
+    });
+    Ok(ours && valid_until.is_some_and(|until| until > Timestamp::now()))
 }
 
 /// What one replica remembers about a client between reconciles. It is what lets the operator
@@ -691,6 +720,11 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
                                     &keys.uid,
                                 );
                             }
+                            RefreshOutcome::NotLeader => {
+                                // The controller stops as soon as the loss is noticed; until
+                                // then, look again shortly.
+                                when = now + jiff::SignedDuration::from_secs(2);
+                            }
                             RefreshOutcome::Failed { message, retry_at } => {
                                 refresh_failure = Some(message);
                                 when = retry_at;
@@ -870,6 +904,8 @@ enum RefreshOutcome {
     Rejected {
         message: String,
     },
+    /// This replica no longer holds the Lease: nothing was sent.
+    NotLeader,
 }
 
 /// One refresh: rate-limited, bounded in concurrency, and storing a rotated refresh token
@@ -889,6 +925,12 @@ async fn refresh_once(
         .await
         .map_err(|_| Error::TokensUnstored("shutting down".into()))?;
     ctx.limiter.acquire().await;
+    if let Some(lease) = &ctx.settings.lease
+        && !holds_lease(ctx, lease).await?
+    {
+        warn!("not holding the leader Lease; refresh not sent");
+        return Ok(RefreshOutcome::NotLeader);
+    }
     let started = std::time::Instant::now();
     let response = ctx
         .token_client

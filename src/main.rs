@@ -5,7 +5,7 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use clap::Parser;
 use goto_oauth_operator::{
     cli::{Cli, Command, RunArgs},
-    controller::{Context, Settings},
+    controller::{Context, LeaseHolder, Settings},
     leader, metrics,
     refresh::Clock,
     resource, state, telemetry,
@@ -78,6 +78,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
         token_timeout: args.token_timeout,
         namespaces: args.namespaces.clone(),
         reporter_instance: Some(identity.clone()),
+        lease: args.leader_election.then(|| LeaseHolder {
+            namespace: args.operator_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+        }),
     };
     let ctx = Context::new(
         client.clone(),

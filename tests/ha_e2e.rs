@@ -585,3 +585,36 @@ async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     );
     ha.replicas[follower].op.take().unwrap().stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_lease_sends_no_refresh() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    let ha = start().await;
+    let (leader, _) = ha.roles().await;
+    ha.authorize("solo", leader).await;
+    // Another holder took the Lease (as after a partition) before the leader's election task
+    // noticed: the leader must check the Lease itself before spending the refresh token.
+    let leases: kube::Api<Lease> =
+        kube::Api::namespaced(ha.cluster.client.clone(), &ha.cluster.namespace);
+    let mut lease = leases.get("goto-oauth-operator").await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("replica-elsewhere".into());
+    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+    spec.lease_duration_seconds = Some(30);
+    leases
+        .replace("goto-oauth-operator", &Default::default(), &lease)
+        .await
+        .unwrap();
+    let before = ha.expires_at("solo").await;
+    ha.clock.advance(Duration::from_secs(45 * 60));
+    holds_for(
+        "no refresh while another replica holds the Lease",
+        Duration::from_secs(3),
+        || async { ha.provider.refresh_requests() == 0 },
+    )
+    .await;
+    assert_eq!(ha.expires_at("solo").await, before);
+    ha.stop_all().await;
+}

@@ -90,6 +90,14 @@ impl InProcessOperator {
             token_timeout: options.token_timeout,
             namespaces: options.namespaces.clone(),
             reporter_instance: options.leader_identity.clone(),
+            lease: options
+                .leader_identity
+                .clone()
+                .map(|identity| crate::controller::LeaseHolder {
+                    namespace: options.operator_namespace.clone(),
+                    name: "goto-oauth-operator".into(),
+                    identity,
+                }),
         };
         let ctx = Context::new(
             client.clone(),
