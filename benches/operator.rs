@@ -34,16 +34,14 @@ use goto_oauth_operator::{
     testkit::{
         apiserver::{FakeApiServer, LoggedRequest},
         goto::{ClientRegistration, FakeGoTo, FakeGoToConfig},
+        setup,
     },
     validation::{Defaults, validate},
 };
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::{
-    api::core::v1::{Namespace, Secret},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, Client, CustomResourceExt, ResourceExt,
+    Api, Client, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use secrecy::ExposeSecret;
@@ -204,25 +202,12 @@ async fn setup(n: usize) -> Result<Bench> {
     let client = bench_client(&fake)?;
 
     // The CRD and the namespace, as the e2e harness installs them.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        "gotooauthclients.goto-oauth.dev",
-        &PatchParams::apply("goto-oauth-bench").force(),
-        &Patch::Apply(&GoToOAuthClient::crd()),
-    )
-    .await
-    .context("apply the CRD")?;
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+    setup::install_crd(&client, "goto-oauth-bench", Duration::from_secs(30))
         .await
-        .context("create the namespace")?;
+        .map_err(|e| anyhow!(e))?;
+    setup::create_namespace(&client, NAMESPACE)
+        .await
+        .map_err(|e| anyhow!(e))?;
 
     let goto = FakeGoTo::start(FakeGoToConfig::default()).await;
     // Set-up talks to the provider directly and must not wait on GoTo's limit.

@@ -22,17 +22,14 @@ use goto_oauth_operator::{
     testkit::{
         apiserver::FakeApiServer,
         goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig, sample_client_secret},
+        setup,
     },
 };
 use jiff::Timestamp;
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::{Namespace, Secret},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
-    Api, Client, CustomResourceExt,
-    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    Api, Client,
+    api::{ObjectMeta, PostParams},
 };
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -358,41 +355,15 @@ fn info(message: impl AsRef<str>) {
 }
 
 async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = GoToOAuthClient::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(
-        &name,
-        &PatchParams::apply("goto-oauth-demo").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .with_context(|| format!("apply CRD {name}"))?;
-    let api: Api<GoToOAuthClient> = Api::all(client.clone());
-    let deadline = Instant::now() + STEP_DEADLINE;
-    loop {
-        match api.list(&Default::default()).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(anyhow!(e).context(format!("CRD {name} not served")));
-            }
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
-    }
+    setup::install_crd(client, "goto-oauth-demo", STEP_DEADLINE)
+        .await
+        .map_err(|e| anyhow!(e))
 }
 
 async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Result<()> {
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+    setup::create_namespace(client, NAMESPACE)
         .await
-        .with_context(|| format!("create namespace {NAMESPACE}"))?;
+        .map_err(|e| anyhow!(e))?;
 
     // `kubectl create secret generic goto-credentials --from-literal=clientSecret=...`
     let credentials = Secret {

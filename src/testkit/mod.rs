@@ -5,3 +5,4 @@
 pub mod apiserver;
 pub mod goto;
 pub mod operator;
+pub mod setup;

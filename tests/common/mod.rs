@@ -24,16 +24,11 @@ use goto_oauth_operator::{
         apiserver::FakeApiServer,
         goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig},
         operator::Options,
+        setup,
     },
 };
-use k8s_openapi::{
-    api::core::v1::{Namespace, Secret},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
-use kube::{
-    Api, Client, CustomResourceExt,
-    api::{Patch, PatchParams, PostParams},
-};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, api::PostParams};
 use tokio::{io::AsyncBufReadExt, process::Child};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -116,36 +111,13 @@ impl Cluster {
             namespace,
             _dir: dir,
         };
-        cluster.install_crd().await;
-        let ns = Namespace {
-            metadata: kube::api::ObjectMeta {
-                name: Some(cluster.namespace.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(cluster.client.clone())
-            .create(&PostParams::default(), &ns)
+        setup::install_crd(&cluster.client, "e2e-tests", DEADLINE)
             .await
-            .expect("create namespace");
+            .expect("CRD installed");
+        setup::create_namespace(&cluster.client, &cluster.namespace)
+            .await
+            .expect("namespace created");
         cluster
-    }
-
-    async fn install_crd(&self) {
-        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        let crd = GoToOAuthClient::crd();
-        crds.patch(
-            "gotooauthclients.goto-oauth.dev",
-            &PatchParams::apply("e2e-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
-        eventually("CRD established", || async {
-            let api: Api<GoToOAuthClient> = Api::all(self.client.clone());
-            api.list(&Default::default()).await.ok().map(|_| ())
-        })
-        .await;
     }
 
     pub fn clients(&self) -> Api<GoToOAuthClient> {

@@ -239,6 +239,8 @@ pub(crate) enum GcJob {
 }
 
 type Key = (String, String);
+/// A dependent object: (storage, namespace, name).
+type Dependent = (String, String, String);
 
 /// Per-request facts the write paths need.
 pub(crate) struct Ctx {
@@ -1904,6 +1906,18 @@ impl Store {
         }
     }
 
+    /// An object's uid and the objects whose ownerReferences name it, or `None` when it is gone.
+    fn dependents_of(&self, storage: &str, key: &Key) -> Option<(String, Vec<Dependent>)> {
+        let object = self.objects.get(storage)?.get(key)?;
+        let uid = meta_str(object, "uid")?.to_owned();
+        let dependents = self
+            .owners
+            .get(&uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        Some((uid, dependents))
+    }
+
     /// Delete an object on behalf of the GC (background propagation; finalizers respected).
     fn gc_delete(&mut self, storage: &str, key: &Key, now: &str) {
         let Some(def) = self.def_for_storage(storage) else {
@@ -1951,18 +1965,7 @@ impl Store {
             }
             GcJob::Foreground(storage, ns, name) => {
                 let key = (ns, name);
-                let uid = self
-                    .objects
-                    .get(&storage)
-                    .and_then(|m| m.get(&key))
-                    .and_then(|o| meta_str(o, "uid"))
-                    .map(str::to_owned);
-                if let Some(uid) = uid {
-                    let dependents: Vec<_> = self
-                        .owners
-                        .get(&uid)
-                        .map(|s| s.iter().cloned().collect())
-                        .unwrap_or_default();
+                if let Some((_, dependents)) = self.dependents_of(&storage, &key) {
                     for (s, n, nm) in dependents {
                         self.gc_delete(&s, &(n, nm), now);
                     }
@@ -1971,18 +1974,7 @@ impl Store {
             }
             GcJob::Orphan(storage, ns, name) => {
                 let key = (ns, name);
-                let uid = self
-                    .objects
-                    .get(&storage)
-                    .and_then(|m| m.get(&key))
-                    .and_then(|o| meta_str(o, "uid"))
-                    .map(str::to_owned);
-                if let Some(uid) = uid {
-                    let dependents: Vec<_> = self
-                        .owners
-                        .get(&uid)
-                        .map(|s| s.iter().cloned().collect())
-                        .unwrap_or_default();
+                if let Some((uid, dependents)) = self.dependents_of(&storage, &key) {
                     for (s, n, nm) in dependents {
                         let k = (n, nm);
                         let Some(old) = self.objects.get(&s).and_then(|m| m.get(&k)).cloned()
