@@ -220,11 +220,15 @@ pub fn merge_conditions(
 }
 
 /// Whether a condition moved to another status or reason: the moments worth an Event.
-pub fn changed(existing: &[Condition], desired: &DesiredCondition) -> bool {
-    match existing.iter().find(|c| c.type_ == desired.type_) {
-        Some(c) => c.status != desired.status || c.reason != desired.reason,
-        None => true,
-    }
+/// The first condition of `after` (in its order: `Ready` before `Authorized`) whose status or
+/// reason differs from `before`: the change an Event reports, one per write.
+pub fn transition<'a>(before: &[Condition], after: &'a [Condition]) -> Option<&'a Condition> {
+    after.iter().find(|c| {
+        before
+            .iter()
+            .find(|b| b.type_ == c.type_)
+            .is_none_or(|b| b.status != c.status || b.reason != c.reason)
+    })
 }
 
 #[cfg(test)]
@@ -352,7 +356,10 @@ mod tests {
         let moved = merge_conditions(&first, &desired_conditions(&o2, later), Some(2), later);
         assert_eq!(moved[0].last_transition_time.0, later);
         assert_eq!(moved[0].observed_generation, Some(2));
-        assert!(changed(&first, &desired_conditions(&o2, later)[0]));
-        assert!(!changed(&first, &desired_conditions(&o, later)[0]));
+        assert_eq!(
+            transition(&first, &moved).map(|c| c.type_.as_str()),
+            Some(READY)
+        );
+        assert_eq!(transition(&first, &same), None);
     }
 }

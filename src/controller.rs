@@ -344,57 +344,32 @@ pub async fn apply_status(
     obj: &GoToOAuthClient,
     keys: &ObjectKeys,
     status: GoToOAuthClientStatus,
-    observation: &Observation,
 ) -> Result<bool> {
     let current = obj.status.clone().unwrap_or_default();
     if current == status {
         return Ok(false);
     }
-    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
-    let patch = serde_json::json!({
-        "apiVersion": GoToOAuthClient::api_version(&()),
-        "kind": GoToOAuthClient::kind(&()),
-        "metadata": { "name": keys.name, "resourceVersion": obj.resource_version() },
-        "status": status,
-    });
-    let written = api
-        .patch_status(
-            &keys.name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+    let written = write_status(ctx, keys, obj.resource_version(), &status).await?;
     let version = resource_version_number(&written);
     ctx.with_memory(&keys.uid, |m| m.written_resource_version = version);
 
-    let now = ctx.clock.now();
-    let desired = conditions::desired_conditions(observation, now);
-    let [ready, authorized] = &desired;
-    let worth_an_event = if conditions::changed(&current.conditions, ready) {
-        Some(ready)
-    } else if conditions::changed(&current.conditions, authorized) {
-        Some(authorized)
-    } else {
-        None
-    };
-    if let Some(condition) = worth_an_event {
-        publish(
-            ctx,
-            obj,
-            condition.reason,
-            &condition.message,
-            matches!(
-                condition.reason,
-                reason::AUTHORIZED | reason::AWAITING_AUTHORIZATION
-            ),
-        )
-        .await;
+    // Events and metrics follow the conditions as written.
+    if let Some(condition) = conditions::transition(&current.conditions, &status.conditions) {
+        let normal = matches!(
+            condition.reason.as_str(),
+            reason::AUTHORIZED | reason::AWAITING_AUTHORIZATION
+        );
+        publish(ctx, obj, &condition.reason, &condition.message, normal).await;
     }
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.status == "True");
     let labels = Metrics::client(&keys.namespace, &keys.name);
     ctx.metrics
         .client_ready
         .get_or_create(&labels)
-        .set(i64::from(ready.status == "True"));
+        .set(i64::from(ready));
     match &status.access_token_expires_at {
         Some(t) => {
             ctx.metrics
@@ -776,7 +751,7 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
     let inputs = StatusInputs {
         obj,
         keys: &keys,
-        observation: observation.clone(),
+        observation,
         tokens: tokens.as_ref(),
         next_refresh,
         link_token,
@@ -787,7 +762,7 @@ async fn reconcile_inner(obj: &GoToOAuthClient, ctx: &Context) -> Result<Action>
         rejected_authorization,
     };
     let desired = desired_status(&inputs, &ctx.settings.defaults, now);
-    let wrote = match apply_status(ctx, obj, &keys, desired.clone(), &observation).await {
+    let wrote = match apply_status(ctx, obj, &keys, desired.clone()).await {
         Ok(wrote) => wrote,
         // The object changed since this reconcile read it (a callback, a spec edit): the watch
         // delivers the newer version and the next reconcile writes from it.
@@ -1272,31 +1247,23 @@ pub async fn record_consent_failure(
     if !has_tokens {
         let mut status = obj.status.clone().unwrap_or_default();
         let now = ctx.clock.now();
-        let desired = conditions::DesiredCondition {
+        let authorized = conditions::DesiredCondition {
             type_: conditions::AUTHORIZED,
             status: "False",
             reason: failure_reason,
             message: message.to_string(),
         };
-        let mut merged = conditions::merge_conditions(
+        // Ready mirrors the failure while nothing is stored; same order as the controller's.
+        let ready = conditions::DesiredCondition {
+            type_: conditions::READY,
+            ..authorized.clone()
+        };
+        status.conditions = conditions::merge_conditions(
             &status.conditions,
-            std::slice::from_ref(&desired),
+            &[ready, authorized],
             obj.metadata.generation,
             now,
         );
-        // Ready mirrors the failure while nothing is stored.
-        let ready = conditions::DesiredCondition {
-            type_: conditions::READY,
-            ..desired.clone()
-        };
-        merged.extend(conditions::merge_conditions(
-            &status.conditions,
-            &[ready],
-            obj.metadata.generation,
-            now,
-        ));
-        merged.sort_by(|a, b| b.type_.cmp(&a.type_));
-        status.conditions = merged;
         match write_status(ctx, keys, obj.resource_version(), &status).await {
             Ok(_) => {}
             Err(e) if e.is_conflict() => {}
@@ -1370,7 +1337,7 @@ pub async fn complete_authorization(
         let inputs = StatusInputs {
             obj: &latest,
             keys,
-            observation: observation.clone(),
+            observation,
             tokens: Some(&tokens),
             next_refresh: Some(refresh::next_refresh_at(
                 &tokens,
@@ -1386,7 +1353,7 @@ pub async fn complete_authorization(
             rejected_authorization: None,
         };
         let desired = desired_status(&inputs, &ctx.settings.defaults, now);
-        match apply_status(ctx, &latest, keys, desired, &observation).await {
+        match apply_status(ctx, &latest, keys, desired).await {
             Ok(_) => break,
             Err(e) if e.is_conflict() => continue,
             Err(e) => {
