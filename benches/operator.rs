@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::{StreamExt, TryStreamExt, stream};
 use goto_oauth_operator::{
-    oauth::{TokenResponse, basic_authorization},
+    goto::protocol::{TokenResponse, basic_authorization},
     resource::{GoToOAuthClient, MANAGER},
     secret::{ACCESS_TOKEN_KEY, StoredTokens, desired_secret},
     testkit::{

@@ -9,36 +9,146 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use crate::{
+    resource::{AuthorizationPhase, AuthorizationReason, AuthorizationStatus},
+    validation::InvalidSpec,
+};
+
 pub const READY: &str = "Ready";
 pub const AUTHORIZED: &str = "Authorized";
 
 /// Machine-readable condition reasons (CamelCase, stable: automation may match on them).
-pub mod reason {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
     /// Everything works: a valid token is stored and refreshes are on schedule.
-    pub const AUTHORIZED: &str = "Authorized";
+    Authorized,
     /// No consent yet: send `status.authorizationUrl` to a GoTo admin.
-    pub const AWAITING_AUTHORIZATION: &str = "AwaitingAuthorization";
+    AwaitingAuthorization,
     /// The spec cannot work as written.
-    pub const INVALID_SPEC: &str = "InvalidSpec";
+    InvalidSpec,
     /// The client-secret Secret or its key is missing.
-    pub const CLIENT_SECRET_MISSING: &str = "ClientSecretMissing";
+    ClientSecretMissing,
     /// The target Secret exists and belongs to someone else.
-    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    SecretConflict,
     /// Refreshing fails transiently; the operator retries with backoff.
-    pub const REFRESH_FAILING: &str = "RefreshFailing";
+    RefreshFailing,
     /// The refresh token was rejected, or the client changed: a new consent is needed.
-    pub const REAUTHORIZATION_REQUIRED: &str = "ReauthorizationRequired";
+    ReauthorizationRequired,
     /// The access token expired and could not be refreshed.
-    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    TokenExpired,
     /// The GoTo admin clicked Deny.
-    pub const ACCESS_DENIED: &str = "AccessDenied";
+    AccessDenied,
     /// The consent or the code exchange failed; the admin can open the link again.
-    pub const AUTHORIZATION_FAILED: &str = "AuthorizationFailed";
+    AuthorizationFailed,
 }
 
-/// Reasons for a failed consent attempt: they stay on `Authorized` until the next attempt.
-pub const CONSENT_FAILURE_REASONS: [&str; 2] =
-    [reason::ACCESS_DENIED, reason::AUTHORIZATION_FAILED];
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::Authorized,
+        Reason::AwaitingAuthorization,
+        Reason::InvalidSpec,
+        Reason::ClientSecretMissing,
+        Reason::SecretConflict,
+        Reason::RefreshFailing,
+        Reason::ReauthorizationRequired,
+        Reason::TokenExpired,
+        Reason::AccessDenied,
+        Reason::AuthorizationFailed,
+    ];
+
+    /// The reason a written condition carries, if it is one of ours.
+    pub fn parse(written: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == written)
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Authorized => "Authorized",
+            Reason::AwaitingAuthorization => "AwaitingAuthorization",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::ClientSecretMissing => "ClientSecretMissing",
+            Reason::SecretConflict => "SecretConflict",
+            Reason::RefreshFailing => "RefreshFailing",
+            Reason::ReauthorizationRequired => "ReauthorizationRequired",
+            Reason::TokenExpired => "TokenExpired",
+            Reason::AccessDenied => "AccessDenied",
+            Reason::AuthorizationFailed => "AuthorizationFailed",
+        }
+    }
+
+    /// Whether an Event about this reason is `Normal` (otherwise `Warning`).
+    pub fn is_normal(self) -> bool {
+        matches!(self, Reason::Authorized | Reason::AwaitingAuthorization)
+    }
+}
+
+/// The reasons as strings, for code that compares with a written condition (tests, tools).
+pub mod reason {
+    use super::Reason;
+    pub const AUTHORIZED: &str = Reason::Authorized.as_str();
+    pub const AWAITING_AUTHORIZATION: &str = Reason::AwaitingAuthorization.as_str();
+    pub const INVALID_SPEC: &str = Reason::InvalidSpec.as_str();
+    pub const CLIENT_SECRET_MISSING: &str = Reason::ClientSecretMissing.as_str();
+    pub const SECRET_CONFLICT: &str = Reason::SecretConflict.as_str();
+    pub const REFRESH_FAILING: &str = Reason::RefreshFailing.as_str();
+    pub const REAUTHORIZATION_REQUIRED: &str = Reason::ReauthorizationRequired.as_str();
+    pub const TOKEN_EXPIRED: &str = Reason::TokenExpired.as_str();
+    pub const ACCESS_DENIED: &str = Reason::AccessDenied.as_str();
+    pub const AUTHORIZATION_FAILED: &str = Reason::AuthorizationFailed.as_str();
+}
+
+/// How a consent attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsentFailure {
+    /// The GoTo admin clicked Deny.
+    AccessDenied,
+    /// Anything else: GoTo's error, the code exchange, storing the tokens.
+    AuthorizationFailed,
+}
+
+impl ConsentFailure {
+    pub fn reason(self) -> Reason {
+        match self {
+            ConsentFailure::AccessDenied => Reason::AccessDenied,
+            ConsentFailure::AuthorizationFailed => Reason::AuthorizationFailed,
+        }
+    }
+}
+
+/// Why a new consent is needed although tokens are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reauthorization {
+    /// GoTo rejected the refresh token; `error` is the token endpoint's sanitized answer.
+    RefreshTokenRejected { error: Option<String> },
+    /// The spec names another client id or token endpoint than the tokens were issued to.
+    ClientChanged {
+        issued_client_id: String,
+        issued_token_url: String,
+        client_id: String,
+        token_url: String,
+    },
+}
+
+impl Reauthorization {
+    fn message(&self) -> String {
+        match self {
+            Reauthorization::RefreshTokenRejected { error: Some(e) } => {
+                format!("GoTo rejected the refresh token ({e})")
+            }
+            Reauthorization::RefreshTokenRejected { error: None } => {
+                "GoTo rejected the refresh token".into()
+            }
+            Reauthorization::ClientChanged {
+                issued_client_id,
+                issued_token_url,
+                client_id,
+                token_url,
+            } => format!(
+                "the stored tokens were issued to client {issued_client_id} at {issued_token_url}; the spec now names client {client_id} at {token_url}"
+            ),
+        }
+    }
+}
 
 /// Where the client stands with GoTo.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,13 +157,119 @@ pub enum Authorization {
     Authorized { principal: Option<String> },
     /// No consent yet.
     Awaiting,
-    /// The last consent attempt failed (reason is one of [`CONSENT_FAILURE_REASONS`]).
-    Failed {
-        reason: &'static str,
+    /// The last consent attempt failed and no tokens are stored.
+    ConsentFailed {
+        failure: ConsentFailure,
         message: String,
     },
-    /// A new consent is needed (refresh token rejected, or client id / endpoint changed).
-    ReauthorizationRequired { message: String },
+    /// A new consent is needed.
+    ReauthorizationRequired(Reauthorization),
+}
+
+impl Authorization {
+    /// The machine-readable form written to `status.authorization`.
+    pub fn to_status(&self) -> AuthorizationStatus {
+        let (phase, reason, message) = match self {
+            Authorization::Authorized { .. } => (AuthorizationPhase::Authorized, None, None),
+            Authorization::Awaiting => (AuthorizationPhase::AwaitingAuthorization, None, None),
+            Authorization::ConsentFailed { failure, message } => (
+                AuthorizationPhase::ConsentFailed,
+                Some(match failure {
+                    ConsentFailure::AccessDenied => AuthorizationReason::AccessDenied,
+                    ConsentFailure::AuthorizationFailed => AuthorizationReason::AuthorizationFailed,
+                }),
+                Some(message.clone()),
+            ),
+            Authorization::ReauthorizationRequired(why) => (
+                AuthorizationPhase::ReauthorizationRequired,
+                Some(match why {
+                    Reauthorization::RefreshTokenRejected { .. } => {
+                        AuthorizationReason::RefreshTokenRejected
+                    }
+                    Reauthorization::ClientChanged { .. } => AuthorizationReason::ClientChanged,
+                }),
+                Some(why.message()),
+            ),
+        };
+        AuthorizationStatus {
+            phase,
+            reason,
+            message,
+        }
+    }
+
+    /// The consent failure a status records, if any (it stands until tokens are stored).
+    pub fn consent_failure(status: Option<&AuthorizationStatus>) -> Option<Authorization> {
+        let status = status.filter(|s| s.phase == AuthorizationPhase::ConsentFailed)?;
+        let failure = match status.reason {
+            Some(AuthorizationReason::AccessDenied) => ConsentFailure::AccessDenied,
+            _ => ConsentFailure::AuthorizationFailed,
+        };
+        Some(Authorization::ConsentFailed {
+            failure,
+            message: status.message.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The rejection a status records, with the token endpoint's error when it was recorded.
+    pub fn recorded_rejection(status: Option<&AuthorizationStatus>) -> Reauthorization {
+        let error = status
+            .filter(|s| s.reason == Some(AuthorizationReason::RefreshTokenRejected))
+            .and_then(|s| s.message.as_deref())
+            .and_then(|m| m.strip_prefix("GoTo rejected the refresh token ("))
+            .and_then(|m| m.strip_suffix(')'))
+            .map(str::to_string);
+        Reauthorization::RefreshTokenRejected { error }
+    }
+
+    pub fn is_authorized(&self) -> bool {
+        matches!(self, Authorization::Authorized { .. })
+    }
+}
+
+/// Why the client secret cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientSecretProblem {
+    #[error("Secret {namespace}/{name} (spec.clientSecretRef.name) not found")]
+    SecretNotFound { namespace: String, name: String },
+    #[error("Secret {namespace}/{name} has no non-empty key {key:?} (spec.clientSecretRef.key)")]
+    KeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+}
+
+/// A problem that stops the operator from acting for a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocker {
+    InvalidSpec(InvalidSpec),
+    ClientSecretMissing(ClientSecretProblem),
+    /// The target Secret exists and is not owned by this client.
+    SecretConflict {
+        namespace: String,
+        name: String,
+    },
+}
+
+impl Blocker {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Blocker::InvalidSpec(_) => Reason::InvalidSpec,
+            Blocker::ClientSecretMissing(_) => Reason::ClientSecretMissing,
+            Blocker::SecretConflict { .. } => Reason::SecretConflict,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Blocker::InvalidSpec(e) => e.to_string(),
+            Blocker::ClientSecretMissing(e) => e.to_string(),
+            Blocker::SecretConflict { namespace, name } => format!(
+                "Secret {namespace}/{name} exists and is not owned by this GoToOAuthClient; delete it or choose another spec.secretName"
+            ),
+        }
+    }
 }
 
 /// The tokens currently stored, as far as conditions care.
@@ -65,8 +281,8 @@ pub struct TokenFacts {
 /// Everything the conditions depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observation {
-    /// A problem that stops the operator from acting (reason, message).
-    pub blocker: Option<(&'static str, String)>,
+    /// A problem that stops the operator from acting.
+    pub blocker: Option<Blocker>,
     pub tokens: Option<TokenFacts>,
     pub authorization: Authorization,
     /// The last refresh failed transiently with this message.
@@ -78,11 +294,11 @@ pub struct Observation {
 pub struct DesiredCondition {
     pub type_: &'static str,
     pub status: &'static str,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
-fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) -> DesiredCondition {
+fn cond(type_: &'static str, ok: bool, reason: Reason, message: String) -> DesiredCondition {
     DesiredCondition {
         type_,
         status: if ok { "True" } else { "False" },
@@ -105,35 +321,34 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
     };
 
     let ready = match (&obs.blocker, valid_until, &obs.authorization) {
-        (Some((reason, message)), Some(t), _) => cond(
+        (Some(blocker), Some(t), _) => cond(
             READY,
             true,
-            reason,
-            format!("{message}; {} but will not be refreshed", until(t)),
+            blocker.reason(),
+            format!(
+                "{}; {} but will not be refreshed",
+                blocker.message(),
+                until(t)
+            ),
         ),
-        (Some((reason, message)), None, _) => cond(READY, false, reason, message.clone()),
-        (None, valid, Authorization::ReauthorizationRequired { message }) => match valid {
+        (Some(blocker), None, _) => cond(READY, false, blocker.reason(), blocker.message()),
+        (None, valid, Authorization::ReauthorizationRequired(why)) => match valid {
             Some(t) => cond(
                 READY,
                 true,
-                reason::REAUTHORIZATION_REQUIRED,
-                format!("{message}; {}", until(t)),
+                Reason::ReauthorizationRequired,
+                format!("{}; {}", why.message(), until(t)),
             ),
-            None => cond(
-                READY,
-                false,
-                reason::REAUTHORIZATION_REQUIRED,
-                message.clone(),
-            ),
+            None => cond(READY, false, Reason::ReauthorizationRequired, why.message()),
         },
         (None, _, _) if obs.tokens.is_none() => match &obs.authorization {
-            Authorization::Failed { reason, message } => {
-                cond(READY, false, reason, message.clone())
+            Authorization::ConsentFailed { failure, message } => {
+                cond(READY, false, failure.reason(), message.clone())
             }
             _ => cond(
                 READY,
                 false,
-                reason::AWAITING_AUTHORIZATION,
+                Reason::AwaitingAuthorization,
                 "waiting for a GoTo admin to open status.authorizationUrl and click Allow".into(),
             ),
         },
@@ -141,22 +356,22 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
             Some(failure) => cond(
                 READY,
                 true,
-                reason::REFRESH_FAILING,
+                Reason::RefreshFailing,
                 format!("refresh failing ({failure}), retrying; {}", until(t)),
             ),
-            None => cond(READY, true, reason::AUTHORIZED, until(t)),
+            None => cond(READY, true, Reason::Authorized, until(t)),
         },
         (None, None, _) => match &obs.refresh_failure {
             Some(failure) => cond(
                 READY,
                 false,
-                reason::REFRESH_FAILING,
+                Reason::RefreshFailing,
                 format!("the access token expired and refreshing fails ({failure}); retrying"),
             ),
             None => cond(
                 READY,
                 false,
-                reason::TOKEN_EXPIRED,
+                Reason::TokenExpired,
                 "the access token expired; refreshing".into(),
             ),
         },
@@ -166,7 +381,7 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
         Authorization::Authorized { principal } => cond(
             AUTHORIZED,
             true,
-            reason::AUTHORIZED,
+            Reason::Authorized,
             match principal {
                 Some(p) => format!("authorized by GoTo account {p}"),
                 None => "authorized at GoTo".into(),
@@ -175,17 +390,20 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
         Authorization::Awaiting => cond(
             AUTHORIZED,
             false,
-            reason::AWAITING_AUTHORIZATION,
+            Reason::AwaitingAuthorization,
             "no GoTo consent yet: send status.authorizationUrl to a GoTo admin".into(),
         ),
-        Authorization::Failed { reason, message } => {
-            cond(AUTHORIZED, false, reason, message.clone())
+        Authorization::ConsentFailed { failure, message } => {
+            cond(AUTHORIZED, false, failure.reason(), message.clone())
         }
-        Authorization::ReauthorizationRequired { message } => cond(
+        Authorization::ReauthorizationRequired(why) => cond(
             AUTHORIZED,
             false,
-            reason::REAUTHORIZATION_REQUIRED,
-            format!("{message}; send the new status.authorizationUrl to a GoTo admin"),
+            Reason::ReauthorizationRequired,
+            format!(
+                "{}; send the new status.authorizationUrl to a GoTo admin",
+                why.message()
+            ),
         ),
     };
     [ready, authorized]
@@ -210,7 +428,7 @@ pub fn merge_conditions(
             Condition {
                 type_: d.type_.to_string(),
                 status: d.status.to_string(),
-                reason: d.reason.to_string(),
+                reason: d.reason.as_str().to_string(),
                 message: d.message.clone(),
                 last_transition_time,
                 observed_generation: generation,
@@ -239,13 +457,9 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn obs(
-        blocker: Option<(&'static str, &str)>,
-        expires: Option<&str>,
-        auth: Authorization,
-    ) -> Observation {
+    fn obs(blocker: Option<Blocker>, expires: Option<&str>, auth: Authorization) -> Observation {
         Observation {
-            blocker: blocker.map(|(r, m)| (r, m.to_string())),
+            blocker,
             tokens: expires.map(|e| TokenFacts { expires_at: at(e) }),
             authorization: auth,
             refresh_failure: None,
@@ -258,18 +472,23 @@ mod tests {
     fn missing_client_secret_without_tokens_is_not_ready() {
         let [ready, authorized] = desired_conditions(
             &obs(
-                Some((reason::CLIENT_SECRET_MISSING, "Secret creds not found")),
+                Some(Blocker::ClientSecretMissing(
+                    ClientSecretProblem::SecretNotFound {
+                        namespace: "ns".into(),
+                        name: "creds".into(),
+                    },
+                )),
                 None,
                 Authorization::Awaiting,
             ),
             at(NOW),
         );
         assert_eq!(
-            (ready.status, ready.reason),
+            (ready.status, ready.reason.as_str()),
             ("False", reason::CLIENT_SECRET_MISSING)
         );
         assert_eq!(
-            (authorized.status, authorized.reason),
+            (authorized.status, authorized.reason.as_str()),
             ("False", reason::AWAITING_AUTHORIZATION)
         );
     }
@@ -278,7 +497,7 @@ mod tests {
     fn awaiting_authorization() {
         let [ready, _] = desired_conditions(&obs(None, None, Authorization::Awaiting), at(NOW));
         assert_eq!(
-            (ready.status, ready.reason),
+            (ready.status, ready.reason.as_str()),
             ("False", reason::AWAITING_AUTHORIZATION)
         );
     }
@@ -293,13 +512,13 @@ mod tests {
         o.refresh_failure = Some("server_error".into());
         let [ready, authorized] = desired_conditions(&o, at(NOW));
         assert_eq!(
-            (ready.status, ready.reason),
+            (ready.status, ready.reason.as_str()),
             ("True", reason::REFRESH_FAILING)
         );
         assert_eq!(authorized.status, "True");
         let [ready, _] = desired_conditions(&o, at("2026-11-23T11:00:00Z"));
         assert_eq!(
-            (ready.status, ready.reason),
+            (ready.status, ready.reason.as_str()),
             ("False", reason::REFRESH_FAILING)
         );
     }
@@ -309,17 +528,17 @@ mod tests {
         let o = obs(
             None,
             Some("2026-11-23T10:30:00Z"),
-            Authorization::ReauthorizationRequired {
-                message: "refresh token rejected".into(),
-            },
+            Authorization::ReauthorizationRequired(Reauthorization::RefreshTokenRejected {
+                error: None,
+            }),
         );
         let [ready, authorized] = desired_conditions(&o, at(NOW));
         assert_eq!(
-            (ready.status, ready.reason),
+            (ready.status, ready.reason.as_str()),
             ("True", reason::REAUTHORIZATION_REQUIRED)
         );
         assert_eq!(
-            (authorized.status, authorized.reason),
+            (authorized.status, authorized.reason.as_str()),
             ("False", reason::REAUTHORIZATION_REQUIRED)
         );
     }
@@ -334,7 +553,10 @@ mod tests {
             },
         );
         let [ready, authorized] = desired_conditions(&o, at(NOW));
-        assert_eq!((ready.status, ready.reason), ("True", reason::AUTHORIZED));
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            ("True", reason::AUTHORIZED)
+        );
         assert!(authorized.message.contains("a@b"));
     }
 

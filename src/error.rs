@@ -4,7 +4,7 @@
 //! `error_policy` can decide between "wait for a change" and "back off and retry", and so that the
 //! reconcile-error metric has a small, fixed set of labels.
 
-use crate::oauth::OAuthError;
+use crate::goto::OAuthError;
 
 /// Everything that can go wrong while reconciling or serving a callback.
 #[derive(thiserror::Error, Debug)]

@@ -2,17 +2,18 @@
 //!
 //! Built on `kube-lease-manager` (maintained, kube 5, server-side apply on a
 //! coordination.k8s.io/v1 Lease, tolerant of clock skew through its grace period) rather than a
-//! hand-written lease loop. Every replica serves the authorize/callback endpoint regardless; the
-//! callback writes through the API, so the leader picks the result up from its watches.
+//! hand-written lease loop. [`elect`] reports leadership as a `watch` of `bool`; what runs while
+//! leading is the caller's business (`app`), so this module knows nothing of the controller.
+//! [`Leadership`] is the handle the context keeps to confirm, right before a refresh, that the
+//! Lease is still this replica's.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::time::Duration;
 
-use kube::Client;
-use kube_lease_manager::LeaseManagerBuilder;
-use tokio::sync::watch;
-use tracing::{info, warn};
-
-use crate::controller::{self, Context};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use tokio::{sync::watch, task::JoinHandle};
 
 /// Lease parameters.
 #[derive(Clone, Debug)]
@@ -26,15 +27,63 @@ pub struct LeaseSettings {
     pub grace: Duration,
 }
 
-/// Runs the controller while this replica holds the Lease, stopping it as soon as leadership is
-/// lost, until `shutdown` resolves. The Lease is released on shutdown so a successor takes over
-/// at once.
-pub async fn run_when_leader(
-    client: Client,
-    ctx: Arc<Context>,
-    lease: LeaseSettings,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), kube_lease_manager::LeaseManagerError> {
+/// Whether this replica may act as the leader right now.
+#[derive(Clone)]
+pub struct Leadership {
+    lease: Option<(Client, LeaseSettings)>,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("lease", &self.lease.as_ref().map(|(_, lease)| lease))
+            .finish()
+    }
+}
+
+impl Leadership {
+    /// No election: this replica always leads (one replica, or tests).
+    pub fn always() -> Leadership {
+        Leadership { lease: None }
+    }
+
+    /// Leadership through `lease`.
+    pub fn elected(client: Client, lease: LeaseSettings) -> Leadership {
+        Leadership {
+            lease: Some((client, lease)),
+        }
+    }
+
+    /// Whether the Lease is held by this replica and not expired. The election task only
+    /// learns of a lost Lease when a renewal fails; a refresh must never rely on that, because
+    /// two replicas refreshing the same token at once can lose a rotated refresh token.
+    pub(crate) async fn confirm(&self) -> Result<bool, kube::Error> {
+        let Some((client, lease)) = &self.lease else {
+            return Ok(true);
+        };
+        let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+        let Some(spec) = api.get_opt(&lease.name).await?.and_then(|l| l.spec) else {
+            return Ok(false);
+        };
+        let ours = spec.holder_identity.as_deref() == Some(lease.identity.as_str());
+        let valid_until = spec.renew_time.map(|t| {
+            t.0 + jiff::SignedDuration::from_secs(i64::from(
+                spec.lease_duration_seconds.unwrap_or(0),
+            ))
+        });
+        Ok(ours && valid_until.is_some_and(|until| until > Timestamp::now()))
+    }
+}
+
+/// A running election: `is_leader` follows the Lease; dropping it releases the Lease, after
+/// which `task` finishes.
+pub struct Election {
+    pub is_leader: watch::Receiver<bool>,
+    pub task: JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+}
+
+/// Starts competing for the Lease.
+pub async fn elect(client: Client, lease: &LeaseSettings) -> Result<Election, LeaseManagerError> {
     let manager = LeaseManagerBuilder::new(client, &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
@@ -49,62 +98,6 @@ pub async fn run_when_leader(
         ))
         .build()
         .await?;
-    let (mut is_leader, task) = manager.watch().await;
-    info!(identity = %lease.identity, lease = %lease.name, "waiting for leadership");
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        if *is_leader.borrow_and_update() {
-            info!("became leader; starting the controller");
-            ctx.metrics.leader.set(1);
-            let mut lost = is_leader.clone();
-            let mut stop = shutdown.clone();
-            controller::run(ctx.clone(), async move {
-                tokio::select! {
-                    _ = wait_for(&mut lost, false) => {}
-                    _ = wait_for(&mut stop, true) => {}
-                }
-            })
-            .await;
-            ctx.metrics.leader.set(0);
-            info!("controller stopped (leadership lost or shutting down)");
-            continue;
-        }
-        tokio::select! {
-            changed = is_leader.changed() => {
-                if changed.is_err() {
-                    warn!("lease manager stopped");
-                    break;
-                }
-            }
-            _ = shutdown.changed() => {}
-        }
-    }
-    // Dropping the receiver makes the manager release the Lease and finish.
-    drop(is_leader);
-    match task.await {
-        Ok(Ok(_)) => info!("lease released"),
-        Ok(Err(e)) => warn!(error = %e, "releasing the lease failed"),
-        Err(e) => warn!(error = %e, "lease task failed"),
-    }
-    Ok(())
-}
-
-async fn wait_for(rx: &mut watch::Receiver<bool>, value: bool) {
-    while *rx.borrow_and_update() != value {
-        if rx.changed().await.is_err() {
-            // The sender is gone: treat as the condition holding, so the controller stops.
-            return;
-        }
-    }
-}
-
-/// Runs the controller without leader election (single replica, or tests).
-pub fn run_always(
-    ctx: Arc<Context>,
-    mut shutdown: watch::Receiver<bool>,
-) -> impl Future<Output = ()> {
-    ctx.metrics.leader.set(1);
-    controller::run(ctx, async move { wait_for(&mut shutdown, true).await })
+    let (is_leader, task) = manager.watch().await;
+    Ok(Election { is_leader, task })
 }

@@ -1,22 +1,20 @@
 //! goto-oauth-operator: keeps GoTo (LogMeIn) OAuth tokens alive as Kubernetes Secrets.
 //!
-//! The crate is split by concern, following kube-rs/controller-rs: the resource types, pure
-//! builders (validation, conditions, the target Secret, the refresh schedule), the OAuth client,
-//! the browser-facing HTTP endpoints, the controller that ties them together, and the operational
-//! pieces (metrics, telemetry, leader election). `main.rs` only wires them.
+//! One module (or folder) per concern; the README's architecture section maps them. `app`
+//! starts everything and `main.rs` only wires flags to it.
 
+pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod conditions;
+pub mod consent;
 pub mod controller;
 pub mod error;
+pub mod goto;
 pub mod leader;
 pub mod metrics;
-pub mod oauth;
-pub mod pages;
-pub mod refresh;
 pub mod resource;
 pub mod secret;
-pub mod state;
 pub mod telemetry;
 pub mod validation;
 pub mod web;

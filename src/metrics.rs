@@ -11,7 +11,7 @@ use std::sync::{
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -22,22 +22,82 @@ pub struct ClientLabels {
     pub name: String,
 }
 
+/// Label values that are a fixed set: a typed enum each, written as its `as_str`.
+macro_rules! label_value {
+    ($t:ty) => {
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
+/// How a refresh ended, as counted in `goto_oauth_refresh_total{result}`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RefreshResult {
+    Success,
+    TransientError,
+    RateLimited,
+    InvalidGrant,
+    InvalidClient,
+}
+
+impl RefreshResult {
+    pub const ALL: [RefreshResult; 5] = [
+        RefreshResult::Success,
+        RefreshResult::TransientError,
+        RefreshResult::RateLimited,
+        RefreshResult::InvalidGrant,
+        RefreshResult::InvalidClient,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshResult::Success => "success",
+            RefreshResult::TransientError => "transient_error",
+            RefreshResult::RateLimited => "rate_limited",
+            RefreshResult::InvalidGrant => "invalid_grant",
+            RefreshResult::InvalidClient => "invalid_client",
+        }
+    }
+}
+label_value!(RefreshResult);
+
+/// The OAuth grant of a token-endpoint request.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum GrantType {
+    AuthorizationCode,
+    RefreshToken,
+}
+
+impl GrantType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::AuthorizationCode => "authorization_code",
+            GrantType::RefreshToken => "refresh_token",
+        }
+    }
+}
+label_value!(GrantType);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub namespace: String,
     pub name: String,
-    pub result: String,
+    pub result: RefreshResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
-    pub grant_type: String,
-    pub result: String,
+    pub grant_type: GrantType,
+    /// `success` or the token endpoint error's fixed label (`OAuthError::reason`).
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 /// Every metric the operator exports.
@@ -139,12 +199,12 @@ impl Metrics {
         }
     }
 
-    pub fn count_refresh(&self, namespace: &str, name: &str, result: &str) {
+    pub fn count_refresh(&self, namespace: &str, name: &str, result: RefreshResult) {
         self.refreshes
             .get_or_create(&RefreshLabels {
                 namespace: namespace.into(),
                 name: name.into(),
-                result: result.into(),
+                result,
             })
             .inc();
     }
@@ -154,19 +214,20 @@ impl Metrics {
         let labels = Self::client(namespace, name);
         self.token_expiry.remove(&labels);
         self.client_ready.remove(&labels);
-        for result in [
-            "success",
-            "transient_error",
-            "rate_limited",
-            "invalid_grant",
-            "invalid_client",
-            "error",
-        ] {
+        for result in RefreshResult::ALL {
             self.refreshes.remove(&RefreshLabels {
                 namespace: namespace.into(),
                 name: name.into(),
-                result: result.into(),
+                result,
             });
+        }
+    }
+
+    /// Observes the time until the returned guard is dropped as one reconcile's duration.
+    pub(crate) fn time_reconcile(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            histogram: &self.reconcile_duration,
+            started: std::time::Instant::now(),
         }
     }
 
@@ -176,6 +237,18 @@ impl Metrics {
 
     pub fn api_reachable(&self) -> bool {
         self.api_reachable.load(Ordering::Relaxed)
+    }
+}
+
+/// Records a reconcile's duration when dropped, whichever way the reconcile returned.
+pub(crate) struct ReconcileTimer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -219,7 +292,7 @@ mod tests {
         m.token_expiry
             .get_or_create(&Metrics::client("ns", "a"))
             .set(1_800_000_000);
-        m.count_refresh("ns", "a", "success");
+        m.count_refresh("ns", "a", RefreshResult::Success);
         m.leader.set(1);
         let text = m.render();
         for name in [

@@ -156,6 +156,11 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub organizer_key: Option<String>,
 
+    /// Where the client stands with GoTo, machine-readable: automation and the operator itself
+    /// read this, never the conditions' messages. The conditions are derived from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationStatus>,
+
     /// The Secret the tokens are currently stored in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
@@ -181,6 +186,44 @@ pub struct GoToOAuthClientStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The authorization phase and, when it is not `Authorized`, why.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationStatus {
+    /// `AwaitingAuthorization` (no consent yet), `Authorized` (consent on record, refresh token
+    /// believed good), `ConsentFailed` (the last consent attempt failed; no tokens stored) or
+    /// `ReauthorizationRequired` (a new consent is needed).
+    pub phase: AuthorizationPhase,
+    /// Why the phase is `ConsentFailed` or `ReauthorizationRequired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<AuthorizationReason>,
+    /// Details for a human; never read back by the operator to make a decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a client stands with GoTo.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AuthorizationPhase {
+    AwaitingAuthorization,
+    Authorized,
+    ConsentFailed,
+    ReauthorizationRequired,
+}
+
+/// Why a client is not authorized.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AuthorizationReason {
+    /// The GoTo admin clicked Deny.
+    AccessDenied,
+    /// The consent or the code exchange failed.
+    AuthorizationFailed,
+    /// GoTo rejected the stored refresh token.
+    RefreshTokenRejected,
+    /// The spec now names another client id or token endpoint than the tokens were issued to.
+    ClientChanged,
 }
 
 /// A consumed authorization attempt.

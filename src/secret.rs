@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    oauth::TokenResponse,
+    goto::TokenResponse,
     resource::{GoToOAuthClient, MANAGER},
     validation::ClientSettings,
 };

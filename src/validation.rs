@@ -49,8 +49,18 @@ pub struct ClientSettings {
     pub secret_annotations: BTreeMap<String, String>,
 }
 
-/// Checks the spec; the error lists every problem found, separated by "; ".
-pub fn validate(client: &GoToOAuthClient, defaults: &Defaults) -> Result<ClientSettings, String> {
+/// Why a spec cannot work as written: every problem found, each naming its field.
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
+#[error("{}", .problems.join("; "))]
+pub struct InvalidSpec {
+    pub problems: Vec<String>,
+}
+
+/// Checks the spec; the error lists every problem found.
+pub fn validate(
+    client: &GoToOAuthClient,
+    defaults: &Defaults,
+) -> Result<ClientSettings, InvalidSpec> {
     let spec = &client.spec;
     let mut problems = Vec::new();
 
@@ -156,7 +166,7 @@ pub fn validate(client: &GoToOAuthClient, defaults: &Defaults) -> Result<ClientS
     }
 
     if !problems.is_empty() {
-        return Err(problems.join("; "));
+        return Err(InvalidSpec { problems });
     }
     Ok(ClientSettings {
         client_id,
@@ -259,7 +269,7 @@ mod tests {
             authorize_url: Some("ftp://x".into()),
             token_url: None,
         });
-        let err = validate(&c, &defaults()).unwrap_err();
+        let err = validate(&c, &defaults()).unwrap_err().to_string();
         for needle in [
             "spec.clientId",
             "spec.clientSecretRef.name",
@@ -295,6 +305,7 @@ mod tests {
         assert!(
             validate(&c, &defaults())
                 .unwrap_err()
+                .to_string()
                 .contains("must differ")
         );
     }

@@ -6,8 +6,8 @@ mod common;
 use common::{Browser, Page, Stack, TOKEN_SECRET_KEYS, eventually, secret_field};
 use goto_oauth_operator::{
     conditions::reason,
+    consent::{StateClaims, StateKey},
     secret,
-    state::{StateClaims, StateKey},
     testkit::goto::{Decision, TokenFault},
 };
 use k8s_openapi::api::core::v1::Secret;

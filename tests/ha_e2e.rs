@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::{Cluster, Provider, bind_callback, eventually, metrics::metric_sum, secret_field};
 use goto_oauth_operator::{
+    clock::Clock,
     conditions::reason,
-    refresh::Clock,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
     testkit::{
         apiserver::Fault,

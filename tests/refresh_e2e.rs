@@ -17,8 +17,8 @@ use std::{
 
 use common::{Browser, Cluster, DEADLINE, Provider, bind_callback, eventually, metrics::metric};
 use goto_oauth_operator::{
+    clock::Clock,
     conditions::reason,
-    refresh::Clock,
     resource::{FORCE_REFRESH_ANNOTATION, GoToOAuthClient, ROTATE_LINK_ANNOTATION},
     testkit::{
         apiserver::Fault,

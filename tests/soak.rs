@@ -28,8 +28,8 @@ use std::{
 use common::{Cluster, Provider, bind_callback, metrics::metric_sum, secret_text};
 use futures::StreamExt;
 use goto_oauth_operator::{
+    clock::Clock,
     conditions::reason,
-    refresh::Clock,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
     testkit::{
         apiserver::Fault,

@@ -1,7 +1,7 @@
 //! The state-signing key is shared by every replica: created once, read by all, even when
 //! replicas start at the same moment.
 
-use goto_oauth_operator::{state::load_or_create_key, testkit::apiserver::FakeApiServer};
+use goto_oauth_operator::{consent::load_or_create_key, testkit::apiserver::FakeApiServer};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 

@@ -1,19 +1,15 @@
 //! The operator in-process, for tests that need to control time (a manual [`Clock`]) or run
-//! several replicas side by side. It wires the same pieces as `main.rs`: the controller (with or
-//! without leader election) and the authorize/callback endpoint on a loopback port.
+//! several replicas side by side: `app::Operator::start`, the start-up `main` uses, on a
+//! loopback port with test-sized Lease timings.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 
 use crate::{
-    controller::{Context, Settings},
-    leader::{self, LeaseSettings},
+    app::{Config, LeaseTiming, Listeners, Operator},
+    clock::Clock,
     metrics::Metrics,
-    refresh::Clock,
-    state::load_or_create_key,
-    validation::Defaults,
-    web,
 };
 
 /// How to run an in-process operator.
@@ -52,12 +48,11 @@ impl Options {
 
 /// A running in-process operator; stop it with [`InProcessOperator::stop`].
 pub struct InProcessOperator {
-    pub ctx: Arc<Context>,
     pub metrics: Arc<Metrics>,
     /// `http://127.0.0.1:PORT`, also the public URL (so the redirect URI is `<it>/callback`).
     pub public_url: String,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    operator: Operator,
 }
 
 impl InProcessOperator {
@@ -67,93 +62,56 @@ impl InProcessOperator {
         listener: tokio::net::TcpListener,
         options: Options,
     ) -> Result<InProcessOperator, String> {
-        let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-        let public_url = format!("http://{addr}");
-        let state_key = load_or_create_key(
-            client.clone(),
-            &options.operator_namespace,
-            "goto-oauth-operator-state-key",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let metrics = Arc::new(Metrics::default());
-        metrics.set_api_reachable(true);
+        let public_url = format!(
+            "http://{}",
+            listener.local_addr().map_err(|e| e.to_string())?
+        );
         let parse = |u: &str| url::Url::parse(u).map_err(|e| e.to_string());
-        let settings = Settings {
-            defaults: Defaults {
-                public_url: parse(&public_url)?,
-                authorize_url: parse(&options.authorize_url)?,
-                token_url: parse(&options.token_url)?,
-            },
+        let config = Config {
+            public_url: parse(&public_url)?,
+            authorize_url: parse(&options.authorize_url)?,
+            token_url: parse(&options.token_url)?,
+            namespaces: options.namespaces,
+            operator_namespace: options.operator_namespace,
+            state_key_secret: "goto-oauth-operator-state-key".into(),
+            identity: options
+                .leader_identity
+                .clone()
+                .unwrap_or_else(|| "in-process".into()),
+            lease: options.leader_identity.map(|_| LeaseTiming {
+                name: "goto-oauth-operator".into(),
+                duration: Duration::from_secs(4),
+                grace: Duration::from_secs(1),
+            }),
             token_rate_limit: options.token_rate_limit,
             max_concurrent_refreshes: options.max_concurrent_refreshes,
             token_timeout: options.token_timeout,
-            namespaces: options.namespaces.clone(),
-            reporter_instance: options.leader_identity.clone(),
-            lease: options
-                .leader_identity
-                .clone()
-                .map(|identity| crate::controller::LeaseHolder {
-                    namespace: options.operator_namespace.clone(),
-                    name: "goto-oauth-operator".into(),
-                    identity,
-                }),
+            clock: options.clock,
         };
-        let ctx = Context::new(
-            client.clone(),
-            settings,
-            metrics.clone(),
-            state_key,
-            options.clock.clone(),
-        )
-        .map_err(|e| e.to_string())?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-
-        let router = web::router(ctx.clone());
-        let mut stop = shutdown_rx.clone();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-        });
-        let controller = match options.leader_identity.clone() {
-            Some(identity) => {
-                let lease = LeaseSettings {
-                    namespace: options.operator_namespace.clone(),
-                    name: "goto-oauth-operator".into(),
-                    identity,
-                    duration: Duration::from_secs(4),
-                    grace: Duration::from_secs(1),
-                };
-                let ctx = ctx.clone();
-                let rx = shutdown_rx.clone();
-                tokio::spawn(async move {
-                    let _ = leader::run_when_leader(client, ctx, lease, rx).await;
-                })
-            }
-            None => tokio::spawn(leader::run_always(ctx.clone(), shutdown_rx)),
+        let listeners = Listeners {
+            web: listener,
+            ops: None,
         };
+        let operator = Operator::start(config, client, listeners, shutdown_rx)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(InProcessOperator {
-            ctx,
-            metrics,
+            metrics: operator.metrics.clone(),
             public_url,
             shutdown,
-            tasks: vec![server, controller],
+            operator,
         })
     }
 
     /// Whether this replica currently runs the controller.
     pub fn is_leader(&self) -> bool {
-        self.metrics.leader.get() == 1
+        self.operator.is_leader()
     }
 
     /// Stops the controller and the endpoint, waiting for both (leases are released).
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.operator.wait()).await;
     }
 }

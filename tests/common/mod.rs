@@ -17,8 +17,8 @@ use std::{
 };
 
 use goto_oauth_operator::{
+    clock::Clock,
     conditions::reason,
-    refresh::Clock,
     resource::GoToOAuthClient,
     testkit::{
         apiserver::FakeApiServer,
@@ -82,7 +82,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let namespace = format!(
             "e2e-{}",
-            goto_oauth_operator::state::random_token(6)
+            goto_oauth_operator::consent::random_token(6)
                 .to_lowercase()
                 .replace(['_', '-'], "x")
         );

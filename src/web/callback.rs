@@ -1,280 +1,42 @@
-//! The browser-facing endpoint: `GET /authorize/{namespace}/{name}/{link}` and `GET /callback`.
-//!
-//! A GoTo admin (usually not a Kubernetes user) opens the shareable link, is sent to GoTo's
-//! consent page and comes back to the callback, which exchanges the one-time code and stores the
-//! tokens. Every replica serves this; all state travels through the API server (the client's
-//! status) and the signed `state`, so a callback works on any replica. Every outcome is a
-//! readable page; nothing a browser sends is reflected unescaped, and no token, code or secret
-//! ever reaches a page or a log line.
+//! `GET /callback?code=…&state=…` (or `?error=…`): verifies the attempt, claims it once,
+//! exchanges the code, stores the tokens and tells the admin what happened.
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    Router,
-    body::Body,
-    extract::{Path, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    middleware::{self, Next},
-    response::{IntoResponse, Redirect, Response},
-    routing::get,
+    extract::State,
+    http::{StatusCode, Uri},
+    response::Response,
 };
+use axum_extra::extract::CookieJar;
 use kube::Api;
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
+use super::{binding_cookie, client_page, html, page, server_error};
 use crate::{
     Error,
-    cli::is_loopback_host,
-    conditions::reason,
-    controller::{self, Claim, Context, ObjectKeys},
-    oauth::{OAuthError, authorization_request_url},
-    pages::{ErrorPage, SuccessPage, error_page, security_headers, success_page},
+    conditions::{ConsentFailure, Reason},
+    consent::{
+        StateClaims, StateError,
+        attempt::{self, Claim},
+    },
+    controller::{Context, ObjectKeys, observe::read_credentials},
+    goto::OAuthError,
     resource::GoToOAuthClient,
     secret::rfc3339,
-    state::{STATE_TTL_SECONDS, StateClaims, StateError, random_token},
     validation::validate,
+    web::pages::{ErrorPage, SuccessPage, success_page},
 };
-
-/// The cookie that binds a `state` to the browser that opened the link.
-pub const BINDING_COOKIE: &str = "goto_oauth_binding";
-/// Longest request target accepted (codes are long, but not this long).
-pub const MAX_URI_LENGTH: usize = 8192;
-
-/// The router for `--listen`.
-pub fn router(ctx: Arc<Context>) -> Router {
-    Router::new()
-        .route("/authorize/{namespace}/{name}/{link}", get(authorize))
-        .route("/callback", get(callback))
-        .fallback(not_found)
-        .layer(middleware::from_fn(guard))
-        .with_state(ctx)
-}
-
-/// Bounds the request and adds security headers to every response.
-async fn guard(request: Request, next: Next) -> Response {
-    let too_long = request
-        .uri()
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().len() > MAX_URI_LENGTH);
-    let mut response = if too_long {
-        page(
-            StatusCode::URI_TOO_LONG,
-            &ErrorPage {
-                title: "Request too long",
-                what_happened: "The address you opened is longer than any valid authorization link.",
-                what_to_do: "Open the authorization link you were sent again, exactly as it was sent.",
-                namespace: None,
-                name: None,
-                reference: None,
-            },
-        )
-    } else if request.method() != axum::http::Method::GET
-        && request.method() != axum::http::Method::HEAD
-    {
-        page(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &ErrorPage {
-                title: "Method not allowed",
-                what_happened: "This endpoint only serves links opened in a browser.",
-                what_to_do: "Open the authorization link you were sent in your browser.",
-                namespace: None,
-                name: None,
-                reference: None,
-            },
-        )
-    } else {
-        next.run(request).await
-    };
-    let headers = response.headers_mut();
-    for (name, value) in security_headers() {
-        headers.insert(name, value);
-    }
-    response
-}
-
-fn page(status: StatusCode, error: &ErrorPage) -> Response {
-    html(status, error_page(error))
-}
-
-fn html(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        body,
-    )
-        .into_response()
-}
-
-async fn not_found() -> Response {
-    page(
-        StatusCode::NOT_FOUND,
-        &ErrorPage {
-            title: "Not found",
-            what_happened: "There is nothing at this address.",
-            what_to_do: "Open the authorization link you were sent, exactly as it was sent.",
-            namespace: None,
-            name: None,
-            reference: None,
-        },
-    )
-}
-
-fn invalid_link() -> Response {
-    page(
-        StatusCode::NOT_FOUND,
-        &ErrorPage {
-            title: "This authorization link is not valid",
-            what_happened: "The link is unknown, was already used, or was replaced by a newer one.",
-            what_to_do: "Ask the person who sent it for the current authorization link.",
-            namespace: None,
-            name: None,
-            reference: None,
-        },
-    )
-}
-
-fn server_error(ns: Option<&str>, name: Option<&str>) -> Response {
-    page(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &ErrorPage {
-            title: "Temporarily unavailable",
-            what_happened: "The operator could not reach the Kubernetes API to process this request.",
-            what_to_do: "Wait a minute and open the authorization link again.",
-            namespace: ns,
-            name,
-            reference: None,
-        },
-    )
-}
-
-fn cookie_value(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == BINDING_COOKIE)
-        .map(|(_, v)| v.to_string())
-        .filter(|v| {
-            (16..=128).contains(&v.len())
-                && v.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-}
-
-/// `GET /authorize/{namespace}/{name}/{link}`: checks the link, binds the browser with a cookie
-/// and sends it to GoTo's consent page with a signed, single-use `state`.
-async fn authorize(
-    State(ctx): State<Arc<Context>>,
-    Path((namespace, name, link)): Path<(String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if !valid_name(&namespace) || !valid_name(&name) || link.len() > 128 {
-        return invalid_link();
-    }
-    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &namespace);
-    let obj = match api.get_opt(&name).await {
-        Ok(Some(obj)) => obj,
-        Ok(None) => return invalid_link(),
-        Err(e) => {
-            warn!(error = %e, "authorize: reading the client failed");
-            return server_error(Some(&namespace), Some(&name));
-        }
-    };
-    // Knowing the namespace and name is not enough: the link token must match, compared in
-    // constant time.
-    let expected = controller::link_token(obj.status.as_ref()).unwrap_or_default();
-    if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(link.as_bytes())) {
-        return invalid_link();
-    }
-    let Ok(keys) = controller::keys(&obj) else {
-        return invalid_link();
-    };
-    let settings = match validate(&obj, &ctx.settings.defaults) {
-        Ok(s) => s,
-        Err(_) => {
-            return page(
-                StatusCode::CONFLICT,
-                &ErrorPage {
-                    title: "This client is misconfigured",
-                    what_happened: "The operator cannot start an authorization for this client because its configuration is invalid.",
-                    what_to_do: "Tell the person who sent you the link; they can see the details in the resource's status.",
-                    namespace: Some(&namespace),
-                    name: Some(&name),
-                    reference: Some(reason::INVALID_SPEC),
-                },
-            );
-        }
-    };
-    match controller::client_credentials(&ctx, &namespace, &settings).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => {
-            return page(
-                StatusCode::CONFLICT,
-                &ErrorPage {
-                    title: "This client is not ready yet",
-                    what_happened: "The OAuth client secret for this client has not been stored in the cluster.",
-                    what_to_do: "Tell the person who sent you the link; once the client secret is in place, open the link again.",
-                    namespace: Some(&namespace),
-                    name: Some(&name),
-                    reference: Some(reason::CLIENT_SECRET_MISSING),
-                },
-            );
-        }
-        Err(e) => {
-            warn!(error = %e, "authorize: reading the client secret failed");
-            return server_error(Some(&namespace), Some(&name));
-        }
-    }
-
-    let cookie = cookie_value(&headers).unwrap_or_else(|| random_token(32));
-    let claims = StateClaims {
-        namespace: keys.namespace.clone(),
-        name: keys.name.clone(),
-        uid: keys.uid.clone(),
-        client_id: settings.client_id.clone(),
-        nonce: random_token(16),
-        expires_at: ctx.clock.now().as_second() + STATE_TTL_SECONDS,
-        browser: ctx.state_key.browser_binding(&cookie),
-    };
-    let state = ctx.state_key.sign(&claims);
-    let target = match authorization_request_url(
-        settings.authorize_url.as_str(),
-        &settings.client_id,
-        &settings.redirect_uri,
-        &settings.scopes,
-        &state,
-    ) {
-        Ok(url) => url,
-        Err(_) => return invalid_link(),
-    };
-    let secure = !is_loopback_host(&ctx.settings.defaults.public_url);
-    let cookie_header = format!(
-        "{BINDING_COOKIE}={cookie}; Path=/; Max-Age={STATE_TTL_SECONDS}; HttpOnly; SameSite=Lax{}",
-        if secure { "; Secure" } else { "" }
-    );
-    info!(namespace = %keys.namespace, name = %keys.name, "authorization started");
-    let mut response = Redirect::to(target.as_str()).into_response();
-    *response.status_mut() = StatusCode::FOUND;
-    if let Ok(value) = HeaderValue::from_str(&cookie_header) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-    response
-}
 
 /// `GET /callback?code=…&state=…` (or `?error=…`): verifies the attempt, exchanges the code
 /// once, stores the tokens and tells the admin what happened.
-async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Response {
-    let query: HashMap<String, String> = request
-        .uri()
+pub(super) async fn callback(
+    State(ctx): State<Arc<Context>>,
+    jar: CookieJar,
+    uri: Uri,
+) -> Response {
+    let query: HashMap<String, String> = uri
         .query()
         .map(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -282,7 +44,6 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
                 .collect()
         })
         .unwrap_or_default();
-    let headers = request.headers().clone();
 
     let Some(state) = query.get("state").filter(|s| !s.is_empty()) else {
         return state_page(&StateError::Missing);
@@ -304,14 +65,14 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
         Ok(_) => return gone(&keys),
         Err(e) => {
             warn!(error = %e, "callback: reading the client failed");
-            return server_error(Some(&keys.namespace), Some(&keys.name));
+            return server_error(Some(&keys));
         }
     };
 
     let binding_error = if claims.expires_at < ctx.clock.now().as_second() {
         Some(StateError::Expired)
     } else {
-        match cookie_value(&headers) {
+        match binding_cookie(&jar) {
             None => Some(StateError::CookieMissing),
             Some(cookie) => {
                 let expected = ctx.state_key.browser_binding(&cookie);
@@ -334,13 +95,13 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
     }
 
     // Single use, across every replica.
-    let obj = match controller::claim_state(&ctx, &keys, &claims.nonce, claims.expires_at).await {
+    let obj = match attempt::claim(&ctx, &keys, &claims.nonce, claims.expires_at).await {
         Ok(Claim::Claimed(obj)) => *obj,
         Ok(Claim::Replayed) => return state_page_for(&StateError::Replayed, &keys),
         Ok(Claim::Gone) => return gone(&keys),
         Err(e) => {
             warn!(error = %e, "callback: recording the attempt failed");
-            return server_error(Some(&keys.namespace), Some(&keys.name));
+            return server_error(Some(&keys));
         }
     };
     match complete_attempt(&ctx, &obj, &keys, &claims, &query).await {
@@ -351,7 +112,7 @@ async fn callback(State(ctx): State<Arc<Context>>, request: Request<Body>) -> Re
 
 /// A failed authorization attempt: what goes on the resource and the page the admin sees.
 struct Failed {
-    reason: &'static str,
+    failure: ConsentFailure,
     message: String,
     response: Response,
 }
@@ -359,7 +120,7 @@ struct Failed {
 impl Failed {
     fn new(message: impl Into<String>, response: Response) -> Failed {
         Failed {
-            reason: reason::AUTHORIZATION_FAILED,
+            failure: ConsentFailure::AuthorizationFailed,
             message: message.into(),
             response,
         }
@@ -373,34 +134,10 @@ async fn record(
     keys: &ObjectKeys,
     failed: Failed,
 ) -> Response {
-    if let Err(e) =
-        controller::record_consent_failure(ctx, obj, keys, failed.reason, &failed.message).await
-    {
+    if let Err(e) = attempt::record_failure(ctx, obj, keys, failed.failure, &failed.message).await {
         warn!(error = %e, "callback: recording the failed attempt failed");
     }
     failed.response
-}
-
-/// An error page about one client.
-fn client_page(
-    keys: &ObjectKeys,
-    status: StatusCode,
-    title: &str,
-    what_happened: &str,
-    what_to_do: &str,
-    reference: &str,
-) -> Response {
-    page(
-        status,
-        &ErrorPage {
-            title,
-            what_happened,
-            what_to_do,
-            namespace: Some(&keys.namespace),
-            name: Some(&keys.name),
-            reference: Some(reference),
-        },
-    )
 }
 
 /// The part of the callback after the attempt was verified and claimed: GoTo's answer, the
@@ -428,7 +165,7 @@ async fn complete_attempt(
         if error_code == "access_denied" {
             let message = "Deny was clicked on GoTo's consent page";
             return Err(Failed {
-                reason: reason::ACCESS_DENIED,
+                failure: ConsentFailure::AccessDenied,
                 message: message.into(),
                 response: client_page(
                     keys,
@@ -436,7 +173,7 @@ async fn complete_attempt(
                     "Authorization was denied",
                     message,
                     "Nothing was stored. If this was a mistake, open the authorization link again and click Allow.",
-                    reason::ACCESS_DENIED,
+                    Reason::AccessDenied,
                 ),
             });
         }
@@ -450,7 +187,7 @@ async fn complete_attempt(
             "GoTo reported an error",
             &message,
             "Nothing was stored. Open the authorization link again; if it keeps failing, tell the person who sent it.",
-            reason::AUTHORIZATION_FAILED,
+            Reason::AuthorizationFailed,
         );
         return Err(Failed::new(message, response));
     }
@@ -463,7 +200,7 @@ async fn complete_attempt(
             "No authorization code",
             message,
             "Open the authorization link again and click Allow.",
-            reason::AUTHORIZATION_FAILED,
+            Reason::AuthorizationFailed,
         );
         return Err(Failed::new(message, response));
     };
@@ -477,7 +214,7 @@ async fn complete_attempt(
                 "This client is misconfigured",
                 "The client's configuration became invalid while you were authorizing. Nothing was stored.",
                 "Tell the person who sent you the link; once it is fixed, open the link again.",
-                reason::INVALID_SPEC,
+                Reason::InvalidSpec,
             ),
         )
     })?;
@@ -490,43 +227,42 @@ async fn complete_attempt(
                 "The client changed",
                 "The OAuth client was reconfigured while you were authorizing. Nothing was stored.",
                 "Open the authorization link again.",
-                reason::AUTHORIZATION_FAILED,
+                Reason::AuthorizationFailed,
             ),
         ));
     }
-    let credentials = match controller::client_credentials(ctx, &keys.namespace, &settings).await {
+    let credentials = match read_credentials(ctx, &keys.namespace, &settings).await {
         Ok(Ok(c)) => c,
-        Ok(Err(message)) => {
+        Ok(Err(problem)) => {
             return Err(Failed::new(
-                format!("the code could not be exchanged: {message}"),
+                format!("the code could not be exchanged: {problem}"),
                 client_page(
                     keys,
                     StatusCode::CONFLICT,
                     "This client is not ready",
                     "The OAuth client secret is missing from the cluster, so the authorization could not be completed. Nothing was stored.",
                     "Tell the person who sent you the link; once the client secret is in place, open the link again.",
-                    reason::CLIENT_SECRET_MISSING,
+                    Reason::ClientSecretMissing,
                 ),
             ));
         }
         Err(e) => {
             warn!(error = %e, "callback: reading the client secret failed");
-            return Ok(server_error(Some(&keys.namespace), Some(&keys.name)));
+            return Ok(server_error(Some(keys)));
         }
     };
 
-    ctx.limiter.acquire().await;
-    let started = std::time::Instant::now();
+    let permit = ctx.goto.permit().await;
     let response = ctx
-        .token_client
+        .goto
         .exchange_code(
+            permit,
             settings.token_url.as_str(),
             &credentials,
             code,
             &settings.redirect_uri,
         )
         .await;
-    controller::observe_token_request(ctx, "authorization_code", &response, started);
     let response = response.map_err(|e| {
         warn!(namespace = %keys.namespace, name = %keys.name, error = %e, "code exchange failed");
         Failed::new(
@@ -535,7 +271,7 @@ async fn complete_attempt(
         )
     })?;
 
-    match controller::complete_authorization(ctx, obj, keys, &settings, &response).await {
+    match attempt::complete(ctx, obj, keys, &settings, &response).await {
         Ok(done) => {
             let expires = rfc3339(done.tokens.expires_at);
             Ok(html(
@@ -558,7 +294,7 @@ async fn complete_attempt(
                 "The tokens could not be stored",
                 "A Secret with the target name already exists and belongs to something else, so the operator will not overwrite it. GoTo's consent was given but nothing was stored.",
                 "Tell the person who sent you the link; after they resolve the Secret conflict, open the link again.",
-                reason::SECRET_CONFLICT,
+                Reason::SecretConflict,
             ),
         )),
         Err(Error::OAuth(e)) => Err(Failed::new(
@@ -567,7 +303,7 @@ async fn complete_attempt(
         )),
         Err(e) => {
             warn!(error = %e, "callback: storing the tokens failed");
-            Ok(server_error(Some(&keys.namespace), Some(&keys.name)))
+            Ok(server_error(Some(keys)))
         }
     }
 }
@@ -670,6 +406,6 @@ fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys) -> Response {
         title,
         &format!("Nothing was stored. Details: {e}"),
         what_to_do,
-        reason::AUTHORIZATION_FAILED,
+        Reason::AuthorizationFailed,
     )
 }

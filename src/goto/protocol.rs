@@ -1,7 +1,6 @@
-//! The client for GoTo's OAuth token endpoint: the code exchange and the refresh grant.
+//! GoTo's OAuth protocol on the wire: the consent URL, the code exchange and the refresh grant.
 //!
-//! Written by hand instead of with a general OAuth library because GoTo's documents
-//! (`/work/shared/goto-oauth-protocol.md`) differ from RFC 6749 where it matters: the Basic
+//! Written by hand instead of with a general OAuth library because GoTo's documents differ from RFC 6749 where it matters: the Basic
 //! header is the plain base64 of `clientId:clientSecret` (no URL-encoding first; real secrets
 //! contain `+`, `/` and `=`), responses may lack `refresh_token` and `token_type`, and fields may
 //! be blank. The client makes exactly one attempt per call and never follows redirects; retry

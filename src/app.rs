@@ -1,0 +1,273 @@
+//! Start-up: the one path from a configuration to a running operator, used by `main`, the e2e
+//! harness, the demo and the benchmark alike.
+//!
+//! [`Operator::start`] loads the shared state key, builds the one [`Context`], and runs the
+//! authorize/callback server, the operations server, the API probe and the controller (under
+//! leader election when configured) until the shutdown signal, then waits for all of them.
+
+use std::{sync::Arc, time::Duration};
+
+use kube::Client;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+use url::Url;
+
+use crate::{
+    clock::Clock,
+    consent::{StateKeyError, load_or_create_key},
+    controller::{self, Context, Settings},
+    goto::OAuthError,
+    leader::{self, Leadership, LeaseSettings},
+    metrics::{self, Metrics},
+    validation::Defaults,
+    web,
+};
+
+/// How an operator runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// External base URL of the authorize/callback endpoint.
+    pub public_url: Url,
+    /// Operator-wide GoTo endpoints.
+    pub authorize_url: Url,
+    pub token_url: Url,
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// Home of the Lease and the state-key Secret.
+    pub operator_namespace: String,
+    pub state_key_secret: String,
+    /// This replica's name in Events and in the Lease.
+    pub identity: String,
+    /// `Some`: elect a leader through this Lease; `None`: always lead.
+    pub lease: Option<LeaseTiming>,
+    pub token_rate_limit: u32,
+    pub max_concurrent_refreshes: u32,
+    pub token_timeout: Duration,
+    pub clock: Clock,
+}
+
+/// The Lease of leader election.
+#[derive(Clone, Debug)]
+pub struct LeaseTiming {
+    pub name: String,
+    pub duration: Duration,
+    pub grace: Duration,
+}
+
+/// Sockets to serve on, bound by the caller (so tests can bind port 0 and know the port).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The browser-facing authorize/callback endpoint.
+    pub web: TcpListener,
+    /// `/healthz`, `/readyz`, `/metrics`; `None` to serve none.
+    pub ops: Option<TcpListener>,
+}
+
+/// Why the operator could not start.
+#[derive(thiserror::Error, Debug)]
+pub enum StartError {
+    #[error("cannot load or create the state key Secret: {0}")]
+    StateKey(#[from] StateKeyError),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] OAuthError),
+}
+
+/// A running operator.
+pub struct Operator {
+    pub metrics: Arc<Metrics>,
+    tasks: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+/// How often `/readyz` re-checks that the API server answers.
+const API_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Operator {
+    /// Starts everything; it runs until `shutdown` turns `true`.
+    pub async fn start(
+        config: Config,
+        client: Client,
+        listeners: Listeners,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Operator, StartError> {
+        let state_key = load_or_create_key(
+            client.clone(),
+            &config.operator_namespace,
+            &config.state_key_secret,
+        )
+        .await?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_api_reachable(true);
+        let lease = config.lease.as_ref().map(|timing| LeaseSettings {
+            namespace: config.operator_namespace.clone(),
+            name: timing.name.clone(),
+            identity: config.identity.clone(),
+            duration: timing.duration,
+            grace: timing.grace,
+        });
+        let leadership = match &lease {
+            Some(lease) => Leadership::elected(client.clone(), lease.clone()),
+            None => Leadership::always(),
+        };
+        let settings = Settings {
+            defaults: Defaults {
+                public_url: config.public_url.clone(),
+                authorize_url: config.authorize_url.clone(),
+                token_url: config.token_url.clone(),
+            },
+            token_rate_limit: config.token_rate_limit,
+            max_concurrent_refreshes: config.max_concurrent_refreshes,
+            token_timeout: config.token_timeout,
+            namespaces: config.namespaces.clone(),
+            reporter_instance: Some(config.identity.clone()),
+        };
+        let ctx = Context::new(
+            client.clone(),
+            settings,
+            metrics.clone(),
+            state_key,
+            config.clock.clone(),
+            leadership,
+        )?;
+
+        let mut tasks = vec![(
+            "authorize endpoint",
+            tokio::spawn(serve(
+                listeners.web,
+                web::router(ctx.clone()),
+                shutdown.clone(),
+            )),
+        )];
+        if let Some(ops) = listeners.ops {
+            tasks.push((
+                "metrics endpoint",
+                tokio::spawn(serve(
+                    ops,
+                    metrics::ops_router(metrics.clone()),
+                    shutdown.clone(),
+                )),
+            ));
+        }
+        tasks.push((
+            "API probe",
+            tokio::spawn(api_probe(client.clone(), metrics.clone(), shutdown.clone())),
+        ));
+        let controller = match lease {
+            Some(lease) => tokio::spawn(lead_when_elected(client, ctx, lease, shutdown)),
+            None => tokio::spawn(async move {
+                ctx.metrics.leader.set(1);
+                controller::run(ctx, signalled(shutdown, true)).await;
+                Ok(())
+            }),
+        };
+        tasks.push(("controller", controller));
+        Ok(Operator { metrics, tasks })
+    }
+
+    /// Whether this replica currently runs the controller.
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+
+    /// Waits until everything stopped (after the shutdown signal); the first failure, if any.
+    pub async fn wait(self) -> Result<(), String> {
+        let mut first_error = None;
+        for (what, task) in self.tasks {
+            let result = match task.await {
+                Ok(result) => result,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
+                warn!(task = what, error = %e, "stopped with an error");
+                first_error.get_or_insert(format!("{what} failed: {e}"));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Resolves once `rx` holds `value` (or its sender is gone).
+async fn signalled(mut rx: watch::Receiver<bool>, value: bool) {
+    let _ = rx.wait_for(|v| *v == value).await;
+}
+
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signalled(shutdown, true))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Keeps `/readyz` honest: the API server is asked for its version periodically.
+async fn api_probe(
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let stop = signalled(shutdown, true);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(API_PROBE_INTERVAL) => {
+                metrics.set_api_reachable(client.apiserver_version().await.is_ok());
+            }
+        }
+    }
+}
+
+/// Runs the controller while this replica holds the Lease, stopping it as soon as leadership
+/// is lost, until shutdown. The Lease is released on shutdown so a successor takes over at once.
+async fn lead_when_elected(
+    client: Client,
+    ctx: Arc<Context>,
+    lease: LeaseSettings,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let election = leader::elect(client, &lease)
+        .await
+        .map_err(|e| format!("leader election failed: {e}"))?;
+    let mut is_leader = election.is_leader;
+    info!(identity = %lease.identity, lease = %lease.name, "waiting for leadership");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if *is_leader.borrow_and_update() {
+            info!("became leader; starting the controller");
+            ctx.metrics.leader.set(1);
+            let lost = signalled(is_leader.clone(), false);
+            let stop = signalled(shutdown.clone(), true);
+            controller::run(ctx.clone(), async move {
+                tokio::select! {
+                    _ = lost => {}
+                    _ = stop => {}
+                }
+            })
+            .await;
+            ctx.metrics.leader.set(0);
+            info!("controller stopped (leadership lost or shutting down)");
+            continue;
+        }
+        tokio::select! {
+            changed = is_leader.changed() => {
+                if changed.is_err() {
+                    warn!("lease manager stopped");
+                    break;
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+    // Dropping the receiver makes the manager release the Lease and finish.
+    drop(is_leader);
+    match election.task.await {
+        Ok(Ok(_)) => info!("lease released"),
+        Ok(Err(e)) => warn!(error = %e, "releasing the lease failed"),
+        Err(e) => warn!(error = %e, "lease task failed"),
+    }
+    Ok(())
+}

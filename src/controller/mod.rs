@@ -1,0 +1,206 @@
+//! The controller: reconciles each `GoToOAuthClient` into a token Secret and a status, and
+//! refreshes tokens on schedule.
+//!
+//! A reconcile is a pipeline, one module per step: [`observe`] reads what is stored,
+//! [`plan`] decides (pure, table-tested), [`act`] performs the token request and the writes,
+//! and [`status`] derives the status from what was written. [`watches`] runs the controller
+//! over the watched namespaces; [`memory`] holds the little that cannot live in the API server;
+//! [`schedule`] says when tokens refresh and how failures back off.
+
+pub(crate) mod act;
+#[cfg(test)]
+mod fixtures;
+pub(crate) mod memory;
+pub(crate) mod observe;
+pub(crate) mod plan;
+pub(crate) mod schedule;
+pub(crate) mod status;
+pub(crate) mod watches;
+
+use std::{sync::Arc, time::Duration};
+
+use kube::{
+    Client, ResourceExt,
+    runtime::{
+        controller::Action,
+        events::{Recorder, Reporter},
+    },
+};
+use tokio::sync::Semaphore;
+use tracing::{debug, instrument, warn};
+
+pub use observe::ObjectKeys;
+pub use watches::run;
+
+use crate::{
+    Error, Result,
+    clock::Clock,
+    consent::{StateKey, random_token},
+    goto::GoTo,
+    leader::Leadership,
+    metrics::{Metrics, ReasonLabels},
+    resource::{GoToOAuthClient, MANAGER},
+    validation::Defaults,
+};
+
+/// Operator-wide settings the controller and the HTTP endpoints share.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub defaults: Defaults,
+    pub token_rate_limit: u32,
+    pub max_concurrent_refreshes: u32,
+    pub token_timeout: Duration,
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Identity used in Events.
+    pub reporter_instance: Option<String>,
+}
+
+/// Everything reconcile and the HTTP handlers share.
+pub struct Context {
+    pub(crate) client: Client,
+    pub(crate) settings: Settings,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) goto: GoTo,
+    pub(crate) state_key: StateKey,
+    pub(crate) clock: Clock,
+    pub(crate) leadership: Leadership,
+    pub(crate) refresh_slots: Semaphore,
+    pub(crate) memory: memory::Memory,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        state_key: StateKey,
+        clock: Clock,
+        leadership: Leadership,
+    ) -> Result<Arc<Context>, crate::goto::OAuthError> {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: settings.reporter_instance.clone(),
+        };
+        Ok(Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            goto: GoTo::new(
+                settings.token_timeout,
+                settings.token_rate_limit,
+                metrics.clone(),
+            )?,
+            refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
+            memory: memory::Memory::default(),
+            client,
+            settings,
+            metrics,
+            state_key,
+            clock,
+            leadership,
+        }))
+    }
+
+    /// Forgets a client that is gone: its memory and its metric series.
+    fn forget(&self, keys: &ObjectKeys) {
+        self.memory.forget(&keys.uid);
+        self.metrics.forget_client(&keys.namespace, &keys.name);
+    }
+}
+
+/// Reconciles one client: observe → plan → act → status → requeue.
+#[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.time_reconcile();
+    ctx.metrics.set_api_reachable(true);
+    let keys = ObjectKeys::of(&obj)?;
+    if obj.metadata.deletion_timestamp.is_some() {
+        // The owner reference lets the garbage collector delete the Secret.
+        ctx.forget(&keys);
+        return Ok(Action::await_change());
+    }
+    let Some(observed) = observe::observe(&ctx, obj).await? else {
+        return Ok(Action::await_change());
+    };
+    let now = ctx.clock.now();
+    let planned = plan::plan(&observed, now);
+    let outcome = act::act(&ctx, &observed, &planned).await?;
+    let settled = planned.settle(
+        outcome,
+        observed.settings.as_ref().ok(),
+        &keys.uid,
+        ctx.clock.now(),
+    );
+    let link = settled.link.resolve(|| random_token(32));
+    let desired = status::desired_status(
+        &observed.obj,
+        &keys,
+        &settled,
+        link.as_deref(),
+        &ctx.settings.defaults,
+        now,
+    );
+    match status::apply_status(
+        &ctx,
+        &observed.obj,
+        &keys,
+        desired,
+        status::Events::OnTransition,
+    )
+    .await
+    {
+        Ok(wrote) => debug!(wrote, "reconciled"),
+        // The object changed since it was read (a callback, a spec edit): the watch delivers
+        // the newer version and the next reconcile writes from it.
+        Err(e) if e.is_conflict() => return Ok(Action::requeue(Duration::from_secs(1))),
+        Err(e) => return Err(e),
+    }
+    ctx.memory
+        .with(&keys.uid, |m| m.backoff.reconcile_errors = 0);
+    Ok(match settled.requeue_after(now) {
+        Some(delay) => Action::requeue(delay),
+        None => Action::await_change(),
+    })
+}
+
+/// Backs off per object: a bad spec or missing Secret waits for a change; transient errors
+/// retry after 1 s doubling to 5 min; unstored tokens retry quickly.
+pub(crate) fn error_policy(obj: Arc<GoToOAuthClient>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ReasonLabels {
+            reason: error.metric_label(),
+        })
+        .inc();
+    if let Error::Kube(kube::Error::Api(s)) = error
+        && s.code >= 500
+    {
+        ctx.metrics.set_api_reachable(false);
+    }
+    if !error.is_transient() {
+        warn!(error = %error, "reconcile failed; waiting for a change");
+        return Action::await_change();
+    }
+    let attempts = obj
+        .metadata
+        .uid
+        .as_deref()
+        .map(|uid| {
+            ctx.memory.with(uid, |m| {
+                m.backoff.reconcile_errors = m.backoff.reconcile_errors.saturating_add(1);
+                m.backoff.reconcile_errors
+            })
+        })
+        .unwrap_or(1);
+    let delay = Duration::from_secs(1)
+        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(10)))
+        .min(Duration::from_secs(300));
+    warn!(error = %error, retry_in = ?delay, "reconcile failed; backing off");
+    Action::requeue(delay)
+}

@@ -1,0 +1,210 @@
+//! Observe: read what is stored for one client into a typed [`Observed`], and nothing else.
+//!
+//! Reads are the client (from the watch cache, or fresh when this replica's own last status
+//! write is not in the cache yet), the token Secret, the previous token Secret after a
+//! `secretName` change, and the client secret. No decision is taken here; `plan` does that.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt};
+use secrecy::SecretString;
+
+use super::{Context, memory::ClientMemory};
+use crate::{
+    Error, Result,
+    conditions::ClientSecretProblem,
+    goto::ClientCredentials,
+    resource::GoToOAuthClient,
+    secret::{StoredTokens, is_owned_by},
+    validation::{ClientSettings, InvalidSpec, validate},
+};
+
+/// Names of an object the API server always sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectKeys {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl ObjectKeys {
+    pub fn of(obj: &GoToOAuthClient) -> Result<ObjectKeys> {
+        Ok(ObjectKeys {
+            namespace: obj
+                .namespace()
+                .ok_or(Error::MissingObjectKey("namespace"))?,
+            name: obj
+                .metadata
+                .name
+                .clone()
+                .ok_or(Error::MissingObjectKey("name"))?,
+            uid: obj
+                .metadata
+                .uid
+                .clone()
+                .ok_or(Error::MissingObjectKey("uid"))?,
+        })
+    }
+}
+
+/// Everything stored about one client, as read at the start of a reconcile.
+#[derive(Clone, Debug)]
+pub(crate) struct Observed {
+    pub(crate) obj: Arc<GoToOAuthClient>,
+    pub(crate) keys: ObjectKeys,
+    pub(crate) settings: Result<ClientSettings, InvalidSpec>,
+    /// `None` when the spec is invalid (the reference cannot be trusted).
+    pub(crate) credentials: Option<Result<ClientCredentials, ClientSecretProblem>>,
+    /// The Secret at the target name, whoever owns it.
+    pub(crate) target: Option<Secret>,
+    /// The target Secret exists and is not this client's.
+    pub(crate) conflict: bool,
+    /// The name tokens were stored under before `spec.secretName` changed, while that Secret
+    /// still exists and is this client's.
+    pub(crate) previous_secret_name: Option<String>,
+    /// Tokens readable from the target Secret (or, after a rename, from the previous one).
+    pub(crate) stored: Option<StoredTokens>,
+    pub(crate) memory: ClientMemory,
+}
+
+/// Reads what is stored for `obj`. `None` when the client is gone.
+pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<Option<Observed>> {
+    let keys = ObjectKeys::of(&obj)?;
+    let mut memory = ctx.memory.with(&keys.uid, |m| {
+        m.owner = Some((keys.namespace.clone(), keys.name.clone()));
+        if m.written_resource_version.is_some()
+            && m.written_resource_version == obj.metadata.resource_version
+        {
+            m.written_resource_version = None;
+        }
+        m.clone()
+    });
+    let obj = match &memory.written_resource_version {
+        // This replica wrote a status the cache does not show yet: the cached object may be
+        // older than that write (acting on it would repeat what was just done) or newer (someone
+        // else wrote since). resourceVersions cannot be ordered, so ask the API server.
+        Some(_) => {
+            let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+            match api.get_opt(&keys.name).await? {
+                Some(fresh) if fresh.metadata.uid.as_deref() == Some(keys.uid.as_str()) => {
+                    ctx.memory
+                        .with(&keys.uid, |m| m.written_resource_version = None);
+                    memory.written_resource_version = None;
+                    Arc::new(fresh)
+                }
+                _ => return Ok(None),
+            }
+        }
+        None => obj,
+    };
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    let target_name = obj.target_secret_name();
+    let target = secrets.get_opt(&target_name).await?;
+    let previous = match obj
+        .status
+        .as_ref()
+        .and_then(|s| s.secret_name.clone())
+        .filter(|n| *n != target_name)
+    {
+        Some(name) => secrets
+            .get_opt(&name)
+            .await?
+            .filter(|s| is_owned_by(s, &obj))
+            .map(|s| (name, s)),
+        None => None,
+    };
+    let conflict = target.as_ref().is_some_and(|s| !is_owned_by(s, &obj));
+    let stored = target
+        .as_ref()
+        .filter(|_| !conflict)
+        .and_then(StoredTokens::from_secret)
+        .or_else(|| {
+            previous
+                .as_ref()
+                .and_then(|(_, s)| StoredTokens::from_secret(s))
+        });
+
+    let settings = validate(&obj, &ctx.settings.defaults);
+    let credentials = match &settings {
+        Ok(settings) => Some(read_credentials(ctx, &keys.namespace, settings).await?),
+        Err(_) => None,
+    };
+    Ok(Some(Observed {
+        obj,
+        keys,
+        settings,
+        credentials,
+        target,
+        conflict,
+        previous_secret_name: previous.map(|(name, _)| name),
+        stored,
+        memory,
+    }))
+}
+
+/// The client secret the spec references, or what is wrong with the reference.
+pub(crate) async fn read_credentials(
+    ctx: &Context,
+    namespace: &str,
+    settings: &ClientSettings,
+) -> Result<Result<ClientCredentials, ClientSecretProblem>> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(&settings.client_secret_name).await? else {
+        return Ok(Err(ClientSecretProblem::SecretNotFound {
+            namespace: namespace.to_string(),
+            name: settings.client_secret_name.clone(),
+        }));
+    };
+    Ok(credentials_from(&secret, namespace, settings))
+}
+
+/// The credentials in a client-secret Secret (pure, so it is tested without a cluster).
+fn credentials_from(
+    secret: &Secret,
+    namespace: &str,
+    settings: &ClientSettings,
+) -> Result<ClientCredentials, ClientSecretProblem> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&settings.client_secret_key))
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .map(|value| ClientCredentials {
+            client_id: settings.client_id.clone(),
+            client_secret: SecretString::from(value),
+        })
+        .ok_or_else(|| ClientSecretProblem::KeyMissing {
+            namespace: namespace.to_string(),
+            name: settings.client_secret_name.clone(),
+            key: settings.client_secret_key.clone(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::settings;
+    use k8s_openapi::ByteString;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn client_secret_is_trimmed_and_must_not_be_empty() {
+        let secret = |value: &str| Secret {
+            data: Some([("clientSecret".to_string(), ByteString(value.into()))].into()),
+            ..Secret::default()
+        };
+        let creds = credentials_from(&secret(" s3cr+t/=\n"), "ns", &settings()).unwrap();
+        assert_eq!(creds.client_secret.expose_secret(), "s3cr+t/=");
+        assert_eq!(
+            credentials_from(&secret("  "), "ns", &settings()).unwrap_err(),
+            ClientSecretProblem::KeyMissing {
+                namespace: "ns".into(),
+                name: "creds".into(),
+                key: "clientSecret".into()
+            }
+        );
+    }
+}

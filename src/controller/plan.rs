@@ -1,0 +1,876 @@
+//! Plan: the pure decision of a reconcile. From what [`observe`](super::observe) read and the
+//! time, [`plan`] decides which tokens are current, whether the Secret must be written (stored
+//! tokens held in memory, a restore, a move to a new `secretName`), whether to refresh now, what
+//! blocks the client, where it stands with GoTo, what happens to the link, and when to look
+//! again. [`Plan::settle`] folds in what the refresh did; the result is what the status is
+//! computed from. No client, no clock, no randomness: every decision is table-tested below.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::{observe::Observed, schedule};
+use crate::{
+    conditions::{Authorization, Blocker, Reauthorization},
+    resource::{
+        ConsumedState, FORCE_REFRESH_ANNOTATION, GoToOAuthClient, GoToOAuthClientStatus,
+        ROTATE_LINK_ANNOTATION,
+    },
+    secret::StoredTokens,
+    validation::ClientSettings,
+};
+
+/// Why the token Secret is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SecretWrite {
+    /// Tokens from GoTo this replica holds but has not stored yet.
+    StoreHeld,
+    /// The Secret was deleted or edited by hand: write back what the operator last stored.
+    Restore,
+    /// `spec.secretName` changed: write the new Secret, then delete the old one.
+    Move { from: String },
+}
+
+/// Why a refresh is sent now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RefreshTrigger {
+    Due,
+    /// The refresh-requested annotation changed.
+    Requested,
+}
+
+/// What happens to the authorization link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Link {
+    /// Publish this link (the current one).
+    Keep(String),
+    /// Publish a fresh link (first one, rotation requested, or the old one was spent).
+    Replace,
+    /// No link while it could not work (invalid spec, missing client secret, Secret conflict).
+    Withdraw,
+}
+
+impl Link {
+    /// The link token to publish; `fresh` makes a new one when the plan replaces it.
+    pub(crate) fn resolve(&self, fresh: impl FnOnce() -> String) -> Option<String> {
+        match self {
+            Link::Keep(token) => Some(token.clone()),
+            Link::Replace => Some(fresh()),
+            Link::Withdraw => None,
+        }
+    }
+}
+
+/// The decisions of one reconcile, before the refresh (if any) is sent.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    /// The tokens that are current once `write` is done.
+    pub(crate) tokens: Option<StoredTokens>,
+    pub(crate) write: Option<SecretWrite>,
+    pub(crate) refresh: Option<RefreshTrigger>,
+    pub(crate) blocker: Option<Blocker>,
+    pub(crate) authorization: Authorization,
+    /// When the consent was given whose refresh token GoTo rejected, while those tokens stay.
+    pub(crate) rejected_authorization: Option<Timestamp>,
+    pub(crate) link: Link,
+    pub(crate) handled_link_rotation: Option<String>,
+    pub(crate) handled_refresh_request: Option<String>,
+    /// The refresh-requested annotation as it is now.
+    pub(crate) refresh_request: Option<String>,
+    /// When the next refresh is due (only while refreshing is possible).
+    pub(crate) next_refresh: Option<Timestamp>,
+    pub(crate) refresh_failure: Option<String>,
+    /// The Secret the tokens are stored in once `write` is done.
+    pub(crate) secret_name: Option<String>,
+    pub(crate) consumed_states: Vec<ConsumedState>,
+}
+
+/// What the refresh that [`Plan::refresh`] asked for did.
+#[derive(Clone, Debug)]
+pub(crate) enum RefreshOutcome {
+    /// New tokens, already stored.
+    Refreshed(Box<StoredTokens>),
+    /// A transient failure; the next attempt is at `retry_at`.
+    Failed {
+        message: String,
+        retry_at: Timestamp,
+    },
+    /// GoTo rejected the refresh token: only a new consent helps.
+    Rejected { error: String },
+    /// This replica no longer holds the Lease: nothing was sent.
+    NotLeader,
+}
+
+/// How soon a replica that found it lost the Lease looks again (it stops meanwhile).
+const NOT_LEADER_RETRY: SignedDuration = SignedDuration::from_secs(2);
+/// Shortest requeue, so a time already past does not spin.
+const MIN_REQUEUE: Duration = Duration::from_millis(500);
+
+/// Decides what to do for the observed client at `now`.
+pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
+    let obj = &o.obj;
+    let status = obj.status.clone().unwrap_or_default();
+    let annotations = &obj.metadata.annotations;
+    let annotation = |key: &str| annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let rotate_request = annotation(ROTATE_LINK_ANNOTATION);
+    let refresh_request = annotation(FORCE_REFRESH_ANNOTATION);
+
+    let (tokens, mut write) = choose_tokens(o);
+    if !o.conflict
+        && let Some(from) = &o.previous_secret_name
+    {
+        write = Some(SecretWrite::Move { from: from.clone() });
+    }
+    let settings = o.settings.as_ref().ok();
+    // Writes need a valid spec (the Secret is built from it) and a Secret that is ours.
+    let can_store = settings.is_some() && !o.conflict;
+    let (tokens, write) = match (tokens, can_store) {
+        (Some(t), true) => (Some(t), write),
+        (tokens, _) => (tokens, None),
+    };
+
+    let blocker = blocker(o);
+    let rejected_authorization = status
+        .rejected_authorization
+        .as_ref()
+        .map(|t| t.0)
+        .filter(|at| {
+            tokens
+                .as_ref()
+                .is_some_and(|t| t.authorized_at.as_second() == at.as_second())
+        });
+    let authorization = authorization(&status, settings, tokens.as_ref(), rejected_authorization);
+
+    let mut handled_refresh_request = status.handled_refresh_request.clone();
+    if refresh_request.is_some() && o.memory.answered_refresh_request == refresh_request {
+        handled_refresh_request = refresh_request.clone();
+    }
+
+    // Refresh only what can be refreshed: our tokens, a working consent, a client secret.
+    let refreshable =
+        can_store && authorization.is_authorized() && matches!(o.credentials, Some(Ok(_)));
+    let (mut refresh, mut next_refresh) = (None, None);
+    if let (Some(current), Some(settings), true) = (&tokens, settings, refreshable) {
+        let due = schedule::next_refresh_at(current, settings.refresh_before, &o.keys.uid);
+        let not_before = o.memory.backoff.not_before.unwrap_or(now);
+        let requested = refresh_request.is_some() && refresh_request != handled_refresh_request;
+        let when = if requested {
+            not_before
+        } else {
+            due.max(not_before)
+        };
+        if when <= now {
+            refresh = Some(if requested {
+                RefreshTrigger::Requested
+            } else {
+                RefreshTrigger::Due
+            });
+        }
+        next_refresh = Some(when);
+    }
+
+    let mut handled_link_rotation = status.handled_link_rotation.clone();
+    let mut link = match crate::consent::link_token(Some(&status)) {
+        Some(token) => Link::Keep(token),
+        None => Link::Replace,
+    };
+    if rotate_request.is_some() && rotate_request != handled_link_rotation {
+        link = Link::Replace;
+        handled_link_rotation = rotate_request;
+    }
+    if blocker.is_some() {
+        link = Link::Withdraw;
+    }
+
+    let secret_name = match (&tokens, settings) {
+        (None, _) => None,
+        (Some(_), Some(settings)) if !o.conflict => Some(settings.secret_name.clone()),
+        (Some(_), _) => status.secret_name.clone(),
+    };
+    Plan {
+        tokens,
+        write,
+        refresh,
+        blocker,
+        authorization,
+        rejected_authorization,
+        link,
+        handled_link_rotation,
+        handled_refresh_request,
+        refresh_request,
+        next_refresh,
+        refresh_failure: o.memory.backoff.last_failure.clone(),
+        secret_name,
+        consumed_states: status.consumed_states.clone(),
+    }
+}
+
+/// Which tokens are current, and whether the Secret must be written to hold them: tokens held
+/// unstored win unless a newer consent replaced them; the Secret's win when they are newer
+/// (a refresh or consent on another replica); otherwise what this replica last stored is
+/// written back over a deleted or edited Secret.
+fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<SecretWrite>) {
+    let held = o.memory.held.as_ref();
+    match (held, &o.stored) {
+        (Some(held), Some(stored)) if !held.stored => {
+            if stored.authorized_at > held.tokens.authorized_at {
+                (Some(stored.clone()), None)
+            } else {
+                (Some(held.tokens.clone()), Some(SecretWrite::StoreHeld))
+            }
+        }
+        (Some(_), None) if o.conflict => (None, None),
+        (Some(held), None) => (
+            Some(held.tokens.clone()),
+            Some(if held.stored {
+                SecretWrite::Restore
+            } else {
+                SecretWrite::StoreHeld
+            }),
+        ),
+        (Some(held), Some(stored)) => {
+            let newer = stored.issued_at > held.tokens.issued_at
+                || stored.authorized_at > held.tokens.authorized_at;
+            if *stored == held.tokens || newer {
+                (Some(stored.clone()), None)
+            } else {
+                (Some(held.tokens.clone()), Some(SecretWrite::Restore))
+            }
+        }
+        (None, stored) => (stored.clone(), None),
+    }
+}
+
+/// The first thing that stops the operator from acting for this client.
+fn blocker(o: &Observed) -> Option<Blocker> {
+    match (&o.settings, &o.credentials) {
+        (Err(invalid), _) => Some(Blocker::InvalidSpec(invalid.clone())),
+        _ if o.conflict => Some(Blocker::SecretConflict {
+            namespace: o.keys.namespace.clone(),
+            name: o.obj.target_secret_name(),
+        }),
+        (_, Some(Err(problem))) => Some(Blocker::ClientSecretMissing(problem.clone())),
+        _ => None,
+    }
+}
+
+/// Where the client stands with GoTo, from typed status fields and the current tokens.
+fn authorization(
+    status: &GoToOAuthClientStatus,
+    settings: Option<&ClientSettings>,
+    tokens: Option<&StoredTokens>,
+    rejected_authorization: Option<Timestamp>,
+) -> Authorization {
+    let Some(tokens) = tokens else {
+        // A failed consent stands until one succeeds.
+        return Authorization::consent_failure(status.authorization.as_ref())
+            .unwrap_or(Authorization::Awaiting);
+    };
+    if let Some(settings) = settings
+        && !tokens.issued_to(settings)
+    {
+        return Authorization::ReauthorizationRequired(Reauthorization::ClientChanged {
+            issued_client_id: tokens.client_id.clone(),
+            issued_token_url: tokens.token_url.clone(),
+            client_id: settings.client_id.clone(),
+            token_url: settings.token_url.to_string(),
+        });
+    }
+    // Sticky: a rejected refresh token stays rejected until a new consent replaces it.
+    if rejected_authorization.is_some() {
+        return Authorization::ReauthorizationRequired(Authorization::recorded_rejection(
+            status.authorization.as_ref(),
+        ));
+    }
+    Authorization::Authorized {
+        principal: tokens.principal.clone(),
+    }
+}
+
+impl Plan {
+    /// The plan after the refresh it asked for (if any) happened: what the status describes.
+    pub(crate) fn settle(
+        mut self,
+        outcome: Option<RefreshOutcome>,
+        settings: Option<&ClientSettings>,
+        uid: &str,
+        now: Timestamp,
+    ) -> Plan {
+        match outcome {
+            None => {}
+            Some(RefreshOutcome::Refreshed(new)) => {
+                self.next_refresh =
+                    settings.map(|s| schedule::next_refresh_at(&new, s.refresh_before, uid));
+                self.tokens = Some(*new);
+                self.refresh_failure = None;
+                self.handled_refresh_request = self.refresh_request.clone();
+            }
+            Some(RefreshOutcome::NotLeader) => {
+                self.next_refresh = Some(now + NOT_LEADER_RETRY);
+            }
+            Some(RefreshOutcome::Failed { message, retry_at }) => {
+                self.refresh_failure = Some(message);
+                self.next_refresh = Some(retry_at);
+            }
+            Some(RefreshOutcome::Rejected { error }) => {
+                self.authorization =
+                    Authorization::ReauthorizationRequired(Reauthorization::RefreshTokenRejected {
+                        error: Some(error),
+                    });
+                self.rejected_authorization = self.tokens.as_ref().map(|t| t.authorized_at);
+                self.handled_refresh_request = self.refresh_request.clone();
+                self.next_refresh = None;
+                // A fresh link for the re-authorization.
+                if self.link != Link::Withdraw {
+                    self.link = Link::Replace;
+                }
+            }
+        }
+        self
+    }
+
+    /// The plan of a consent that just stored `tokens` (the callback path): authorized, no
+    /// failure, refresh on schedule, and the used link replaced.
+    pub(crate) fn after_consent(
+        obj: &GoToOAuthClient,
+        settings: &ClientSettings,
+        tokens: StoredTokens,
+        uid: &str,
+    ) -> Plan {
+        let status = obj.status.clone().unwrap_or_default();
+        let refresh_request = obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORCE_REFRESH_ANNOTATION))
+            .cloned();
+        Plan {
+            next_refresh: Some(schedule::next_refresh_at(
+                &tokens,
+                settings.refresh_before,
+                uid,
+            )),
+            authorization: Authorization::Authorized {
+                principal: tokens.principal.clone(),
+            },
+            tokens: Some(tokens),
+            write: None,
+            refresh: None,
+            blocker: None,
+            rejected_authorization: None,
+            link: Link::Replace,
+            handled_link_rotation: status.handled_link_rotation,
+            handled_refresh_request: refresh_request.clone(),
+            refresh_request,
+            refresh_failure: None,
+            secret_name: Some(settings.secret_name.clone()),
+            consumed_states: status.consumed_states,
+        }
+    }
+
+    /// The plan of a failed consent attempt while no tokens are stored (the callback path):
+    /// the status as it is, with the failure as the authorization phase.
+    pub(crate) fn failed_consent(
+        status: &GoToOAuthClientStatus,
+        authorization: Authorization,
+    ) -> Plan {
+        Plan {
+            tokens: None,
+            write: None,
+            refresh: None,
+            blocker: None,
+            authorization,
+            rejected_authorization: None,
+            link: match crate::consent::link_token(Some(status)) {
+                Some(token) => Link::Keep(token),
+                None => Link::Withdraw,
+            },
+            handled_link_rotation: status.handled_link_rotation.clone(),
+            handled_refresh_request: status.handled_refresh_request.clone(),
+            refresh_request: None,
+            next_refresh: None,
+            refresh_failure: None,
+            secret_name: None,
+            consumed_states: status.consumed_states.clone(),
+        }
+    }
+
+    /// When to reconcile again on its own: the next refresh, the token's expiry (Ready turns
+    /// False then), or a consumed state running out. Everything else arrives by watch.
+    pub(crate) fn wake_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let expiry = self
+            .tokens
+            .as_ref()
+            .map(|t| t.expires_at)
+            .filter(|at| *at > now);
+        let state = self
+            .consumed_states
+            .iter()
+            .filter(|c| c.expires_at > now.as_second())
+            .map(|c| c.expires_at)
+            .min()
+            .and_then(|s| Timestamp::from_second(s).ok());
+        [self.next_refresh, expiry, state]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The requeue delay for [`Plan::wake_at`].
+    pub(crate) fn requeue_after(&self, now: Timestamp) -> Option<Duration> {
+        self.wake_at(now).map(|at| {
+            Duration::try_from(at.duration_since(now))
+                .unwrap_or(Duration::ZERO)
+                .max(MIN_REQUEUE)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::{
+        conditions::ClientSecretProblem,
+        controller::{
+            fixtures::settings,
+            memory::{Backoff, ClientMemory, HeldTokens},
+            observe::ObjectKeys,
+        },
+        goto::ClientCredentials,
+        resource::{
+            AuthorizationPhase, AuthorizationReason, AuthorizationStatus, GoToOAuthClientSpec,
+        },
+        validation::InvalidSpec,
+    };
+
+    const NOW: &str = "2026-11-23T10:00:00Z";
+    const LINK: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCD";
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    /// Tokens issued at `issued` for an hour, of the consent given at `authorized`.
+    fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTokens {
+        StoredTokens {
+            access_token: SecretString::from(format!("access-{issued}")),
+            refresh_token: SecretString::from(refresh.to_string()),
+            token_type: "Bearer".into(),
+            expires_at: at(issued) + SignedDuration::from_hours(1),
+            issued_at: at(issued),
+            authorized_at: at(authorized),
+            scope: None,
+            principal: Some("admin@example.com".into()),
+            account_key: None,
+            organizer_key: None,
+            client_id: "client".into(),
+            token_url: "https://auth.example/oauth/token".into(),
+        }
+    }
+
+    /// An authorized client with a link, its tokens in the Secret, nothing in memory.
+    fn observed(stored: Option<StoredTokens>) -> Observed {
+        let mut obj = GoToOAuthClient::new(
+            "demo",
+            serde_json::from_value::<GoToOAuthClientSpec>(serde_json::json!({
+                "clientId": "client", "clientSecretRef": {"name": "creds"}
+            }))
+            .unwrap(),
+        );
+        obj.metadata.namespace = Some("ns".into());
+        obj.metadata.uid = Some("uid-1".into());
+        obj.status = Some(GoToOAuthClientStatus {
+            authorization_url: Some(format!("https://op.example/authorize/ns/demo/{LINK}")),
+            ..Default::default()
+        });
+        Observed {
+            obj: Arc::new(obj),
+            keys: ObjectKeys {
+                namespace: "ns".into(),
+                name: "demo".into(),
+                uid: "uid-1".into(),
+            },
+            settings: Ok(settings()),
+            credentials: Some(Ok(ClientCredentials {
+                client_id: "client".into(),
+                client_secret: SecretString::from("secret"),
+            })),
+            target: None,
+            conflict: false,
+            previous_secret_name: None,
+            stored,
+            memory: ClientMemory::default(),
+        }
+    }
+
+    fn with_status(mut o: Observed, f: impl FnOnce(&mut GoToOAuthClientStatus)) -> Observed {
+        let obj = Arc::make_mut(&mut o.obj);
+        f(obj.status.get_or_insert_with(Default::default));
+        o
+    }
+
+    fn annotate(mut o: Observed, key: &str, value: &str) -> Observed {
+        Arc::make_mut(&mut o.obj)
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into());
+        o
+    }
+
+    fn held(tokens: StoredTokens, stored: bool) -> Option<HeldTokens> {
+        Some(HeldTokens { tokens, stored })
+    }
+
+    #[test]
+    fn token_choice_and_secret_writes() {
+        let old = tokens("2026-11-23T09:00:00Z", "2026-11-01T00:00:00Z", "r1");
+        let new = tokens("2026-11-23T09:40:00Z", "2026-11-01T00:00:00Z", "r2");
+        let reconsented = tokens("2026-11-23T09:50:00Z", "2026-11-23T09:50:00Z", "r3");
+        // (what the Secret holds, what memory holds, conflict) → (current tokens, write)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a StoredTokens>,
+            Option<HeldTokens>,
+            bool,
+            Option<&'a StoredTokens>,
+            Option<SecretWrite>,
+        );
+        let cases: Vec<Case> = vec![
+            ("nothing anywhere", None, None, false, None, None),
+            (
+                "the Secret as it is",
+                Some(&old),
+                None,
+                false,
+                Some(&old),
+                None,
+            ),
+            (
+                "what was stored, unchanged",
+                Some(&old),
+                held(old.clone(), true),
+                false,
+                Some(&old),
+                None,
+            ),
+            (
+                "held unstored tokens are written first",
+                Some(&old),
+                held(new.clone(), false),
+                false,
+                Some(&new),
+                Some(SecretWrite::StoreHeld),
+            ),
+            (
+                "a newer consent supersedes held tokens",
+                Some(&reconsented),
+                held(new.clone(), false),
+                false,
+                Some(&reconsented),
+                None,
+            ),
+            (
+                "a deleted Secret is restored",
+                None,
+                held(old.clone(), true),
+                false,
+                Some(&old),
+                Some(SecretWrite::Restore),
+            ),
+            (
+                "an edited Secret is restored",
+                Some(&old),
+                held(new.clone(), true),
+                false,
+                Some(&new),
+                Some(SecretWrite::Restore),
+            ),
+            (
+                "another replica's refresh is newer",
+                Some(&new),
+                held(old.clone(), true),
+                false,
+                Some(&new),
+                None,
+            ),
+            (
+                "a foreign Secret is never written",
+                None,
+                held(old.clone(), true),
+                true,
+                None,
+                None,
+            ),
+        ];
+        for (what, stored, memory, conflict, want_tokens, want_write) in cases {
+            let mut o = observed(stored.cloned());
+            o.memory.held = memory;
+            o.conflict = conflict;
+            let p = plan(&o, at(NOW));
+            assert_eq!(p.tokens.as_ref(), want_tokens, "{what}: tokens");
+            assert_eq!(p.write, want_write, "{what}: write");
+        }
+    }
+
+    #[test]
+    fn a_renamed_secret_is_moved() {
+        let t = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "r");
+        let mut o = observed(Some(t.clone()));
+        o.previous_secret_name = Some("old-token".into());
+        let p = plan(&o, at(NOW));
+        assert_eq!(
+            p.write,
+            Some(SecretWrite::Move {
+                from: "old-token".into()
+            })
+        );
+        assert_eq!(p.secret_name.as_deref(), Some("demo-token"));
+    }
+
+    #[test]
+    fn refresh_decisions() {
+        let fresh = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "r");
+        let due = tokens("2026-11-23T09:15:00Z", "2026-11-01T00:00:00Z", "r");
+        let backing_off = Backoff {
+            refresh_failures: 1,
+            not_before: Some(at("2026-11-23T10:00:05Z")),
+            last_failure: Some("GoTo token endpoint failed (HTTP 500)".into()),
+            reconcile_errors: 0,
+        };
+        let cases: Vec<(&str, Observed, Option<RefreshTrigger>)> = vec![
+            ("not due yet", observed(Some(fresh.clone())), None),
+            (
+                "due",
+                observed(Some(due.clone())),
+                Some(RefreshTrigger::Due),
+            ),
+            (
+                "requested",
+                annotate(observed(Some(fresh.clone())), FORCE_REFRESH_ANNOTATION, "1"),
+                Some(RefreshTrigger::Requested),
+            ),
+            (
+                "request already handled",
+                with_status(
+                    annotate(observed(Some(fresh.clone())), FORCE_REFRESH_ANNOTATION, "1"),
+                    |s| s.handled_refresh_request = Some("1".into()),
+                ),
+                None,
+            ),
+            (
+                "request answered, status not written yet",
+                {
+                    let mut o =
+                        annotate(observed(Some(fresh.clone())), FORCE_REFRESH_ANNOTATION, "1");
+                    o.memory.answered_refresh_request = Some("1".into());
+                    o
+                },
+                None,
+            ),
+            (
+                "due but backing off",
+                {
+                    let mut o = observed(Some(due.clone()));
+                    o.memory.backoff = backing_off.clone();
+                    o
+                },
+                None,
+            ),
+            (
+                "no client secret",
+                {
+                    let mut o = observed(Some(due.clone()));
+                    o.credentials = Some(Err(ClientSecretProblem::SecretNotFound {
+                        namespace: "ns".into(),
+                        name: "creds".into(),
+                    }));
+                    o
+                },
+                None,
+            ),
+            (
+                "refresh token rejected",
+                with_status(observed(Some(due.clone())), |s| {
+                    s.rejected_authorization = Some(Time(due.authorized_at))
+                }),
+                None,
+            ),
+            (
+                "Secret conflict",
+                {
+                    let mut o = observed(Some(due.clone()));
+                    o.conflict = true;
+                    o
+                },
+                None,
+            ),
+            (
+                "client id changed",
+                {
+                    let mut o = observed(Some(due.clone()));
+                    o.settings = Ok(ClientSettings {
+                        client_id: "other".into(),
+                        ..settings()
+                    });
+                    o
+                },
+                None,
+            ),
+        ];
+        for (what, o, want) in cases {
+            assert_eq!(plan(&o, at(NOW)).refresh, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn next_refresh_waits_for_backoff() {
+        let mut o = observed(Some(tokens(
+            "2026-11-23T09:15:00Z",
+            "2026-11-01T00:00:00Z",
+            "r",
+        )));
+        o.memory.backoff.not_before = Some(at("2026-11-23T10:00:05Z"));
+        let p = plan(&o, at(NOW));
+        assert_eq!(p.next_refresh, Some(at("2026-11-23T10:00:05Z")));
+        assert_eq!(p.requeue_after(at(NOW)), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn authorization_phases() {
+        let t = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "r");
+        let failed = AuthorizationStatus {
+            phase: AuthorizationPhase::ConsentFailed,
+            reason: Some(AuthorizationReason::AccessDenied),
+            message: Some("Deny was clicked".into()),
+        };
+        let rejected = AuthorizationStatus {
+            phase: AuthorizationPhase::ReauthorizationRequired,
+            reason: Some(AuthorizationReason::RefreshTokenRejected),
+            message: Some("GoTo rejected the refresh token (invalid_grant)".into()),
+        };
+        let cases: Vec<(&str, Observed, Authorization)> = vec![
+            ("no consent yet", observed(None), Authorization::Awaiting),
+            (
+                "consent failure stands",
+                with_status(observed(None), |s| s.authorization = Some(failed.clone())),
+                Authorization::ConsentFailed {
+                    failure: crate::conditions::ConsentFailure::AccessDenied,
+                    message: "Deny was clicked".into(),
+                },
+            ),
+            (
+                "tokens replace a failure",
+                with_status(observed(Some(t.clone())), |s| {
+                    s.authorization = Some(failed.clone())
+                }),
+                Authorization::Authorized {
+                    principal: Some("admin@example.com".into()),
+                },
+            ),
+            (
+                "rejection is sticky",
+                with_status(observed(Some(t.clone())), |s| {
+                    s.authorization = Some(rejected.clone());
+                    s.rejected_authorization = Some(Time(t.authorized_at));
+                }),
+                Authorization::ReauthorizationRequired(Reauthorization::RefreshTokenRejected {
+                    error: Some("invalid_grant".into()),
+                }),
+            ),
+            (
+                "a new consent clears the rejection",
+                with_status(observed(Some(t.clone())), |s| {
+                    s.authorization = Some(rejected.clone());
+                    s.rejected_authorization = Some(Time(at("2026-10-01T00:00:00Z")));
+                }),
+                Authorization::Authorized {
+                    principal: Some("admin@example.com".into()),
+                },
+            ),
+        ];
+        for (what, o, want) in cases {
+            assert_eq!(plan(&o, at(NOW)).authorization, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn blockers_withdraw_the_link() {
+        let invalid = {
+            let mut o = observed(None);
+            o.settings = Err(InvalidSpec {
+                problems: vec!["spec.clientId must not be empty".into()],
+            });
+            o.credentials = None;
+            o
+        };
+        let p = plan(&invalid, at(NOW));
+        assert!(matches!(p.blocker, Some(Blocker::InvalidSpec(_))));
+        assert_eq!(p.link, Link::Withdraw);
+
+        let mut conflict = observed(None);
+        conflict.conflict = true;
+        assert!(matches!(
+            plan(&conflict, at(NOW)).blocker,
+            Some(Blocker::SecretConflict { .. })
+        ));
+
+        assert_eq!(plan(&observed(None), at(NOW)).link, Link::Keep(LINK.into()));
+    }
+
+    #[test]
+    fn rotation_replaces_the_link_once() {
+        let o = annotate(observed(None), ROTATE_LINK_ANNOTATION, "r1");
+        let p = plan(&o, at(NOW));
+        assert_eq!(p.link, Link::Replace);
+        assert_eq!(p.handled_link_rotation.as_deref(), Some("r1"));
+        let o = with_status(o, |s| s.handled_link_rotation = Some("r1".into()));
+        assert_eq!(plan(&o, at(NOW)).link, Link::Keep(LINK.into()));
+    }
+
+    #[test]
+    fn settling_a_refresh() {
+        let due = tokens("2026-11-23T09:15:00Z", "2026-11-01T00:00:00Z", "r");
+        let o = annotate(observed(Some(due.clone())), FORCE_REFRESH_ANNOTATION, "x");
+        let p = plan(&o, at(NOW));
+        let new = tokens(NOW, "2026-11-01T00:00:00Z", "r2");
+        let refreshed = p.clone().settle(
+            Some(RefreshOutcome::Refreshed(Box::new(new.clone()))),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert_eq!(refreshed.tokens.as_ref(), Some(&new));
+        assert_eq!(refreshed.handled_refresh_request.as_deref(), Some("x"));
+        assert!(refreshed.next_refresh.is_some_and(|t| t > at(NOW)));
+
+        let rejected = p.clone().settle(
+            Some(RefreshOutcome::Rejected {
+                error: "invalid_grant".into(),
+            }),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert_eq!(rejected.rejected_authorization, Some(due.authorized_at));
+        assert_eq!(rejected.link, Link::Replace);
+        assert_eq!(rejected.next_refresh, None);
+
+        let failed = p.settle(
+            Some(RefreshOutcome::Failed {
+                message: "timeout".into(),
+                retry_at: at("2026-11-23T10:00:10Z"),
+            }),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert_eq!(failed.refresh_failure.as_deref(), Some("timeout"));
+        assert_eq!(failed.next_refresh, Some(at("2026-11-23T10:00:10Z")));
+    }
+}

@@ -1,0 +1,181 @@
+//! Status: the one place a `GoToOAuthClient`'s status is computed and written.
+//!
+//! [`desired_status`] turns a settled [`Plan`] (what was written and what the refresh did) into
+//! the full status, conditions included; the reconciler and the consent callback both use it,
+//! so they cannot disagree. [`apply_status`] writes it only when it differs, conditional on the
+//! resourceVersion read, and publishes an Event and updates the per-client metrics only when it
+//! wrote.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Resource,
+    api::{Patch, PatchParams},
+    runtime::events::{Event, EventType},
+};
+use tracing::warn;
+
+use super::{Context, observe::ObjectKeys, plan::Plan};
+use crate::{
+    Result,
+    conditions::{self, Observation, Reason, TokenFacts},
+    consent::authorization_url,
+    metrics::Metrics,
+    resource::{GoToOAuthClient, GoToOAuthClientStatus, MANAGER},
+    validation::Defaults,
+};
+
+fn time(ts: Timestamp) -> Time {
+    Time(ts.round(jiff::Unit::Second).unwrap_or(ts))
+}
+
+/// The full status for `obj` after `plan` was carried out. `link_token` is the link to
+/// publish (the plan's kept one, or a fresh one), `None` to publish none.
+pub(crate) fn desired_status(
+    obj: &GoToOAuthClient,
+    keys: &ObjectKeys,
+    plan: &Plan,
+    link_token: Option<&str>,
+    defaults: &Defaults,
+    now: Timestamp,
+) -> GoToOAuthClientStatus {
+    let existing = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let generation = obj.metadata.generation;
+    let tokens = plan.tokens.as_ref();
+    let observation = Observation {
+        blocker: plan.blocker.clone(),
+        tokens: tokens.map(|t| TokenFacts {
+            expires_at: t.expires_at,
+        }),
+        authorization: plan.authorization.clone(),
+        refresh_failure: plan.refresh_failure.clone(),
+    };
+    let desired = conditions::desired_conditions(&observation, now);
+    GoToOAuthClientStatus {
+        conditions: conditions::merge_conditions(existing, &desired, generation, now),
+        authorization_url: link_token.map(|t| authorization_url(defaults, keys, t)),
+        authorization: Some(plan.authorization.to_status()),
+        access_token_expires_at: tokens.map(|t| time(t.expires_at)),
+        last_refresh_time: tokens.map(|t| time(t.issued_at)),
+        next_refresh_time: plan.next_refresh.map(time),
+        principal: tokens.and_then(|t| t.principal.clone()),
+        account_key: tokens.and_then(|t| t.account_key.clone()),
+        organizer_key: tokens.and_then(|t| t.organizer_key.clone()),
+        secret_name: plan.secret_name.clone(),
+        handled_link_rotation: plan.handled_link_rotation.clone(),
+        handled_refresh_request: plan.handled_refresh_request.clone(),
+        rejected_authorization: plan.rejected_authorization.map(time),
+        consumed_states: plan
+            .consumed_states
+            .iter()
+            .filter(|c| c.expires_at > now.as_second())
+            .cloned()
+            .collect(),
+        observed_generation: generation,
+    }
+}
+
+/// Whether [`apply_status`] publishes an Event for a condition that changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Events {
+    OnTransition,
+    /// The caller publishes its own Event (a failed consent attempt is always reported).
+    Never,
+}
+
+/// Writes `status` when it differs from the object's, conditional on the object's
+/// resourceVersion. Returns whether it wrote.
+pub(crate) async fn apply_status(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    keys: &ObjectKeys,
+    status: GoToOAuthClientStatus,
+    events: Events,
+) -> Result<bool> {
+    let current = obj.status.clone().unwrap_or_default();
+    if current == status {
+        return Ok(false);
+    }
+    let written = write_status(ctx, keys, obj.metadata.resource_version.clone(), &status).await?;
+    ctx.memory.with(&keys.uid, |m| {
+        m.written_resource_version = written.metadata.resource_version.clone();
+    });
+
+    if events == Events::OnTransition
+        && let Some(condition) = conditions::transition(&current.conditions, &status.conditions)
+        && let Some(reason) = Reason::parse(&condition.reason)
+    {
+        publish(ctx, obj, reason, &condition.message).await;
+    }
+    record_metrics(&ctx.metrics, keys, &status);
+    Ok(true)
+}
+
+/// The per-client series: Ready, and the access token's expiry.
+pub(crate) fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClientStatus) {
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.status == "True");
+    let labels = Metrics::client(&keys.namespace, &keys.name);
+    metrics
+        .client_ready
+        .get_or_create(&labels)
+        .set(i64::from(ready));
+    match &status.access_token_expires_at {
+        Some(t) => {
+            metrics
+                .token_expiry
+                .get_or_create(&labels)
+                .set(t.0.as_second());
+        }
+        None => {
+            metrics.token_expiry.remove(&labels);
+        }
+    }
+}
+
+/// Publishes an Event; failures are logged, never fatal (events are best effort).
+pub(crate) async fn publish(ctx: &Context, obj: &GoToOAuthClient, reason: Reason, note: &str) {
+    let event = Event {
+        type_: if reason.is_normal() {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: reason.as_str().to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}
+
+/// Writes a full status by server-side apply, conditional on `resource_version`.
+pub(crate) async fn write_status(
+    ctx: &Context,
+    keys: &ObjectKeys,
+    resource_version: Option<String>,
+    status: &GoToOAuthClientStatus,
+) -> Result<GoToOAuthClient> {
+    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    let patch = serde_json::json!({
+        "apiVersion": GoToOAuthClient::api_version(&()),
+        "kind": GoToOAuthClient::kind(&()),
+        "metadata": { "name": keys.name, "resourceVersion": resource_version },
+        "status": status,
+    });
+    Ok(api
+        .patch_status(
+            &keys.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?)
+}

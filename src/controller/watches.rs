@@ -1,0 +1,141 @@
+//! What the controller watches and how it runs: the clients (cached without managedFields),
+//! Secrets as metadata only (a change to a client secret or a token Secret triggers the clients
+//! that reference it), and the manual clock's ticks in tests. One controller per watched
+//! namespace, or one for all.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{debug, info};
+
+use super::{Context, error_policy, reconcile};
+use crate::resource::GoToOAuthClient;
+
+/// Reconciles at most this many clients at once: a thousand at once would each hold an API
+/// connection (and its memory) for nothing; refreshes are rate-limited anyway.
+const CONCURRENCY: u16 = 16;
+/// How often memory of deleted clients is dropped (the controller is not called for them).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The clients that reference a Secret, as client secret or as token Secret.
+fn referencing_clients(
+    store: &Store<GoToOAuthClient>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<GoToOAuthClient>> {
+    let (Some(namespace), Some(name)) = (
+        secret.metadata.namespace.as_deref(),
+        secret.metadata.name.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|c| c.metadata.namespace.as_deref() == Some(namespace))
+        .filter(|c| {
+            c.spec.client_secret_ref.name == name
+                || c.target_secret_name() == name
+                || c.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(name)
+        })
+        .map(|c| ObjectRef::from_obj(c.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let scopes: Vec<Option<String>> = if ctx.settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let runs = scopes
+        .into_iter()
+        .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone()));
+    futures::future::join_all(runs).await;
+    info!("controller stopped");
+}
+
+async fn run_scope(
+    ctx: Arc<Context>,
+    scope: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let (clients, secrets): (Api<GoToOAuthClient>, Api<PartialObjectMeta<Secret>>) = match &scope {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    // managedFields are most of each cached object's size and the operator never reads them.
+    let (store, writer) = kube::runtime::reflector::store();
+    let client_events = watcher(clients, watcher::Config::default())
+        .default_backoff()
+        .modify(|client: &mut GoToOAuthClient| client.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    // Metadata only: the controller needs to know that a Secret changed, not its data.
+    let secret_events = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let ticks = futures::stream::unfold(ctx.clock.ticks(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+    info!(
+        namespace = scope.as_deref().unwrap_or("<all>"),
+        "controller starting"
+    );
+    let pruner = prune_deleted(ctx.clone(), store.clone(), scope.clone());
+    let controller = Controller::for_stream(client_events, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
+        .watches_stream(secret_events, move |secret| {
+            referencing_clients(&store, &secret)
+        })
+        .reconcile_all_on(ticks)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(object = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile error"),
+            }
+        });
+    // The pruner never ends on its own; the controller's end (shutdown) ends both.
+    tokio::select! {
+        _ = controller => {}
+        _ = pruner => {}
+    }
+}
+
+/// Forgets clients of `scope` that no longer exist, with their metric series.
+async fn prune_deleted(ctx: Arc<Context>, store: Store<GoToOAuthClient>, scope: Option<String>) {
+    if store.wait_until_ready().await.is_err() {
+        return futures::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(PRUNE_INTERVAL).await;
+        let alive: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|c| c.metadata.uid.clone())
+            .collect();
+        for (namespace, name) in ctx.memory.prune(scope.as_deref(), &alive) {
+            ctx.metrics.forget_client(&namespace, &name);
+        }
+    }
+}

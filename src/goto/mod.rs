@@ -1,0 +1,104 @@
+//! Talking to GoTo: one [`GoTo`] client owns the HTTP client for the token endpoint, the
+//! operator-wide rate limiter and the token-request metrics, so no caller can send a token
+//! request that skips the limit or goes unmeasured.
+//!
+//! [`protocol`] is the wire format (what is sent, how answers are classified); this module adds
+//! the policy around it. A request needs a [`Permit`] from [`GoTo::permit`], so a caller that
+//! must check something right before sending (the leader Lease) does it between the wait for
+//! the limiter and the request.
+
+mod limiter;
+pub mod protocol;
+
+use std::{sync::Arc, time::Duration};
+
+use crate::metrics::{GrantType, Metrics, TokenRequestLabels};
+
+pub(crate) use limiter::RateLimiter;
+pub use protocol::{ClientCredentials, OAuthError, TokenResponse};
+
+/// The right to send one request to GoTo's token endpoint now.
+#[must_use]
+pub(crate) struct Permit(());
+
+/// The token-endpoint client every refresh and code exchange goes through.
+pub(crate) struct GoTo {
+    http: protocol::TokenClient,
+    limiter: RateLimiter,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for GoTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoTo").finish_non_exhaustive()
+    }
+}
+
+impl GoTo {
+    /// `timeout` bounds each request; `per_second` is the limit over all clients.
+    pub(crate) fn new(
+        timeout: Duration,
+        per_second: u32,
+        metrics: Arc<Metrics>,
+    ) -> Result<GoTo, OAuthError> {
+        Ok(GoTo {
+            http: protocol::TokenClient::new(timeout)?,
+            limiter: RateLimiter::new(per_second),
+            metrics,
+        })
+    }
+
+    /// Waits until a request may be sent within the rate limit.
+    pub(crate) async fn permit(&self) -> Permit {
+        self.limiter.acquire().await;
+        Permit(())
+    }
+
+    /// Exchanges an authorization code (once: GoTo rejects a second exchange of the same code).
+    pub(crate) async fn exchange_code(
+        &self,
+        _permit: Permit,
+        token_url: &str,
+        creds: &ClientCredentials,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        let started = std::time::Instant::now();
+        let response = self
+            .http
+            .exchange_code(token_url, creds, code, redirect_uri)
+            .await;
+        self.observe(GrantType::AuthorizationCode, &response, started);
+        response
+    }
+
+    /// Uses a refresh token.
+    pub(crate) async fn refresh(
+        &self,
+        _permit: Permit,
+        token_url: &str,
+        creds: &ClientCredentials,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        let started = std::time::Instant::now();
+        let response = self.http.refresh(token_url, creds, refresh_token).await;
+        self.observe(GrantType::RefreshToken, &response, started);
+        response
+    }
+
+    fn observe(
+        &self,
+        grant_type: GrantType,
+        response: &Result<TokenResponse, OAuthError>,
+        started: std::time::Instant,
+    ) {
+        let result = match response {
+            Ok(_) => "success",
+            Err(e) => e.reason(),
+        };
+        self.metrics
+            .token_request_duration
+            .get_or_create(&TokenRequestLabels { grant_type, result })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,127 @@
+//! `GET /authorize/{namespace}/{name}/{link}`: checks the link, binds the browser with a cookie
+//! and sends it to GoTo's consent page with a signed, single-use `state`.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Redirect, Response},
+};
+use axum_extra::extract::{
+    CookieJar,
+    cookie::{Cookie, SameSite},
+};
+use kube::Api;
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use super::{BINDING_COOKIE, binding_cookie, client_page, invalid_link, server_error};
+use crate::{
+    cli::is_loopback_host,
+    conditions::Reason,
+    consent::{StateClaims, link_token, random_token, state::STATE_TTL_SECONDS},
+    controller::{Context, ObjectKeys, observe::read_credentials},
+    goto::protocol::authorization_request_url,
+    resource::GoToOAuthClient,
+    validation::validate,
+};
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+pub(super) async fn authorize(
+    State(ctx): State<Arc<Context>>,
+    Path((namespace, name, link)): Path<(String, String, String)>,
+    jar: CookieJar,
+) -> Response {
+    if !valid_name(&namespace) || !valid_name(&name) || link.len() > 128 {
+        return invalid_link();
+    }
+    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &namespace);
+    let obj = match api.get_opt(&name).await {
+        Ok(Some(obj)) => obj,
+        Ok(None) => return invalid_link(),
+        Err(e) => {
+            warn!(error = %e, "authorize: reading the client failed");
+            return server_error(None);
+        }
+    };
+    // Knowing the namespace and name is not enough: the link token must match, compared in
+    // constant time.
+    let expected = link_token(obj.status.as_ref()).unwrap_or_default();
+    if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(link.as_bytes())) {
+        return invalid_link();
+    }
+    let Ok(keys) = ObjectKeys::of(&obj) else {
+        return invalid_link();
+    };
+    let not_ready = |title, what_happened, what_to_do, reason| {
+        client_page(
+            &keys,
+            StatusCode::CONFLICT,
+            title,
+            what_happened,
+            what_to_do,
+            reason,
+        )
+    };
+    let Ok(settings) = validate(&obj, &ctx.settings.defaults) else {
+        return not_ready(
+            "This client is misconfigured",
+            "The operator cannot start an authorization for this client because its configuration is invalid.",
+            "Tell the person who sent you the link; they can see the details in the resource's status.",
+            Reason::InvalidSpec,
+        );
+    };
+    match read_credentials(&ctx, &keys.namespace, &settings).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => {
+            return not_ready(
+                "This client is not ready yet",
+                "The OAuth client secret for this client has not been stored in the cluster.",
+                "Tell the person who sent you the link; once the client secret is in place, open the link again.",
+                Reason::ClientSecretMissing,
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "authorize: reading the client secret failed");
+            return server_error(Some(&keys));
+        }
+    }
+
+    let cookie = binding_cookie(&jar).unwrap_or_else(|| random_token(32));
+    let claims = StateClaims {
+        namespace: keys.namespace.clone(),
+        name: keys.name.clone(),
+        uid: keys.uid.clone(),
+        client_id: settings.client_id.clone(),
+        nonce: random_token(16),
+        expires_at: ctx.clock.now().as_second() + STATE_TTL_SECONDS,
+        browser: ctx.state_key.browser_binding(&cookie),
+    };
+    let state = ctx.state_key.sign(&claims);
+    let Ok(target) = authorization_request_url(
+        settings.authorize_url.as_str(),
+        &settings.client_id,
+        &settings.redirect_uri,
+        &settings.scopes,
+        &state,
+    ) else {
+        return invalid_link();
+    };
+    let binding = Cookie::build((BINDING_COOKIE, cookie))
+        .path("/")
+        .max_age(cookie::time::Duration::seconds(STATE_TTL_SECONDS))
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(!is_loopback_host(&ctx.settings.defaults.public_url));
+    info!(namespace = %keys.namespace, name = %keys.name, "authorization started");
+    let mut response = (jar.add(binding), Redirect::to(target.as_str())).into_response();
+    *response.status_mut() = StatusCode::FOUND;
+    response
+}
