@@ -13,14 +13,6 @@ pub enum Error {
     #[error("Kubernetes API error: {}", describe_kube_error(.0))]
     Kube(#[source] kube::Error),
 
-    /// The resource's spec cannot work as written; fixing the spec is the only remedy.
-    #[error("invalid spec: {0}")]
-    InvalidSpec(String),
-
-    /// The referenced client-secret Secret or its key is missing.
-    #[error("client secret missing: {0}")]
-    ClientSecretMissing(String),
-
     /// The target Secret exists but belongs to someone else.
     #[error("secret conflict: {0}")]
     SecretConflict(String),
@@ -71,8 +63,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube_api",
-            Error::InvalidSpec(_) => "invalid_spec",
-            Error::ClientSecretMissing(_) => "client_secret_missing",
             Error::SecretConflict(_) => "secret_conflict",
             Error::OAuth(e) => e.reason(),
             Error::Serialization(_) => "serialization",
@@ -81,13 +71,12 @@ impl Error {
         }
     }
 
-    /// Whether retrying without any change can help. Errors that need a human (a bad spec, a
-    /// missing Secret, a foreign Secret) wait for the next watch event instead of hot-looping.
+    /// Whether retrying without any change can help. Errors that need a human (a foreign
+    /// Secret) wait for the next watch event instead of hot-looping; a bad spec or a missing
+    /// client secret is not an error at all but a condition the reconcile writes.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::InvalidSpec(_) | Error::ClientSecretMissing(_) | Error::SecretConflict(_) => {
-                false
-            }
+            Error::SecretConflict(_) => false,
             Error::OAuth(e) => e.is_transient(),
             _ => true,
         }
