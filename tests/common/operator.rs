@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{
+use goto_oauth_operator::{
     controller::{Context, Settings},
     leader::{self, LeaseSettings},
     metrics::Metrics,
@@ -90,14 +90,13 @@ impl InProcessOperator {
             token_timeout: options.token_timeout,
             namespaces: options.namespaces.clone(),
             reporter_instance: options.leader_identity.clone(),
-            lease: options
-                .leader_identity
-                .clone()
-                .map(|identity| crate::controller::LeaseHolder {
+            lease: options.leader_identity.clone().map(|identity| {
+                goto_oauth_operator::controller::LeaseHolder {
                     namespace: options.operator_namespace.clone(),
                     name: "goto-oauth-operator".into(),
                     identity,
-                }),
+                }
+            }),
         };
         let ctx = Context::new(
             client.clone(),
