@@ -66,7 +66,9 @@ pub fn real_cluster() -> bool {
 /// The API server the test talks to, always through a [`FaultProxy`]: `client` and
 /// `kubeconfig` point at the proxy, so every request of the test, an in-process operator and the
 /// operator binary is logged and can be failed on purpose, on the in-memory server and on a real
-/// cluster alike.
+/// cluster alike. No e2e test needs the in-memory server's own hooks: `cut_watches` is the
+/// proxy's, and `compact`/`open_watches` are used only by `tests/apiserver_conformance.rs`, which
+/// tests the in-memory server itself and so never runs on a real cluster.
 pub struct Cluster {
     pub client: Client,
     pub kubeconfig: PathBuf,
