@@ -22,16 +22,26 @@ WORKDIR /src
 # rust-toolchain.toml is deliberately not copied: it names the moving "stable" channel, which
 # would make rustup download another toolchain here instead of using the image's 1.95.
 COPY Cargo.toml Cargo.lock ./
-# Placeholder sources: src/ plus a stub for every [[bench]]/[[example]]/[[test]] Cargo.toml
+# The workspace members (test support only, never built here) are needed for cargo to read the
+# workspace and its lock file: their manifests, each with an empty placeholder library.
+COPY crates/fake-apiserver/Cargo.toml crates/fake-apiserver/
+COPY crates/fake-goto/Cargo.toml crates/fake-goto/
+COPY crates/kube-fault-proxy/Cargo.toml crates/kube-fault-proxy/
+# Placeholder sources: src/ plus a stub for every [[bench]]/[[example]]/[[test]] a manifest
 # declares, since cargo refuses a manifest whose declared targets are missing. The stubs of
-# benches/examples/tests stay; only the binary is ever built here.
-# (tests/manifests.rs runs this very RUN line to check it still satisfies cargo.)
-RUN mkdir -p src benches examples tests \
+# benches/examples/tests and the members' libraries stay; only the binary is ever built here.
+# (tests/manifests.rs runs these COPY lines and this very RUN line to check they satisfy cargo.)
+RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && : > src/lib.rs \
-    && for kind in bench:benches example:examples test:tests; do \
-         for name in $(awk -v s="[[${kind%%:*}]]" '/^\[/ { on = ($0 == s) } on && /^name *=/ { gsub(/^name *= *"|".*$/, ""); print }' Cargo.toml); do \
-           echo 'fn main() {}' > "${kind#*:}/${name}.rs"; \
+    && for manifest in Cargo.toml crates/*/Cargo.toml; do \
+         dir="$(dirname "${manifest}")"; \
+         mkdir -p "${dir}/src" "${dir}/benches" "${dir}/examples" "${dir}/tests"; \
+         [ -e "${dir}/src/lib.rs" ] || : > "${dir}/src/lib.rs"; \
+         for kind in bench:benches example:examples test:tests; do \
+           for name in $(awk -v s="[[${kind%%:*}]]" '/^\[/ { on = ($0 == s) } on && /^name *=/ { gsub(/^name *= *"|".*$/, ""); print }' "${manifest}"); do \
+             echo 'fn main() {}' > "${dir}/${kind#*:}/${name}.rs"; \
+           done; \
          done; \
        done
 RUN cargo build --release --locked --target "${TARGET}" --bin goto-oauth-operator \

@@ -1,7 +1,9 @@
 //! `cargo bench --bench operator`: the real operator binary against 1,000 clients.
 //!
 //! The operator runs as a child process (the release-profile binary, as deployed) against the
-//! in-memory API server and the fake GoTo provider, both hosted in this process. What is
+//! in-memory API server and the fake GoTo provider, both hosted in this process. The operator
+//! and this process reach the API server through `kube-fault-proxy`, whose request log does the
+//! counting (no faults are injected; the proxy costs one more loopback hop per request). What is
 //! measured is mostly counted, not timed — API requests by verb, writes, 429s — because counts
 //! do not depend on how busy the (shared, 2-core) machine is; the times and RSS figures are
 //! printed alongside. See BENCHMARKS.md for the phases, the targets and the latest results.
@@ -26,24 +28,22 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use fake_apiserver::FakeApiServer;
+use fake_goto::{ClientRegistration, FakeGoTo, FakeGoToConfig};
 use futures::{StreamExt, TryStreamExt, stream};
 use goto_oauth_operator::{
     goto::protocol::{TokenResponse, basic_authorization},
     resource::{GoToOAuthClient, MANAGER},
     secret::{ACCESS_TOKEN_KEY, StoredTokens, desired_secret},
-    testkit::{
-        apiserver::{FakeApiServer, LoggedRequest},
-        goto::{ClientRegistration, FakeGoTo, FakeGoToConfig},
-        setup,
-    },
     validation::{Defaults, validate},
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, CustomResourceExt, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
+use kube_fault_proxy::{FaultProxy, LoggedRequest};
 use secrecy::ExposeSecret;
 
 /// Requests this process sends carry this User-Agent, so the request log separates them from
@@ -107,7 +107,9 @@ struct BenchClient {
 /// Everything the phases share.
 struct Bench {
     n: usize,
-    fake: FakeApiServer,
+    /// Counts the requests; the in-memory API server behind it lives as long as the bench.
+    proxy: FaultProxy,
+    _fake: FakeApiServer,
     goto: FakeGoTo,
     client: Client,
     defaults: Defaults,
@@ -129,7 +131,7 @@ impl Bench {
 
     /// The operator's requests since the log was last cleared.
     fn operator_requests(&self) -> Vec<LoggedRequest> {
-        self.fake
+        self.proxy
             .request_log()
             .into_iter()
             .filter(|r| r.user_agent.as_deref() != Some(BENCH_UA))
@@ -137,9 +139,9 @@ impl Bench {
     }
 }
 
-/// A kube client whose requests are tagged with [`BENCH_UA`].
-fn bench_client(fake: &FakeApiServer) -> Result<Client> {
-    let mut config = kube::Config::new(fake.url().parse()?);
+/// A kube client (through the proxy) whose requests are tagged with [`BENCH_UA`].
+fn bench_client(proxy: &FaultProxy) -> Result<Client> {
+    let mut config = kube::Config::new(proxy.url().parse()?);
     config.headers.push((
         http::header::USER_AGENT,
         http::HeaderValue::from_static(BENCH_UA),
@@ -162,7 +164,7 @@ async fn run() -> Result<()> {
     let mut report = Report::default();
 
     // Phase 1 and 2 share one operator process.
-    bench.fake.clear_request_log();
+    bench.proxy.clear_request_log();
     let operator = Operator::start(&bench).await?;
     startup_phase(&bench, &operator, &mut report).await?;
     idle_phase(
@@ -196,16 +198,22 @@ async fn run() -> Result<()> {
 /// are fresh.
 async fn setup(n: usize) -> Result<Bench> {
     let fake = FakeApiServer::start().await;
+    let proxy = FaultProxy::start(fake.client()).await?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, fake.kubeconfig_yaml())?;
-    let client = bench_client(&fake)?;
+    std::fs::write(&kubeconfig, proxy.kubeconfig_yaml())?;
+    let client = bench_client(&proxy)?;
 
     // The CRD and the namespace, as the e2e harness installs them.
-    setup::install_crd(&client, "goto-oauth-bench", Duration::from_secs(30))
-        .await
-        .map_err(|e| anyhow!(e))?;
-    setup::create_namespace(&client, NAMESPACE)
+    fake_apiserver::install_crd(
+        &client,
+        GoToOAuthClient::crd(),
+        "goto-oauth-bench",
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
+    fake_apiserver::create_namespace(&client, NAMESPACE)
         .await
         .map_err(|e| anyhow!(e))?;
 
@@ -229,7 +237,7 @@ async fn setup(n: usize) -> Result<Bench> {
     let mut registered = Vec::with_capacity(n);
     for i in 0..n {
         let client_id = format!("bench-client-{i:04}");
-        let client_secret = goto_oauth_operator::testkit::goto::sample_client_secret();
+        let client_secret = fake_goto::sample_client_secret();
         goto.register_client(ClientRegistration {
             client_id: client_id.clone(),
             client_secret: client_secret.clone(),
@@ -311,7 +319,8 @@ async fn setup(n: usize) -> Result<Bench> {
 
     let mut bench = Bench {
         n,
-        fake,
+        proxy,
+        _fake: fake,
         goto,
         client,
         defaults,
@@ -779,7 +788,7 @@ async fn idle_phase(
         window.as_secs()
     );
     let before = op.reconciles().await?;
-    bench.fake.clear_request_log();
+    bench.proxy.clear_request_log();
     let crs = bench.crs();
     let started = Instant::now();
     stream::iter(&bench.clients)
@@ -832,7 +841,7 @@ async fn idle_phase(
     );
 
     trace_client("idle reconcile", &requests);
-    bench.fake.clear_request_log();
+    bench.proxy.clear_request_log();
     let rss_before = op.rss_kib();
     tokio::time::sleep(window).await;
     let requests = bench.operator_requests();
@@ -886,7 +895,7 @@ async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
     bench.goto.set_rate_limit(Some(PROVIDER_RATE_LIMIT));
     let token_requests_before = bench.goto.token_requests().len();
     let limited_before = bench.goto.rate_limited_count();
-    bench.fake.clear_request_log();
+    bench.proxy.clear_request_log();
 
     let op = Operator::start(bench).await?;
     let secrets = bench.secrets();

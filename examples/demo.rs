@@ -17,18 +17,13 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Parser;
-use goto_oauth_operator::{
-    resource::{ClientSecretRef, GoToOAuthClient, GoToOAuthClientSpec},
-    testkit::{
-        apiserver::FakeApiServer,
-        goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig, sample_client_secret},
-        setup,
-    },
-};
+use fake_apiserver::FakeApiServer;
+use fake_goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig, sample_client_secret};
+use goto_oauth_operator::resource::{ClientSecretRef, GoToOAuthClient, GoToOAuthClientSpec};
 use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
-    Api, Client,
+    Api, Client, CustomResourceExt,
     api::{ObjectMeta, PostParams},
 };
 use sha2::{Digest, Sha256};
@@ -355,13 +350,18 @@ fn info(message: impl AsRef<str>) {
 }
 
 async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    setup::install_crd(client, "goto-oauth-demo", STEP_DEADLINE)
-        .await
-        .map_err(|e| anyhow!(e))
+    fake_apiserver::install_crd(
+        client,
+        GoToOAuthClient::crd(),
+        "goto-oauth-demo",
+        STEP_DEADLINE,
+    )
+    .await
+    .map_err(|e| anyhow!(e))
 }
 
 async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Result<()> {
-    setup::create_namespace(client, NAMESPACE)
+    fake_apiserver::create_namespace(client, NAMESPACE)
         .await
         .map_err(|e| anyhow!(e))?;
 

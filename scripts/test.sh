@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-test-deps.sh
 export PATH="$PWD/.tools/bin:$PATH"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets

@@ -19,7 +19,4 @@ pub mod telemetry;
 pub mod validation;
 pub mod web;
 
-#[cfg(feature = "testkit")]
-pub mod testkit;
-
 pub use error::{Error, Result};

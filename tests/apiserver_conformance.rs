@@ -1,4 +1,4 @@
-//! Conformance of the in-memory API server (`testkit::apiserver`) with the recorded
+//! Conformance of the in-memory API server (`fake_apiserver`) with the recorded
 //! kube-apiserver transcripts: wire-level checks with reqwest, client-level ones with kube, and
 //! kube-runtime's watcher/Controller plus kube-lease-manager running against it unmodified.
 
@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
-use goto_oauth_operator::testkit::apiserver::{FakeApiServer, Fault};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{CustomResource, CustomResourceExt, Resource, ResourceExt};
+use kube_fault_proxy::{Fault, FaultProxy};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -44,9 +45,13 @@ struct Raw {
 
 impl Raw {
     fn new(server: &FakeApiServer) -> Self {
+        Self::at(server.url())
+    }
+    /// Requests to `base` (the proxy in front of the server, where the log is kept).
+    fn at(base: String) -> Self {
         Self {
             http: reqwest::Client::new(),
-            base: server.url(),
+            base,
         }
     }
     async fn send(
@@ -901,9 +906,13 @@ async fn owner_reference_garbage_collection() {
 #[tokio::test]
 async fn request_log_and_faults() {
     let server = FakeApiServer::start().await;
-    let secrets: Api<Secret> = Api::default_namespaced(server.client());
-    server.clear_request_log();
-    server.inject_fault(Fault {
+    // The request log and the faults are the proxy's, in front of the server.
+    let proxy = FaultProxy::start(server.client())
+        .await
+        .expect("start the proxy");
+    let secrets: Api<Secret> = Api::default_namespaced(proxy.client());
+    proxy.clear_request_log();
+    proxy.inject_fault(Fault {
         method: Some(http::Method::GET),
         path_contains: "/secrets/faulty".into(),
         status: 500,
@@ -929,7 +938,7 @@ async fn request_log_and_faults() {
         )
         .await
         .unwrap();
-    let log = server.request_log();
+    let log = proxy.request_log();
     assert_eq!(log.len(), 3);
     assert_eq!((log[0].verb.as_str(), log[0].status), ("get", 500));
     assert_eq!((log[1].verb.as_str(), log[1].status), ("get", 404));
@@ -941,7 +950,7 @@ async fn request_log_and_faults() {
     );
     assert!(log[2].query.contains("fieldManager=tester"));
     // The default field manager comes from the User-Agent prefix (kube-rs sends none: "unknown").
-    let raw = Raw::new(&server);
+    let raw = Raw::at(proxy.url());
     let resp = raw
         .http
         .post(format!("{}{SECRETS}", raw.base))
@@ -956,7 +965,7 @@ async fn request_log_and_faults() {
         created["metadata"]["managedFields"][0]["manager"],
         "goto-admin"
     );
-    let last = server.request_log().pop().unwrap();
+    let last = proxy.request_log().pop().unwrap();
     assert_eq!(
         last.user_agent.as_deref(),
         Some("goto-admin/1.0 (linux/amd64)")
@@ -1038,7 +1047,11 @@ struct Never;
 async fn controller_reconciles_and_recovers() {
     let server = FakeApiServer::start().await;
     install_widget_crd(&server).await;
-    let client = server.client();
+    // Through the proxy, whose request log shows the re-list.
+    let proxy = FaultProxy::start(server.client())
+        .await
+        .expect("start the proxy");
+    let client = proxy.client();
     let widgets: Api<Widget> = Api::default_namespaced(client.clone());
     let reconciled: Reconciled = Arc::default();
     let controller = Controller::new(widgets.clone(), watcher::Config::default());
@@ -1115,7 +1128,7 @@ async fn controller_reconciles_and_recovers() {
         saw("c", 4)
     })
     .await;
-    let relisted = server
+    let relisted = proxy
         .request_log()
         .iter()
         .any(|r| r.verb == "list" && r.path.ends_with("/widgets"));

@@ -4,11 +4,11 @@
 mod common;
 
 use common::{Browser, Page, Stack, TOKEN_SECRET_KEYS, eventually, secret_field};
+use fake_goto::{Decision, TokenFault};
 use goto_oauth_operator::{
     conditions::reason,
     consent::{StateClaims, StateKey},
     secret,
-    testkit::goto::{Decision, TokenFault},
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};

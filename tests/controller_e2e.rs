@@ -4,7 +4,8 @@
 mod common;
 
 use common::{Cluster, Operator, Provider, eventually};
-use goto_oauth_operator::{conditions::reason, testkit::goto::FakeGoToConfig};
+use fake_goto::FakeGoToConfig;
+use goto_oauth_operator::conditions::reason;
 use kube::api::{DeleteParams, Patch, PatchParams};
 
 /// The operator binary (leader election off) and a provider whose callback is never used here.
@@ -77,38 +78,39 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
     );
 
     // Idle: touching metadata makes the controller reconcile, and it writes nothing.
-    if let Some(fake) = &cluster.fake {
-        let before = cluster.operator_writes().unwrap();
-        for i in 0..3 {
-            fake.clear_request_log();
-            let patch = serde_json::json!({"metadata": {"annotations": {"example.com/touch": i.to_string()}}});
-            cluster
-                .clients()
-                .patch("demo", &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .unwrap();
-            // The reconcile reads the client secret: wait until it did.
-            eventually("a reconcile after the touch", || async {
-                fake.request_log()
-                    .iter()
-                    .any(|r| r.verb == "get" && r.path.ends_with("/secrets/demo-credentials"))
-                    .then_some(())
-            })
-            .await;
-        }
-        let after = cluster.operator_writes().unwrap();
-        assert!(
-            after.is_empty(),
-            "idle reconciles wrote: {after:?} (before: {} writes)",
-            before.len()
-        );
-        let obj = cluster.clients().get("demo").await.unwrap();
-        assert_eq!(
-            obj.status.as_ref().unwrap().authorization_url.as_deref(),
-            Some(url.as_str()),
-            "link is stable"
-        );
+    let proxy = cluster.proxy();
+    let before = cluster.operator_writes();
+    for i in 0..3 {
+        proxy.clear_request_log();
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {"example.com/touch": i.to_string()}}});
+        cluster
+            .clients()
+            .patch("demo", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        // The reconcile reads the client secret: wait until it did.
+        eventually("a reconcile after the touch", || async {
+            proxy
+                .request_log()
+                .iter()
+                .any(|r| r.verb == "get" && r.path.ends_with("/secrets/demo-credentials"))
+                .then_some(())
+        })
+        .await;
     }
+    let after = cluster.operator_writes();
+    assert!(
+        after.is_empty(),
+        "idle reconciles wrote: {after:?} (before: {} writes)",
+        before.len()
+    );
+    let obj = cluster.clients().get("demo").await.unwrap();
+    assert_eq!(
+        obj.status.as_ref().unwrap().authorization_url.as_deref(),
+        Some(url.as_str()),
+        "link is stable"
+    );
 
     // Deleting the resource leaves nothing behind.
     cluster
@@ -160,33 +162,30 @@ async fn invalid_spec_waits_for_a_change_without_hot_looping() {
     );
     assert!(obj.status.as_ref().unwrap().authorization_url.is_none());
 
-    if let Some(fake) = &cluster.fake {
-        // No hot loop: with nothing changing, the controller does not keep reading or writing.
-        // An unrelated change elsewhere (a new Secret) proves the operator is alive and watching.
-        fake.clear_request_log();
-        cluster.create_client_secret("unrelated", "x").await;
-        cluster.create_client_secret("unrelated-2", "x").await;
-        eventually("the operator saw the unrelated secrets", || async {
-            let log = fake.request_log();
-            (log.iter()
-                .filter(|r| r.verb == "create" && r.path.contains("/secrets"))
-                .count()
-                >= 2)
-                .then_some(())
-        })
-        .await;
-        let reads = fake
-            .request_log()
-            .iter()
-            .filter(|r| {
-                r.path.contains("/gotooauthclients/bad") || r.path.contains("/secrets/creds")
-            })
-            .count();
-        assert!(
-            reads <= 2,
-            "a bad spec should not be retried in a loop ({reads} requests)"
-        );
-    }
+    let proxy = cluster.proxy();
+    // No hot loop: with nothing changing, the controller does not keep reading or writing.
+    // An unrelated change elsewhere (a new Secret) proves the operator is alive and watching.
+    proxy.clear_request_log();
+    cluster.create_client_secret("unrelated", "x").await;
+    cluster.create_client_secret("unrelated-2", "x").await;
+    eventually("the operator saw the unrelated secrets", || async {
+        let log = proxy.request_log();
+        (log.iter()
+            .filter(|r| r.verb == "create" && r.path.contains("/secrets"))
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let reads = proxy
+        .request_log()
+        .iter()
+        .filter(|r| r.path.contains("/gotooauthclients/bad") || r.path.contains("/secrets/creds"))
+        .count();
+    assert!(
+        reads <= 2,
+        "a bad spec should not be retried in a loop ({reads} requests)"
+    );
 
     // Fixing the spec recovers.
     let patch = serde_json::json!({"spec": {"redirectUri": null, "refreshBefore": "15m"}});

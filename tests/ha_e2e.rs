@@ -15,27 +15,29 @@
 //!
 //! Time for the refresh schedule comes from one manual clock shared by both replicas, so "the
 //! token is due" is a clock advance, not a 40-minute wait. The Lease itself runs on wall time
-//! (4 s duration, 1 s grace, see `testkit::operator`).
+//! (4 s duration, 1 s grace, see `common::operator`).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Provider, bind_callback, eventually, metrics::metric_sum, secret_field};
+use common::{
+    Cluster, Provider, bind_callback, eventually,
+    metrics::metric_sum,
+    operator::{InProcessOperator, Options},
+    secret_field,
+};
+use fake_goto::{FakeGoToConfig, RefreshTokenRotation};
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
-    testkit::{
-        apiserver::Fault,
-        goto::{FakeGoToConfig, RefreshTokenRotation},
-        operator::{InProcessOperator, Options},
-    },
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use kube_fault_proxy::Fault;
 
-/// The Lease the in-process operator elects on, and its duration (see `testkit::operator`).
+/// The Lease the in-process operator elects on, and its duration (see `common::operator`).
 const LEASE_NAME: &str = "goto-oauth-operator";
 const LEASE_DURATION: Duration = Duration::from_secs(4);
 
@@ -525,9 +527,9 @@ async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     ha.provider.goto.set_rotation(RefreshTokenRotation::Always);
     let (leader, follower) = ha.roles().await;
     ha.authorize("rolling", leader).await;
-    let fake = ha.cluster.fake.as_ref().expect("in-memory API server");
+    let proxy = ha.cluster.proxy();
 
-    fake.inject_fault(Fault {
+    proxy.inject_fault(Fault {
         method: Some(http::Method::PATCH),
         path_contains: "/secrets/rolling-token".into(),
         status: 500,
@@ -535,7 +537,8 @@ async fn a_leader_stopping_with_an_unstored_rotated_token_does_not_lose_it() {
     });
     ha.clock.advance(Duration::from_secs(45 * 60));
     eventually("the refreshed token's write failed", || async {
-        fake.request_log()
+        proxy
+            .request_log()
             .iter()
             .any(|r| {
                 r.verb == "patch" && r.path.ends_with("/secrets/rolling-token") && r.status == 500

@@ -1,7 +1,7 @@
 //! Interop with an OAuth 2.0 server nobody in this project wrote: `oauth2-mock-server` from npm,
 //! started by `tests/interop/oauth2-mock.mjs` on 127.0.0.1.
 //!
-//! The fake GoTo in `src/testkit/goto.rs` and the operator were written by the same team, so a
+//! The fake GoTo in `crates/fake-goto` and the operator were written by the same team, so a
 //! shared misreading of the protocol would pass every other test. Here the operator talks to an
 //! independent implementation through the per-resource `spec.endpoints` override: the browser
 //! round trip, the code exchange and a refresh must all work, and the requests must be the

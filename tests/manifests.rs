@@ -1636,23 +1636,46 @@ fn kubectl_reads_every_file_as_the_checks_do() {
     }
 }
 
-/// The dependency layer of the Dockerfile sees only Cargo.toml and Cargo.lock plus the
-/// placeholders its stub RUN line creates. Cargo refuses a manifest whose declared targets
-/// (a `[[bench]]`, say) are missing, which would break `docker build` at its first cargo step;
-/// that RUN line is executed here, against the current Cargo.toml, to catch it without Docker.
+/// The dependency layer of the Dockerfile sees only what its COPY lines before the first build
+/// bring in (Cargo.toml, Cargo.lock, the workspace members' manifests) plus the placeholders its
+/// stub RUN line creates. Cargo refuses a manifest whose declared targets (a `[[bench]]`, say)
+/// or workspace members are missing, which would break `docker build` at its first cargo step;
+/// those COPY lines and that RUN line are replayed here, against the current manifests, to catch
+/// it without Docker.
 #[test]
 fn dockerfile_dependency_layer_satisfies_cargo() {
     let text = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
     let instructions = dockerfile_instructions(&text);
-    let stub = instructions
+    let stub_at = instructions
         .iter()
-        .find(|(op, args)| op == "RUN" && args.contains("fn main() {}") && !args.contains("cargo "))
-        .map(|(_, args)| args.clone())
+        .position(|(op, args)| {
+            op == "RUN" && args.contains("fn main() {}") && !args.contains("cargo ")
+        })
         .expect("a RUN line that only writes placeholder sources");
+    let stub = instructions[stub_at].1.clone();
     let dir = tempfile::tempdir().expect("tempdir");
-    for file in ["Cargo.toml", "Cargo.lock"] {
-        std::fs::copy(root().join(file), dir.path().join(file)).expect("copy manifest");
+    let copies = instructions[..stub_at]
+        .iter()
+        .filter(|(op, args)| op == "COPY" && !args.starts_with("--"));
+    for (_, args) in copies {
+        let words: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = words.split_last().expect("COPY has a destination");
+        for source in sources {
+            let target = if dest.ends_with('/') {
+                let name = Path::new(source).file_name().expect("a file name");
+                dir.path().join(dest).join(name)
+            } else {
+                dir.path().join(dest)
+            };
+            std::fs::create_dir_all(target.parent().expect("a parent")).expect("mkdir");
+            std::fs::copy(root().join(source), &target)
+                .unwrap_or_else(|e| panic!("COPY {source} {dest}: {e}"));
+        }
     }
+    assert!(
+        dir.path().join("Cargo.lock").is_file(),
+        "the dependency layer has Cargo.lock"
+    );
     let status = Command::new("sh")
         .args(["-ec", &stub])
         .current_dir(dir.path())

@@ -15,19 +15,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Browser, Cluster, DEADLINE, Provider, bind_callback, eventually, metrics::metric};
+use common::{
+    Browser, Cluster, DEADLINE, Provider, bind_callback, eventually, metrics::metric,
+    operator::InProcessOperator,
+};
+use fake_goto::{Decision, FakeGoToConfig, RefreshTokenRotation, TokenFault};
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
     resource::{FORCE_REFRESH_ANNOTATION, GoToOAuthClient, ROTATE_LINK_ANNOTATION},
-    testkit::{
-        apiserver::Fault,
-        goto::{Decision, FakeGoToConfig, RefreshTokenRotation, TokenFault},
-        operator::InProcessOperator,
-    },
 };
 use jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube_fault_proxy::{Fault, FaultProxy};
 
 fn secs(n: i64) -> SignedDuration {
     SignedDuration::from_secs(n)
@@ -117,11 +117,8 @@ impl Env {
         self.quiet_after(Some(0)).await;
     }
 
-    fn fake(&self) -> &goto_oauth_operator::testkit::apiserver::FakeApiServer {
-        self.cluster
-            .fake
-            .as_ref()
-            .expect("these tests need the in-memory API server")
+    fn proxy(&self) -> &FaultProxy {
+        self.cluster.proxy()
     }
 
     async fn create(&self, name: &str, extra: serde_json::Value) {
@@ -346,9 +343,7 @@ impl Env {
 
     /// Status writes and Secret writes the operator made since the request log was cleared.
     fn writes(&self) -> Vec<String> {
-        self.cluster
-            .operator_writes()
-            .expect("in-memory API server")
+        self.cluster.operator_writes()
     }
 
     /// No token, code or client secret in any status, annotation, Event or metric.
@@ -575,8 +570,8 @@ async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_confli
     let (_, _, next) = schedule(&obj);
 
     env.quiet().await;
-    env.fake().clear_request_log();
-    env.fake().inject_fault(Fault {
+    env.proxy().clear_request_log();
+    env.proxy().inject_fault(Fault {
         method: Some(http::Method::PATCH),
         path_contains: "/secrets/demo-token".into(),
         status: 409,
@@ -595,7 +590,7 @@ async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_confli
     .await;
     env.quiet().await;
     let conflicts = env
-        .fake()
+        .proxy()
         .request_log()
         .into_iter()
         .filter(|r| {
@@ -931,7 +926,7 @@ async fn a_restarted_operator_resumes_the_schedule() {
     let (_, _, next) = schedule(&obj);
 
     // A restart in the middle of the token's life recomputes the same schedule: no write.
-    env.fake().clear_request_log();
+    env.proxy().clear_request_log();
     env.restart_operator().await;
     let after = env.get("demo").await;
     assert_eq!(
@@ -1036,7 +1031,7 @@ async fn force_refresh_annotation_refreshes_once_immediately() {
 async fn force_refresh_is_not_repeated_when_the_status_write_fails() {
     let (env, _) = Env::with_demo().await;
     env.quiet().await;
-    env.fake().inject_fault(Fault {
+    env.proxy().inject_fault(Fault {
         method: Some(http::Method::PATCH),
         path_contains: "/gotooauthclients/demo/status".into(),
         status: 500,
@@ -1393,11 +1388,11 @@ async fn sub_second_clock_idle_reconciles_and_restarts_write_nothing() {
     env.quiet().await;
     let obj = env.get("demo").await;
 
-    env.fake().clear_request_log();
+    env.proxy().clear_request_log();
     env.advance(secs(1)).await;
     let idle_writes = env.writes();
 
-    env.fake().clear_request_log();
+    env.proxy().clear_request_log();
     env.restart_operator().await;
     let after = env.get("demo").await;
     let restart_writes = env.writes();

@@ -25,20 +25,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Cluster, Provider, bind_callback, metrics::metric_sum, secret_text};
+use common::{
+    Cluster, Provider, bind_callback,
+    metrics::metric_sum,
+    operator::{InProcessOperator, Options},
+    secret_text,
+};
+use fake_goto::{FakeGoToConfig, RefreshTokenRotation, TokenOutcome};
 use futures::StreamExt;
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
-    testkit::{
-        apiserver::Fault,
-        goto::{FakeGoToConfig, RefreshTokenRotation, TokenOutcome},
-        operator::{InProcessOperator, Options},
-    },
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
+use kube_fault_proxy::Fault;
 
 /// Seed of the provider's random token-endpoint faults. Change it to explore another sequence;
 /// keep it fixed in the repository so a failure can be rerun.
@@ -152,10 +154,8 @@ fn api_chaos(cycle: usize) -> Vec<Fault> {
 async fn no_refresh_token_is_lost_under_faults() {
     let started = Instant::now();
     let cluster = Cluster::start().await;
-    let fake = cluster
-        .fake
-        .as_ref()
-        .expect("the soak runs against the in-memory API server");
+    // The API faults and the watch cut go through the proxy, so the soak runs on a real cluster too.
+    let proxy = cluster.proxy();
     let (listener, callback) = bind_callback().await;
     let provider = Provider::start(FakeGoToConfig::default(), &callback).await;
     provider.goto.set_rotation(RefreshTokenRotation::Always);
@@ -200,11 +200,11 @@ async fn no_refresh_token_is_lost_under_faults() {
         let cycle_started = Instant::now();
         for fault in api_chaos(cycle) {
             api_faults_planned += fault.times;
-            fake.inject_fault(fault);
+            proxy.inject_fault(fault);
         }
         clock.advance(CYCLE_ADVANCE);
         if cycle == CYCLES / 2 {
-            fake.cut_watches();
+            proxy.cut_watches();
         }
         // A token refreshed in this cycle was issued at or after the advance.
         let threshold = clock.now() + TOKEN_LIFETIME;
@@ -330,7 +330,7 @@ async fn no_refresh_token_is_lost_under_faults() {
         "goto_oauth_reconcile_errors_total{",
         "tokens_unstored",
     ) as u64;
-    let api_faults_hit = fake
+    let api_faults_hit = proxy
         .request_log()
         .iter()
         .filter(|r| {

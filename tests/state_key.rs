@@ -1,13 +1,19 @@
 //! The state-signing key is shared by every replica: created once, read by all, even when
 //! replicas start at the same moment.
 
-use goto_oauth_operator::{consent::load_or_create_key, testkit::apiserver::FakeApiServer};
+use fake_apiserver::FakeApiServer;
+use goto_oauth_operator::consent::load_or_create_key;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
+use kube_fault_proxy::FaultProxy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_replicas_agree_on_one_key() {
-    let api = FakeApiServer::start().await;
+    let fake = FakeApiServer::start().await;
+    // The proxy's request log counts the creates.
+    let api = FaultProxy::start(fake.client())
+        .await
+        .expect("start the proxy");
     let client = api.client();
     let loads = (0..5).map(|_| load_or_create_key(client.clone(), "default", "state-key"));
     let keys: Vec<_> = futures::future::join_all(loads)

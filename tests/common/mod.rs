@@ -1,13 +1,14 @@
 //! Shared harness of the end-to-end tests: an API server (the in-memory one, or a real cluster
-//! when `KUBECONFIG` is set and `GOTO_OAUTH_E2E_REAL_CLUSTER=1`), the fake GoTo provider, and the
-//! real operator binary as a child process.
+//! when `KUBECONFIG` is set and `GOTO_OAUTH_E2E_REAL_CLUSTER=1`) behind the fault-injecting,
+//! request-logging proxy, the fake GoTo provider, and the real operator binary as a child process.
 //!
 //! Submodules: [`metrics`] reads Prometheus text, [`node`] runs the Node.js helper scripts of
-//! the browser and interop tests.
+//! the browser and interop tests, [`operator`] runs the operator in-process.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod metrics;
 pub mod node;
+pub mod operator;
 
 use std::{
     future::Future,
@@ -16,19 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use goto_oauth_operator::{
-    clock::Clock,
-    conditions::reason,
-    resource::GoToOAuthClient,
-    testkit::{
-        apiserver::FakeApiServer,
-        goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig},
-        operator::Options,
-        setup,
-    },
-};
+use fake_apiserver::FakeApiServer;
+use fake_goto::{ClientRegistration, Decision, FakeGoTo, FakeGoToConfig};
+use goto_oauth_operator::{clock::Clock, conditions::reason, resource::GoToOAuthClient};
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client, api::PostParams};
+use kube::{Api, Client, CustomResourceExt, api::PostParams};
+use kube_fault_proxy::FaultProxy;
+use operator::Options;
 use tokio::{io::AsyncBufReadExt, process::Child};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -68,12 +63,19 @@ pub fn real_cluster() -> bool {
         && std::env::var_os("KUBECONFIG").is_some()
 }
 
-/// The API server the test talks to.
+/// The API server the test talks to, always through a [`FaultProxy`]: `client` and
+/// `kubeconfig` point at the proxy, so every request of the test, an in-process operator and the
+/// operator binary is logged and can be failed on purpose, on the in-memory server and on a real
+/// cluster alike. No e2e test needs the in-memory server's own hooks: `cut_watches` is the
+/// proxy's, and `compact`/`open_watches` are used only by `tests/apiserver_conformance.rs`, which
+/// tests the in-memory server itself and so never runs on a real cluster.
 pub struct Cluster {
-    pub fake: Option<FakeApiServer>,
     pub client: Client,
     pub kubeconfig: PathBuf,
     pub namespace: String,
+    proxy: FaultProxy,
+    /// The in-memory API server (`None` on a real cluster), kept alive for the test's duration.
+    _fake: Option<FakeApiServer>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,38 +88,47 @@ impl Cluster {
                 .to_lowercase()
                 .replace(['_', '-'], "x")
         );
-        let (fake, client, kubeconfig) = if real_cluster() {
+        let (fake, upstream) = if real_cluster() {
             eprintln!("e2e: running against the real cluster in KUBECONFIG");
-            let path = PathBuf::from(std::env::var_os("KUBECONFIG").unwrap());
-            (
-                None,
-                Client::try_default().await.expect("kube client"),
-                path,
-            )
+            (None, Client::try_default().await.expect("kube client"))
         } else {
             eprintln!(
                 "e2e: in-memory API server (set KUBECONFIG and GOTO_OAUTH_E2E_REAL_CLUSTER=1 to use a real cluster)"
             );
             let fake = FakeApiServer::start().await;
-            let path = dir.path().join("kubeconfig");
-            std::fs::write(&path, fake.kubeconfig_yaml()).expect("write kubeconfig");
             let client = fake.client();
-            (Some(fake), client, path)
+            (Some(fake), client)
         };
+        let proxy = FaultProxy::start(upstream)
+            .await
+            .expect("start the API proxy");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, proxy.kubeconfig_yaml()).expect("write kubeconfig");
         let cluster = Cluster {
-            fake,
-            client,
+            client: proxy.client(),
             kubeconfig,
             namespace,
+            proxy,
+            _fake: fake,
             _dir: dir,
         };
-        setup::install_crd(&cluster.client, "e2e-tests", DEADLINE)
-            .await
-            .expect("CRD installed");
-        setup::create_namespace(&cluster.client, &cluster.namespace)
+        fake_apiserver::install_crd(
+            &cluster.client,
+            GoToOAuthClient::crd(),
+            "e2e-tests",
+            DEADLINE,
+        )
+        .await
+        .expect("CRD installed");
+        fake_apiserver::create_namespace(&cluster.client, &cluster.namespace)
             .await
             .expect("namespace created");
         cluster
+    }
+
+    /// The proxy in front of the API server: its request log and fault injection.
+    pub fn proxy(&self) -> &FaultProxy {
+        &self.proxy
     }
 
     pub fn clients(&self) -> Api<GoToOAuthClient> {
@@ -226,22 +237,20 @@ impl Cluster {
             .collect()
     }
 
-    /// Writes the operator made (status, Secrets, Events) according to the fake's request log.
-    pub fn operator_writes(&self) -> Option<Vec<String>> {
-        let fake = self.fake.as_ref()?;
-        Some(
-            fake.request_log()
-                .into_iter()
-                .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
-                .filter(|r| r.path.contains(&format!("/namespaces/{}/", self.namespace)))
-                .filter(|r| {
-                    r.path.ends_with("/status")
-                        || r.path.contains("/secrets")
-                        || r.path.contains("/events")
-                })
-                .map(|r| format!("{} {} {}", r.verb, r.path, r.status))
-                .collect(),
-        )
+    /// Writes the operator made (status, Secrets, Events) according to the proxy's request log.
+    pub fn operator_writes(&self) -> Vec<String> {
+        self.proxy
+            .request_log()
+            .into_iter()
+            .filter(|r| matches!(r.verb.as_str(), "create" | "update" | "patch" | "delete"))
+            .filter(|r| r.path.contains(&format!("/namespaces/{}/", self.namespace)))
+            .filter(|r| {
+                r.path.ends_with("/status")
+                    || r.path.contains("/secrets")
+                    || r.path.contains("/events")
+            })
+            .map(|r| format!("{} {} {}", r.verb, r.path, r.status))
+            .collect()
     }
 }
 
@@ -256,7 +265,7 @@ impl Provider {
     pub async fn start(config: FakeGoToConfig, redirect_uri: &str) -> Provider {
         let goto = FakeGoTo::start(config).await;
         let client_id = "0f0e8c7a-6c3d-4d1e-9a51-goto-e2e".to_string();
-        let client_secret = goto_oauth_operator::testkit::goto::sample_client_secret();
+        let client_secret = fake_goto::sample_client_secret();
         let provider = Provider {
             goto,
             client_id,

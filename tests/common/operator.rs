@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{
+use goto_oauth_operator::{
     app::{Config, LeaseTiming, Listeners, Operator},
     clock::Clock,
     metrics::Metrics,

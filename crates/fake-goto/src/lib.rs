@@ -1,7 +1,11 @@
-//! A fake GoTo (LogMeIn) OAuth 2.0 provider for the integration tests, the benchmark and the local demo.
+//! A fake GoTo (LogMeIn) OAuth 2.0 provider for the operator's integration tests, its benchmark and
+//! the local demo.
 //!
-//! It speaks the protocol the way GoTo's own documents describe it (see
-//! `/work/shared/goto-oauth-protocol.md`), including the parts where GoTo differs from generic OAuth
+//! It is a crate of its own, not a feature of the operator, so that it can never end up in the
+//! release binary; it does not depend on the operator either.
+//!
+//! It speaks the protocol the way GoTo's own documents describe it (see the shared
+//! `goto-oauth-protocol.md`), including the parts where GoTo differs from generic OAuth
 //! libraries, so that the operator is tested against the provider it will meet in production:
 //!
 //! * the token endpoint only accepts client authentication by an `Authorization: Basic` header whose
@@ -11,9 +15,9 @@
 //! * `redirect_uri` must be byte-identical to a registered one and, at the code exchange, to the one of
 //!   the authorization request; codes are long (≥ 300 characters), single use and live 5 minutes;
 //! * a refresh returns a new access token and, by default, neither a `refresh_token` nor a
-//!   `token_type` field: the old refresh token stays valid. [`RefreshTokenRotation::Always`] and
-//!   [`FakeGoTo::rotate_next_refresh`] model the stricter "valid for one use only" reading, where a
-//!   returned refresh token replaces the old one at once;
+//!   `token_type` field: the old refresh token stays valid. [`RefreshTokenRotation::Always`] models
+//!   the stricter "valid for one use only" reading, where a returned refresh token replaces the
+//!   old one at once;
 //! * the token endpoint is rate limited (10 requests per second by default) with HTTP 429.
 //!
 //! Error paths are driven by fault injection ([`FakeGoTo::push_token_fault`],
@@ -28,7 +32,7 @@
 //! code expiry, rate windows and injected delays. Beware that a paused clock auto-advances whenever
 //! the runtime idles, including while it waits for loopback I/O.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -61,17 +65,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Path of the browser authorization endpoint.
-pub const AUTHORIZE_PATH: &str = "/oauth/authorize";
+pub(crate) const AUTHORIZE_PATH: &str = "/oauth/authorize";
 /// Path the consent page posts the Allow/Deny decision to.
-pub const DECISION_PATH: &str = "/oauth/authorize/decision";
+pub(crate) const DECISION_PATH: &str = "/oauth/authorize/decision";
 /// Path of the token endpoint.
-pub const TOKEN_PATH: &str = "/oauth/token";
+pub(crate) const TOKEN_PATH: &str = "/oauth/token";
 
 /// Length of an authorization code: GoTo says its codes are "at least 10 times larger" than the
 /// ~30-character fragment in its sample.
-pub const CODE_LEN: usize = 320;
+pub(crate) const CODE_LEN: usize = 320;
 /// How long an authorization code can be exchanged.
-pub const CODE_TTL: Duration = Duration::from_secs(5 * 60);
+pub(crate) const CODE_TTL: Duration = Duration::from_secs(5 * 60);
 
 const URL_SAFE_ALPHABET: &[u8] =
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -143,7 +147,8 @@ pub struct ClientRegistration {
 
 impl ClientRegistration {
     /// A client with a random UUID-like id, a GoTo-like secret ([`sample_client_secret`]) and two scopes.
-    pub fn sample(redirect_uri: &str) -> Self {
+    #[cfg(test)] // only the unit tests use it
+    pub(crate) fn sample(redirect_uri: &str) -> Self {
         Self {
             client_id: random_client_id(),
             client_secret: sample_client_secret(),
@@ -305,7 +310,7 @@ pub enum BasicAuth {
 
 impl BasicAuth {
     /// A syntactically plain Basic header (whether or not the credentials are right).
-    pub fn is_well_formed(self) -> bool {
+    pub(crate) fn is_well_formed(self) -> bool {
         matches!(
             self,
             BasicAuth::UnknownClient | BasicAuth::WrongSecret | BasicAuth::Valid
@@ -386,7 +391,8 @@ pub fn sample_client_secret() -> String {
 }
 
 /// A random client id shaped like GoTo's (a UUID).
-pub fn random_client_id() -> String {
+#[cfg(test)] // only the unit tests use it
+pub(crate) fn random_client_id() -> String {
     let bytes: [u8; 16] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!(
@@ -401,7 +407,6 @@ pub fn random_client_id() -> String {
 
 /// The fake provider. Dropping it shuts the server down.
 pub struct FakeGoTo {
-    addr: SocketAddr,
     base_url: String,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -429,8 +434,7 @@ impl FakeGoTo {
             .expect("bind the fake GoTo provider on 127.0.0.1")
     }
 
-    /// Starts on `addr` (the demo uses a fixed port).
-    pub async fn start_on(addr: SocketAddr, config: FakeGoToConfig) -> io::Result<FakeGoTo> {
+    async fn start_on(addr: SocketAddr, config: FakeGoToConfig) -> io::Result<FakeGoTo> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -456,15 +460,10 @@ impl FakeGoTo {
             }
         });
         Ok(FakeGoTo {
-            addr,
             base_url: format!("http://{addr}"),
             shared,
             shutdown,
         })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// `http://127.0.0.1:{port}`, no trailing slash.
@@ -491,12 +490,8 @@ impl FakeGoTo {
             .insert(client.client_id.clone(), client);
     }
 
-    /// Sets the account shown on the consent page and returned in token responses.
-    pub fn set_account(&self, account: Account) {
-        self.state().account = account;
-    }
-
-    pub fn set_expires_in(&self, secs: u64) {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn set_expires_in(&self, secs: u64) {
         self.state().config.expires_in = secs;
     }
 
@@ -504,17 +499,13 @@ impl FakeGoTo {
         self.state().config.rotation = rotation;
     }
 
-    /// The next refresh of this client returns a new refresh token and invalidates the old one at once
-    /// (GoTo: "if a new refresh token has been issued because the old one has expired").
-    pub fn rotate_next_refresh(&self, client_id: &str) {
-        self.state().rotate_next.insert(client_id.to_owned());
-    }
-
-    pub fn set_omit_token_type_on_refresh(&self, omit: bool) {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn set_omit_token_type_on_refresh(&self, omit: bool) {
         self.state().config.omit_token_type_on_refresh = omit;
     }
 
-    pub fn set_response_style(&self, style: ResponseStyle) {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn set_response_style(&self, style: ResponseStyle) {
         self.state().config.response_style = style;
     }
 
@@ -535,7 +526,8 @@ impl FakeGoTo {
     }
 
     /// Faults not yet applied.
-    pub fn pending_token_faults(&self) -> usize {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn pending_token_faults(&self) -> usize {
         self.state().faults.len()
     }
 
@@ -554,17 +546,14 @@ impl FakeGoTo {
         });
     }
 
-    pub fn clear_random_faults(&self) {
-        self.state().random_faults = None;
-    }
-
     /// Every token request so far, in completion order (`at` is the arrival time).
     pub fn token_requests(&self) -> Vec<TokenRequestRecord> {
         self.state().token_records.clone()
     }
 
     /// Every GET of the authorization endpoint so far.
-    pub fn authorize_requests(&self) -> Vec<AuthorizeRequestRecord> {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn authorize_requests(&self) -> Vec<AuthorizeRequestRecord> {
         self.state().authorize_records.clone()
     }
 
@@ -574,7 +563,8 @@ impl FakeGoTo {
     }
 
     /// Token requests being handled now.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
@@ -611,7 +601,8 @@ impl FakeGoTo {
     }
 
     /// Makes every outstanding authorization code expired (for tests that cannot pause the clock).
-    pub fn expire_all_codes(&self) {
+    #[cfg(test)] // only the unit tests below use it
+    pub(crate) fn expire_all_codes(&self) {
         let now = Instant::now();
         for grant in self.state().codes.values_mut() {
             grant.expires_at = now;
@@ -625,7 +616,7 @@ impl FakeGoTo {
     }
 
     /// When an access token issued here expires (tokio clock).
-    pub fn access_token_expires_at(&self, access_token: &str) -> Option<Instant> {
+    pub(crate) fn access_token_expires_at(&self, access_token: &str) -> Option<Instant> {
         self.state()
             .access_tokens
             .get(access_token)
@@ -768,7 +759,6 @@ struct ProviderState {
     refresh_tokens: HashMap<String, RefreshGrant>,
     access_tokens: HashMap<String, AccessGrant>,
     seq: u64,
-    rotate_next: HashSet<String>,
     faults: VecDeque<TokenFault>,
     random_faults: Option<RandomFaults>,
     rate_window: VecDeque<Instant>,
@@ -787,7 +777,6 @@ impl ProviderState {
             refresh_tokens: HashMap::new(),
             access_tokens: HashMap::new(),
             seq: 0,
-            rotate_next: HashSet::new(),
             faults: VecDeque::new(),
             random_faults: None,
             rate_window: VecDeque::new(),
@@ -990,8 +979,7 @@ impl ProviderState {
             .ok_or_else(|| {
                 ProviderError::invalid_grant("the refresh token is invalid, expired or revoked")
             })?;
-        let rotate = self.config.rotation == RefreshTokenRotation::Always
-            || self.rotate_next.remove(client_id);
+        let rotate = self.config.rotation == RefreshTokenRotation::Always;
         let scopes = grant.scopes.clone();
         if rotate {
             grant.valid = false;
@@ -1854,6 +1842,7 @@ fn jwt_like(len: usize) -> String {
 mod tests {
     use super::*;
     use futures::future::join_all;
+    use std::collections::HashSet;
 
     const CALLBACK: &str = "http://127.0.0.1:9/oauth/callback";
 
@@ -2427,19 +2416,6 @@ mod tests {
             Some(second.clone())
         );
         assert_eq!(refresh(&fake, &client, &second).await.status, 200);
-    }
-
-    #[tokio::test]
-    async fn rotate_next_refresh_is_one_shot() {
-        let (fake, client) = setup(no_limit()).await;
-        let first = authorized(&fake, &client).await;
-        fake.rotate_next_refresh(&client.client_id);
-        let body = refresh(&fake, &client, &first).await.json();
-        let second = body["refresh_token"].as_str().unwrap().to_owned();
-        assert!(!fake.is_refresh_token_valid(&first));
-        let body = refresh(&fake, &client, &second).await.json();
-        assert!(body.get("refresh_token").is_none());
-        assert!(fake.is_refresh_token_valid(&second));
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Preparing an API server the way the e2e tests, the demo and the benchmark all begin: the
-//! `GoToOAuthClient` CRD applied and served, and a namespace to work in.
+//! Preparing an API server the way the e2e tests, the demo and the benchmark all begin: a CRD
+//! applied and served, and a namespace to work in. They work on any API server, this crate's or
+//! a real cluster's.
 
 use std::time::Duration;
 
@@ -8,21 +9,34 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
-    Api, Client, CustomResourceExt,
-    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    Api, Client,
+    api::{ApiResource, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams},
 };
 
-use crate::resource::GoToOAuthClient;
-
-/// Applies the CRD (server-side apply under `field_manager`) and waits, up to `deadline`, until
-/// the API server serves the custom resource (a real one takes a moment to establish it).
+/// Applies `crd` (server-side apply under `field_manager`) and waits, up to `deadline`, until
+/// the API server serves its custom resources (a real one takes a moment to establish them).
 pub async fn install_crd(
     client: &Client,
+    crd: CustomResourceDefinition,
     field_manager: &str,
     deadline: Duration,
 ) -> Result<(), String> {
-    let crd = GoToOAuthClient::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
+    let version = crd
+        .spec
+        .versions
+        .iter()
+        .find(|v| v.storage)
+        .or_else(|| crd.spec.versions.first())
+        .map(|v| v.name.clone())
+        .ok_or_else(|| format!("CRD {name} declares no version"))?;
+    let resource = ApiResource {
+        group: crd.spec.group.clone(),
+        api_version: format!("{}/{version}", crd.spec.group),
+        version,
+        kind: crd.spec.names.kind.clone(),
+        plural: crd.spec.names.plural.clone(),
+    };
     Api::<CustomResourceDefinition>::all(client.clone())
         .patch(
             &name,
@@ -31,10 +45,10 @@ pub async fn install_crd(
         )
         .await
         .map_err(|e| format!("apply CRD {name}: {e}"))?;
-    let clients: Api<GoToOAuthClient> = Api::all(client.clone());
+    let objects: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        match clients.list(&Default::default()).await {
+        match objects.list(&Default::default()).await {
             Ok(_) => return Ok(()),
             Err(e) if tokio::time::Instant::now() >= until => {
                 return Err(format!("CRD {name} not served after {deadline:?}: {e}"));

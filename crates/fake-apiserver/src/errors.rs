@@ -236,31 +236,4 @@ impl ApiError {
             })),
         )
     }
-
-    /// The reason kube-apiserver uses for a bare status code (fault injection).
-    pub(crate) fn for_code(code: u16, message: impl Into<String>) -> Self {
-        let reason = match code {
-            400 => Some("BadRequest"),
-            401 => Some("Unauthorized"),
-            403 => Some("Forbidden"),
-            404 => Some("NotFound"),
-            405 => Some("MethodNotAllowed"),
-            406 => Some("NotAcceptable"),
-            409 => Some("Conflict"),
-            410 => Some("Expired"),
-            415 => Some("UnsupportedMediaType"),
-            422 => Some("Invalid"),
-            429 => Some("TooManyRequests"),
-            500 => Some("InternalError"),
-            503 => Some("ServiceUnavailable"),
-            504 => Some("Timeout"),
-            _ => None,
-        };
-        let details = if code == 429 || code == 503 {
-            Some(json!({"retryAfterSeconds": 1}))
-        } else {
-            None
-        };
-        Self::new(code, reason, message, details)
-    }
 }

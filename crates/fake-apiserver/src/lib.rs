@@ -1,9 +1,15 @@
-//! An in-memory Kubernetes API server for tests, the benchmark and the local demo.
+//! An in-memory Kubernetes API server for the operator's tests, its benchmark and the local demo.
+//!
+//! It is a crate of its own, not a feature of the operator, so that test support can never end
+//! up in the release binary and does not need the product to build: it knows nothing of the
+//! operator ([`install_crd`] takes the CRD to install as an argument). Request logging and
+//! fault injection are not here but in `kube-fault-proxy`, which sits in front of this server or
+//! of a real cluster alike.
 //!
 //! A real `kube::Client`, kube-runtime's `watcher`/`Controller`, `kube-lease-manager`, `kubectl`
 //! and the operator binary (through [`FakeApiServer::kubeconfig_yaml`]) talk to it over plain
-//! HTTP on 127.0.0.1. Its answers follow the recorded kube-apiserver 1.36 transcripts in
-//! `/work/shared/kube-api-transcripts` (status codes, `Status` bodies, reasons, details).
+//! HTTP on 127.0.0.1. Its answers follow the recorded kube-apiserver 1.36 transcripts in the
+//! shared `kube-api-transcripts` folder (status codes, `Status` bodies, reasons, details).
 //!
 //! # What it emulates
 //! - Resources: core/v1 `namespaces` (`default`, `kube-system`, `kube-public`, `kube-node-lease`
@@ -32,8 +38,7 @@
 //! - Garbage collection: background deletion of dependents whose owners are all gone,
 //!   Foreground (dependents deleted, then the owner) and Orphan (ownerReferences stripped);
 //!   namespace deletion (Terminating, contents deleted, then the namespace); CRD deletion.
-//! - Test hooks: request log, fault injection, [`FakeApiServer::cut_watches`],
-//!   [`FakeApiServer::compact`].
+//! - Test hooks: [`FakeApiServer::cut_watches`], [`FakeApiServer::compact`].
 //!
 //! # What a real API server does differently
 //! - No authentication, authorization (RBAC), admission webhooks, API priority and fairness,
@@ -60,10 +65,12 @@ mod errors;
 mod fields;
 mod render;
 mod select;
+mod setup;
 mod store;
 mod watch;
 
-use std::collections::VecDeque;
+pub use setup::{create_namespace, install_crd};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -82,39 +89,11 @@ use render::Order;
 use select::{FieldSelector, LabelSelector};
 use store::{Ctx, GcJob, Lookup, PatchKind, ResourceDef, Store};
 
-/// The most requests the log keeps (oldest dropped first), so a long benchmark cannot exhaust memory.
-const LOG_CAP: usize = 200_000;
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-/// One request as the fake saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoggedRequest {
-    pub method: String,
-    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection.
-    pub verb: String,
-    pub path: String,
-    pub query: String,
-    pub status: u16,
-    /// The Content-Type of PATCH requests (it selects the patch strategy).
-    pub content_type: Option<String>,
-    pub user_agent: Option<String>,
-}
-
-/// Fail the next `times` requests whose method matches (any when `None`) and whose
-/// `path?query` contains `path_contains`, answering `status` with a proper `Status` body.
-#[derive(Clone, Debug)]
-pub struct Fault {
-    pub method: Option<http::Method>,
-    pub path_contains: String,
-    pub status: u16,
-    pub times: usize,
-}
-
 pub(crate) struct Shared {
     store: Mutex<Store>,
-    log: Mutex<VecDeque<LoggedRequest>>,
-    faults: Mutex<Vec<Fault>>,
     watch_cancel: Mutex<CancellationToken>,
     shutdown: CancellationToken,
     open_watches: Arc<AtomicUsize>,
@@ -160,8 +139,7 @@ impl FakeApiServer {
             .expect("bind the fake API server on 127.0.0.1:0")
     }
 
-    /// Start on a given address (the demo uses a fixed port).
-    pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeApiServer> {
+    async fn start_on(addr: SocketAddr) -> std::io::Result<FakeApiServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (tx, _) = broadcast::channel(65_536);
@@ -169,8 +147,6 @@ impl FakeApiServer {
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(tx, gc_tx, &now_seconds())),
-            log: Mutex::new(VecDeque::new()),
-            faults: Mutex::new(Vec::new()),
             watch_cancel: Mutex::new(shutdown.child_token()),
             shutdown: shutdown.clone(),
             open_watches: Arc::new(AtomicUsize::new(0)),
@@ -230,18 +206,6 @@ impl FakeApiServer {
         )
     }
 
-    pub fn request_log(&self) -> Vec<LoggedRequest> {
-        lock(&self.shared.log).iter().cloned().collect()
-    }
-
-    pub fn clear_request_log(&self) {
-        lock(&self.shared.log).clear();
-    }
-
-    pub fn inject_fault(&self, fault: Fault) {
-        lock(&self.shared.faults).push(fault);
-    }
-
     /// Close every open watch stream (clients see a clean end of stream and re-watch).
     pub fn cut_watches(&self) {
         let mut token = lock(&self.shared.watch_cancel);
@@ -257,11 +221,6 @@ impl FakeApiServer {
     /// Watch streams currently open.
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
-    }
-
-    /// The current global resourceVersion.
-    pub fn resource_version(&self) -> u64 {
-        self.shared.lock_store().rv
     }
 
     /// Stop serving and wait (briefly) for the server task to end.
@@ -321,20 +280,17 @@ fn error_reply(e: ApiError) -> Reply {
     Reply::Json(e.code, e.status_body(), Order::generic())
 }
 
-fn into_response(reply: Reply) -> (u16, Response) {
+fn into_response(reply: Reply) -> Response {
     match reply {
-        Reply::Json(code, v, order) => (code, json_response(code, render::encode(&v, order))),
-        Reply::Stream(r) => (r.status().as_u16(), r),
-        Reply::Text(code, ct, body) => (
-            code,
-            Response::builder()
-                .status(code)
-                .header("content-type", ct)
-                .header("cache-control", "no-cache, private")
-                .header("x-content-type-options", "nosniff")
-                .body(Body::from(body))
-                .unwrap_or_else(|_| Response::new(Body::empty())),
-        ),
+        Reply::Json(code, v, order) => json_response(code, render::encode(&v, order)),
+        Reply::Stream(r) => r,
+        Reply::Text(code, ct, body) => Response::builder()
+            .status(code)
+            .header("content-type", ct)
+            .header("cache-control", "no-cache, private")
+            .header("x-content-type-options", "nosniff")
+            .body(Body::from(body))
+            .unwrap_or_else(|_| Response::new(Body::empty())),
     }
 }
 
@@ -402,73 +358,29 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let user_agent = header(http::header::USER_AGENT);
     let metadata_only =
         header(http::header::ACCEPT).is_some_and(|a| a.contains("as=PartialObjectMetadata"));
-    let method = parts.method.clone();
+    let method = parts.method;
     let query: Vec<(String, String)> = url::form_urlencoded::parse(raw_query.as_bytes())
         .into_owned()
         .collect();
 
-    let fault = {
-        let target = if raw_query.is_empty() {
-            path.clone()
-        } else {
-            format!("{path}?{raw_query}")
-        };
-        let mut faults = lock(&shared.faults);
-        let hit = faults.iter_mut().find(|f| {
-            f.times > 0
-                && f.method.as_ref().is_none_or(|m| *m == method)
-                && target.contains(&f.path_contains)
-        });
-        hit.map(|f| {
-            f.times -= 1;
-            f.status
-        })
-    };
-
-    let (verb, reply) = match fault {
-        Some(code) => {
-            let verb = classify_verb(&method, &path, &query);
-            let e = ApiError::for_code(code, format!("injected fault: {code}"));
-            (verb, Reply::Json(code, e.status_body(), Order::generic()))
+    let reply = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(body) => {
+            let req = Req {
+                method,
+                path,
+                query,
+                content_type,
+                user_agent,
+                metadata_only,
+                body,
+            };
+            route(&shared, &req)
         }
-        None => match axum::body::to_bytes(body, BODY_LIMIT).await {
-            Ok(body) => {
-                let req = Req {
-                    method: method.clone(),
-                    path: path.clone(),
-                    query,
-                    content_type: content_type.clone(),
-                    user_agent: user_agent.clone(),
-                    metadata_only,
-                    body,
-                };
-                route(&shared, &req)
-            }
-            Err(e) => (
-                classify_verb(&method, &path, &query),
-                error_reply(ApiError::bad_request(format!(
-                    "unable to read the request body: {e}"
-                ))),
-            ),
-        },
+        Err(e) => error_reply(ApiError::bad_request(format!(
+            "unable to read the request body: {e}"
+        ))),
     };
-    let (status, response) = into_response(reply);
-    let mut log = lock(&shared.log);
-    if log.len() >= LOG_CAP {
-        log.pop_front();
-    }
-    log.push_back(LoggedRequest {
-        method: method.as_str().to_owned(),
-        verb: verb.to_owned(),
-        path,
-        query: raw_query,
-        status,
-        content_type: (method == http::Method::PATCH)
-            .then_some(content_type)
-            .flatten(),
-        user_agent,
-    });
-    response
+    into_response(reply)
 }
 
 /// Where a path points.
@@ -530,29 +442,7 @@ fn parse_path(path: &str) -> Target {
     }
 }
 
-fn classify_verb(method: &http::Method, path: &str, query: &[(String, String)]) -> &'static str {
-    let is_object = matches!(parse_path(path), Target::Resource { name: Some(_), .. });
-    let watch = query
-        .iter()
-        .any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
-    match *method {
-        http::Method::GET if watch => "watch",
-        http::Method::GET if is_object => "get",
-        http::Method::GET => match parse_path(path) {
-            Target::Resource { .. } => "list",
-            _ => "get",
-        },
-        http::Method::POST => "create",
-        http::Method::PUT => "update",
-        http::Method::PATCH => "patch",
-        http::Method::DELETE if is_object => "delete",
-        http::Method::DELETE => "deletecollection",
-        _ => "unknown",
-    }
-}
-
-fn route(shared: &Arc<Shared>, req: &Req) -> (&'static str, Reply) {
-    let verb = classify_verb(&req.method, &req.path, &req.query);
+fn route(shared: &Arc<Shared>, req: &Req) -> Reply {
     let reply = match parse_path(&req.path) {
         Target::Version => Ok(version_reply()),
         Target::ApiVersions => Ok(Reply::Json(
@@ -589,10 +479,10 @@ fn route(shared: &Arc<Shared>, req: &Req) -> (&'static str, Reply) {
             let def = match shared.lock_store().lookup(&group, &version, &plural) {
                 Lookup::Found(d) => d,
                 Lookup::UnknownResource => {
-                    return (verb, error_reply(ApiError::resource_not_found()));
+                    return error_reply(ApiError::resource_not_found());
                 }
                 Lookup::UnknownGroupVersion => {
-                    return (verb, error_reply(ApiError::page_not_found()));
+                    return error_reply(ApiError::page_not_found());
                 }
             };
             // A namespaced resource needs /namespaces/{ns}/ for object paths; a cluster-scoped one must not have it.
@@ -612,7 +502,7 @@ fn route(shared: &Arc<Shared>, req: &Req) -> (&'static str, Reply) {
             }
         }
     };
-    (verb, reply.unwrap_or_else(error_reply))
+    reply.unwrap_or_else(error_reply)
 }
 
 fn version_reply() -> Reply {
