@@ -394,6 +394,7 @@ async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Resul
         refresh_before: Some(REFRESH_BEFORE.into()),
         endpoints: None,
         secret_template: None,
+        expected_account: None,
     };
     Api::<GoToOAuthClient>::namespaced(client.clone(), NAMESPACE)
         .create(

@@ -14,7 +14,7 @@ use url::Url;
 
 use crate::{
     clock::Clock,
-    consent::{StateKeyError, load_or_create_key},
+    consent::{self, StateKeyError, load_or_create_key},
     controller::{self, Context, Settings},
     goto::OAuthError,
     leader::{self, Leadership, LeaseSettings},
@@ -129,14 +129,30 @@ impl Operator {
             leadership,
         )?;
 
-        let mut tasks = vec![(
-            "authorize endpoint",
-            tokio::spawn(serve(
-                listeners.web,
-                web::router(ctx.clone()),
-                shutdown.clone(),
-            )),
-        )];
+        // Every replica indexes the published links: any of them may serve a link.
+        let index = consent::index::maintain(
+            client.clone(),
+            config.namespaces.clone(),
+            ctx.links.clone(),
+            signalled(shutdown.clone(), true),
+        );
+        let mut tasks = vec![
+            (
+                "link index",
+                tokio::spawn(async move {
+                    index.await;
+                    Ok(())
+                }),
+            ),
+            (
+                "authorize endpoint",
+                tokio::spawn(serve(
+                    listeners.web,
+                    web::router(ctx.clone()),
+                    shutdown.clone(),
+                )),
+            ),
+        ];
         if let Some(ops) = listeners.ops {
             tasks.push((
                 "metrics endpoint",

@@ -40,10 +40,12 @@ pub enum Reason {
     AccessDenied,
     /// The consent or the code exchange failed; the admin can open the link again.
     AuthorizationFailed,
+    /// The consent came from another GoTo account than `spec.expectedAccount`.
+    UnexpectedAccount,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Authorized,
         Reason::AwaitingAuthorization,
         Reason::InvalidSpec,
@@ -54,6 +56,7 @@ impl Reason {
         Reason::TokenExpired,
         Reason::AccessDenied,
         Reason::AuthorizationFailed,
+        Reason::UnexpectedAccount,
     ];
 
     /// The reason a written condition carries, if it is one of ours.
@@ -73,6 +76,7 @@ impl Reason {
             Reason::TokenExpired => "TokenExpired",
             Reason::AccessDenied => "AccessDenied",
             Reason::AuthorizationFailed => "AuthorizationFailed",
+            Reason::UnexpectedAccount => "UnexpectedAccount",
         }
     }
 
@@ -95,6 +99,7 @@ pub mod reason {
     pub const TOKEN_EXPIRED: &str = Reason::TokenExpired.as_str();
     pub const ACCESS_DENIED: &str = Reason::AccessDenied.as_str();
     pub const AUTHORIZATION_FAILED: &str = Reason::AuthorizationFailed.as_str();
+    pub const UNEXPECTED_ACCOUNT: &str = Reason::UnexpectedAccount.as_str();
 }
 
 /// How a consent attempt failed.
@@ -104,6 +109,8 @@ pub enum ConsentFailure {
     AccessDenied,
     /// Anything else: GoTo's error, the code exchange, storing the tokens.
     AuthorizationFailed,
+    /// Another GoTo account than `spec.expectedAccount` consented.
+    UnexpectedAccount,
 }
 
 impl ConsentFailure {
@@ -111,6 +118,7 @@ impl ConsentFailure {
         match self {
             ConsentFailure::AccessDenied => Reason::AccessDenied,
             ConsentFailure::AuthorizationFailed => Reason::AuthorizationFailed,
+            ConsentFailure::UnexpectedAccount => Reason::UnexpectedAccount,
         }
     }
 }
@@ -177,6 +185,7 @@ impl Authorization {
                 Some(match failure {
                     ConsentFailure::AccessDenied => AuthorizationReason::AccessDenied,
                     ConsentFailure::AuthorizationFailed => AuthorizationReason::AuthorizationFailed,
+                    ConsentFailure::UnexpectedAccount => AuthorizationReason::UnexpectedAccount,
                 }),
                 Some(message.clone()),
             ),
@@ -203,6 +212,7 @@ impl Authorization {
         let status = status.filter(|s| s.phase == AuthorizationPhase::ConsentFailed)?;
         let failure = match status.reason {
             Some(AuthorizationReason::AccessDenied) => ConsentFailure::AccessDenied,
+            Some(AuthorizationReason::UnexpectedAccount) => ConsentFailure::UnexpectedAccount,
             _ => ConsentFailure::AuthorizationFailed,
         };
         Some(Authorization::ConsentFailed {

@@ -76,6 +76,12 @@ pub struct GoToOAuthClientSpec {
     /// Labels and annotations copied onto the token Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_template: Option<SecretTemplate>,
+
+    /// The GoTo account that must give the consent: its e-mail address (compared without
+    /// regard to case) or its account key. A consent by any other account is refused, and its
+    /// tokens are not stored. Empty: any account that can consent is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_account: Option<String>,
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -127,8 +133,13 @@ pub struct GoToOAuthClientStatus {
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
 
-    /// The link to send to a GoTo admin to authorize (or re-authorize) this client. It works
-    /// without Kubernetes access, stays valid until used successfully, and is replaced after.
+    /// The link to send to a GoTo admin to authorize (or re-authorize) this client. It is a
+    /// bearer credential: whoever opens it can connect their own GoTo account and replace
+    /// working tokens. It works without Kubernetes access, stays valid until used
+    /// successfully, and is replaced after; change the annotation
+    /// `goto-oauth.dev/rotate-authorization-link` to replace it at once (attempts already
+    /// started from the old link are refused too). Set `spec.expectedAccount` to accept only
+    /// one account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization_url: Option<String>,
 
@@ -224,6 +235,8 @@ pub enum AuthorizationReason {
     RefreshTokenRejected,
     /// The spec now names another client id or token endpoint than the tokens were issued to.
     ClientChanged,
+    /// The consent came from another account than `spec.expectedAccount`.
+    UnexpectedAccount,
 }
 
 /// A consumed authorization attempt.

@@ -201,8 +201,13 @@ fn endpoint(field: &str, value: Option<String>, default: &Url, problems: &mut Ve
     }
 }
 
-/// RFC 1123 subdomain, as Kubernetes requires for Secret names.
-fn check_dns_subdomain(name: &str) -> Result<(), String> {
+/// An RFC 1123 label, as Kubernetes requires for namespace names.
+pub(crate) fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && check_dns_subdomain(name).is_ok() && !name.contains('.')
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for Secret and most object names.
+pub(crate) fn check_dns_subdomain(name: &str) -> Result<(), String> {
     let valid_label = |label: &str| {
         !label.is_empty()
             && label
@@ -243,6 +248,31 @@ mod tests {
     fn client(spec: serde_json::Value) -> GoToOAuthClient {
         let spec: GoToOAuthClientSpec = serde_json::from_value(spec).unwrap();
         GoToOAuthClient::new("demo", spec)
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["a", "team-a", "a1", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a.b",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            &"x".repeat(64),
+            "ä",
+        ] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(check_dns_subdomain("demo.v1").is_ok());
+        for bad in ["..", "a..b", ".a", "a.", "a/b", "%2e%2e"] {
+            assert!(check_dns_subdomain(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -21,13 +21,23 @@ use crate::{
         act::write_secret,
         memory::HeldTokens,
         plan::Plan,
-        status::{Events, apply_status, desired_status, publish, write_status},
+        status::{
+            EventAction, EventReason, Events, apply_status, desired_status, publish, write_status,
+        },
     },
     goto::{OAuthError, TokenResponse},
     resource::{ConsumedState, GoToOAuthClient},
     secret::StoredTokens,
     validation::ClientSettings,
 };
+
+/// Authorization attempts one client may have in flight (claimed and not yet expired): enough
+/// for people who retry, small enough that the status stays small whatever a browser does.
+pub(crate) const MAX_ATTEMPTS_IN_FLIGHT: usize = 20;
+
+/// How long a consumed nonce is kept past its state's expiry: replicas' clocks differ, and a
+/// replica whose clock is behind must still find the nonce while it takes the state as valid.
+pub(crate) const CLOCK_SKEW_MARGIN_SECONDS: i64 = 120;
 
 /// Retries after a conflict: short and few, since a human is waiting for the page.
 fn on_conflict(times: usize) -> ConstantBuilder {
@@ -44,6 +54,8 @@ pub(crate) enum Claim {
     Replayed,
     /// The resource is gone or was replaced (another uid).
     Gone,
+    /// [`MAX_ATTEMPTS_IN_FLIGHT`] attempts are recorded already; try again later.
+    TooMany,
 }
 
 /// Records an attempt's nonce as consumed, exactly once across all replicas.
@@ -67,9 +79,12 @@ pub(crate) async fn claim(
             return Ok(Claim::Replayed);
         }
         status.consumed_states.retain(|c| c.expires_at > now);
+        if status.consumed_states.len() >= MAX_ATTEMPTS_IN_FLIGHT {
+            return Ok(Claim::TooMany);
+        }
         status.consumed_states.push(ConsumedState {
             nonce: nonce.to_string(),
-            expires_at,
+            expires_at: expires_at.saturating_add(CLOCK_SKEW_MARGIN_SECONDS),
         });
         let updated =
             write_status(ctx, keys, obj.metadata.resource_version.clone(), &status).await?;
@@ -134,13 +149,22 @@ pub(crate) async fn complete(
             &ctx.settings.defaults,
             now,
         );
-        apply_status(ctx, &latest, keys, status, Events::OnTransition).await
+        apply_status(
+            ctx,
+            &latest,
+            keys,
+            status,
+            Events::OnTransition(EventAction::Consent),
+        )
+        .await
     };
     if let Err(e) = write.retry(on_conflict(4)).when(Error::is_conflict).await {
         // The Secret holds the tokens; the leader's reconcile derives the status from it.
         warn!(error = %e, "authorization stored, status not updated yet");
     }
     info!(namespace = %keys.namespace, name = %keys.name, "authorization stored");
+    let (reason, note) = consent_event(obj.status.as_ref(), &tokens);
+    publish(ctx, obj, reason, EventAction::Consent, &note).await;
     Ok(Completed {
         tokens,
         secret_name: settings.secret_name.clone(),
@@ -154,6 +178,7 @@ pub(crate) async fn record_failure(
     obj: &GoToOAuthClient,
     keys: &ObjectKeys,
     failure: ConsentFailure,
+    action: EventAction,
     message: &str,
 ) -> Result<()> {
     let status = obj.status.clone().unwrap_or_default();
@@ -180,6 +205,153 @@ pub(crate) async fn record_failure(
             Err(e) => return Err(e),
         }
     }
-    publish(ctx, obj, failure.reason(), message).await;
+    publish(
+        ctx,
+        obj,
+        EventReason::Condition(failure.reason()),
+        action,
+        message,
+    )
+    .await;
     Ok(())
+}
+
+/// How an account is named in Events and pages: principal and account key, never a token.
+fn account(principal: Option<&str>, account_key: Option<&str>) -> String {
+    match (principal, account_key) {
+        (Some(p), Some(k)) => format!("GoTo account {p} (account key {k})"),
+        (Some(p), None) => format!("GoTo account {p}"),
+        (None, Some(k)) => format!("GoTo account key {k}"),
+        (None, None) => "a GoTo account that GoTo did not name".into(),
+    }
+}
+
+/// The Event for a stored consent: which account gave it, and a warning when it is not the
+/// account of the consent it replaces.
+fn consent_event(
+    before: Option<&crate::resource::GoToOAuthClientStatus>,
+    tokens: &StoredTokens,
+) -> (EventReason, String) {
+    let new = account(tokens.principal.as_deref(), tokens.account_key.as_deref());
+    let previous = before.filter(|s| s.principal.is_some() || s.account_key.is_some());
+    match previous {
+        Some(old)
+            if !same_account(
+                (old.principal.as_deref(), old.account_key.as_deref()),
+                (tokens.principal.as_deref(), tokens.account_key.as_deref()),
+            ) =>
+        {
+            (
+                EventReason::AccountChanged,
+                format!(
+                    "consent given by {new}; the tokens it replaces were authorized by {}",
+                    account(old.principal.as_deref(), old.account_key.as_deref())
+                ),
+            )
+        }
+        _ => (EventReason::ConsentGiven, format!("consent given by {new}")),
+    }
+}
+
+/// Whether two (principal, account key) pairs name the same account: the account key when
+/// both have one, else the principal (e-mail addresses compare case-insensitively).
+fn same_account(a: (Option<&str>, Option<&str>), b: (Option<&str>, Option<&str>)) -> bool {
+    match ((a.1, b.1), (a.0, b.0)) {
+        ((Some(x), Some(y)), _) => x == y,
+        (_, (Some(x), Some(y))) => x.eq_ignore_ascii_case(y),
+        _ => false,
+    }
+}
+
+/// Whether a consent's account is the one `spec.expectedAccount` names (an e-mail compared
+/// case-insensitively with the principal, or an account key compared exactly).
+pub(crate) fn is_expected_account(
+    expected: &str,
+    principal: Option<&str>,
+    account_key: Option<&str>,
+) -> bool {
+    let expected = expected.trim();
+    principal.is_some_and(|p| p.eq_ignore_ascii_case(expected))
+        || account_key.is_some_and(|k| k == expected)
+}
+
+/// Names the account of a token response, for the refusal of an unexpected one.
+pub(crate) fn describe_account(response: &TokenResponse) -> String {
+    let principal = response.principal.as_deref().or(response.email.as_deref());
+    account(principal, response.account_key.as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::GoToOAuthClientStatus;
+    use secrecy::SecretString;
+
+    fn tokens(principal: Option<&str>, key: Option<&str>) -> StoredTokens {
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        StoredTokens {
+            access_token: SecretString::from("a"),
+            refresh_token: SecretString::from("r"),
+            token_type: "Bearer".into(),
+            expires_at: now,
+            issued_at: now,
+            authorized_at: now,
+            scope: None,
+            principal: principal.map(str::to_string),
+            account_key: key.map(str::to_string),
+            organizer_key: None,
+            client_id: "c".into(),
+            token_url: "t".into(),
+        }
+    }
+
+    fn status(principal: Option<&str>, key: Option<&str>) -> GoToOAuthClientStatus {
+        GoToOAuthClientStatus {
+            principal: principal.map(str::to_string),
+            account_key: key.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn consent_events_name_the_account_and_warn_on_a_change() {
+        let (reason, note) = consent_event(None, &tokens(Some("a@example.com"), Some("111")));
+        assert_eq!(reason, EventReason::ConsentGiven);
+        assert_eq!(
+            note,
+            "consent given by GoTo account a@example.com (account key 111)"
+        );
+
+        let same = consent_event(
+            Some(&status(Some("A@Example.com"), None)),
+            &tokens(Some("a@example.com"), None),
+        );
+        assert_eq!(same.0, EventReason::ConsentGiven);
+
+        let (reason, note) = consent_event(
+            Some(&status(Some("a@example.com"), Some("111"))),
+            &tokens(Some("b@example.com"), Some("222")),
+        );
+        assert_eq!(reason, EventReason::AccountChanged);
+        assert!(
+            note.contains("b@example.com") && note.contains("a@example.com"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn expected_account_by_email_or_key() {
+        assert!(is_expected_account(
+            " Admin@Example.com ",
+            Some("admin@example.com"),
+            None
+        ));
+        assert!(is_expected_account("4242", None, Some("4242")));
+        assert!(!is_expected_account(
+            "4242",
+            Some("4242x@example.com"),
+            Some("42")
+        ));
+        assert!(!is_expected_account("admin@example.com", None, None));
+    }
 }

@@ -44,6 +44,7 @@ const MAC_LEN: usize = 32;
 
 const STATE_DOMAIN: &[u8] = b"goto-oauth-operator/state/v1\0";
 const BROWSER_DOMAIN: &[u8] = b"goto-oauth-operator/browser/v1\0";
+const LINK_DOMAIN: &[u8] = b"goto-oauth-operator/link/v1\0";
 
 /// What a `state` vouches for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,6 +62,12 @@ pub struct StateClaims {
     pub expires_at: i64,
     /// [`StateKey::browser_binding`] of the browser's cookie.
     pub browser: String,
+    /// [`StateKey::link_binding`] of the authorization link that minted this state: once the
+    /// resource publishes another link (rotated, or spent by a successful consent), attempts
+    /// still in flight from the old one are refused. Empty in states of earlier releases,
+    /// which therefore never match.
+    #[serde(default)]
+    pub link: String,
 }
 
 /// Why a `state` (or the browser presenting it) was refused. Display texts are for logs and
@@ -83,6 +90,8 @@ pub enum StateError {
     BrowserMismatch,
     #[error("the state signing key is invalid (it must be at least {STATE_KEY_LEN} bytes)")]
     KeyInvalid,
+    #[error("the authorization link this attempt started from was replaced or already used")]
+    LinkReplaced,
 }
 
 impl StateError {
@@ -97,6 +106,7 @@ impl StateError {
             StateError::CookieMissing => "cookie_missing",
             StateError::BrowserMismatch => "browser_mismatch",
             StateError::KeyInvalid => "state_key_invalid",
+            StateError::LinkReplaced => "link_replaced",
         }
     }
 }
@@ -153,8 +163,8 @@ impl StateKey {
     }
 
     /// Checks length and shape, then the MAC (constant time, before the payload is parsed),
-    /// then expiry: `Expired` when `expires_at < now_unix`. Pass `i64::MIN` to check only
-    /// the signature.
+    /// then expiry: `Expired` from the second `expires_at` on (`expires_at <= now_unix`).
+    /// Pass `i64::MIN` to check only the signature.
     pub fn verify(&self, token: &str, now_unix: i64) -> Result<StateClaims, StateError> {
         if token.is_empty() {
             return Err(StateError::Missing);
@@ -181,7 +191,7 @@ impl StateKey {
             .map_err(|_| StateError::Malformed)?;
         let claims: StateClaims =
             serde_json::from_slice(&json).map_err(|_| StateError::Malformed)?;
-        if claims.expires_at < now_unix {
+        if claims.expires_at <= now_unix {
             return Err(StateError::Expired);
         }
         Ok(claims)
@@ -194,6 +204,32 @@ impl StateKey {
                 .finalize()
                 .into_bytes(),
         )
+    }
+
+    /// Keyed hash of an authorization link token, base64url; goes into [`StateClaims::link`].
+    /// The link token itself never travels in `state` (it is a bearer credential).
+    pub fn link_binding(&self, link_token: &str) -> String {
+        URL_SAFE_NO_PAD.encode(
+            self.mac(LINK_DOMAIN, link_token.as_bytes())
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
+    /// Checks that `claims` were minted from `current_link`, the link the resource publishes
+    /// now (constant-time compare). No current link, or another one, is `LinkReplaced`.
+    pub fn verify_link(
+        &self,
+        claims: &StateClaims,
+        current_link: Option<&str>,
+    ) -> Result<(), StateError> {
+        let current = current_link.ok_or(StateError::LinkReplaced)?;
+        let expected = URL_SAFE_NO_PAD
+            .decode(&claims.link)
+            .map_err(|_| StateError::LinkReplaced)?;
+        self.mac(LINK_DOMAIN, current.as_bytes())
+            .verify_slice(&expected)
+            .map_err(|_| StateError::LinkReplaced)
     }
 
     /// Checks that the browser presenting `claims` holds the cookie they were bound to
@@ -340,6 +376,7 @@ mod tests {
             nonce: random_token(16),
             expires_at: NOW + STATE_TTL_SECONDS,
             browser: "placeholder".into(),
+            link: key().link_binding("the-link-token"),
         }
     }
 
@@ -367,7 +404,7 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         );
         assert_eq!(key.verify(&token, NOW).unwrap(), c);
-        assert_eq!(key.verify(&token, NOW + STATE_TTL_SECONDS).unwrap(), c);
+        assert_eq!(key.verify(&token, NOW + STATE_TTL_SECONDS - 1).unwrap(), c);
         assert_eq!(key.verify(&token, i64::MIN).unwrap(), c);
     }
 
@@ -445,6 +482,36 @@ mod tests {
             key.verify(&token, NOW + STATE_TTL_SECONDS + 1),
             Err(StateError::Expired)
         );
+        // The expiry second itself is past: a replica whose consumed-state entry is dropped
+        // at that second must not accept the state again.
+        assert_eq!(
+            key.verify(&token, NOW + STATE_TTL_SECONDS),
+            Err(StateError::Expired)
+        );
+        assert!(key.verify(&token, NOW + STATE_TTL_SECONDS - 1).is_ok());
+    }
+
+    #[test]
+    fn a_state_is_bound_to_the_link_that_minted_it() {
+        let key = key();
+        let claims = claims();
+        assert_eq!(key.verify_link(&claims, Some("the-link-token")), Ok(()));
+        assert_eq!(
+            key.verify_link(&claims, Some("a-newer-link-token")),
+            Err(StateError::LinkReplaced)
+        );
+        assert_eq!(
+            key.verify_link(&claims, None),
+            Err(StateError::LinkReplaced)
+        );
+        let legacy = StateClaims {
+            link: String::new(),
+            ..claims
+        };
+        assert_eq!(
+            key.verify_link(&legacy, Some("the-link-token")),
+            Err(StateError::LinkReplaced)
+        );
     }
 
     #[test]
@@ -515,6 +582,7 @@ mod tests {
             StateError::CookieMissing,
             StateError::BrowserMismatch,
             StateError::KeyInvalid,
+            StateError::LinkReplaced,
         ];
         let reasons: std::collections::BTreeSet<_> = all.iter().map(StateError::reason).collect();
         assert_eq!(reasons.len(), all.len());

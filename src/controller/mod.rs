@@ -35,7 +35,7 @@ pub use watches::run;
 use crate::{
     Error, Result,
     clock::Clock,
-    consent::{StateKey, random_token},
+    consent::{StateKey, index::LinkIndex, random_token},
     goto::GoTo,
     leader::Leadership,
     metrics::{Metrics, ReasonLabels},
@@ -68,6 +68,8 @@ pub struct Context {
     pub(crate) leadership: Leadership,
     pub(crate) refresh_slots: Semaphore,
     pub(crate) memory: memory::Memory,
+    /// Published authorization links, kept by a watch on every replica.
+    pub(crate) links: Arc<LinkIndex>,
 }
 
 impl std::fmt::Debug for Context {
@@ -98,6 +100,7 @@ impl Context {
             )?,
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
             memory: memory::Memory::default(),
+            links: Arc::default(),
             client,
             settings,
             metrics,
@@ -105,6 +108,12 @@ impl Context {
             clock,
             leadership,
         }))
+    }
+
+    /// Whether `namespace` is one this operator watches (and so serves links for).
+    pub(crate) fn watches_namespace(&self, namespace: &str) -> bool {
+        self.settings.namespaces.is_empty()
+            || self.settings.namespaces.iter().any(|n| n == namespace)
     }
 
     /// Forgets a client that is gone: its memory and its metric series.
@@ -131,6 +140,7 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     let now = ctx.clock.now();
     let planned = plan::plan(&observed, now);
     let outcome = act::act(&ctx, &observed, &planned).await?;
+    let refreshed = outcome.is_some();
     let settled = planned.settle(
         outcome,
         observed.settings.as_ref().ok(),
@@ -146,15 +156,11 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
         &ctx.settings.defaults,
         now,
     );
-    match status::apply_status(
-        &ctx,
-        &observed.obj,
-        &keys,
-        desired,
-        status::Events::OnTransition,
-    )
-    .await
-    {
+    let events = status::Events::OnTransition(match refreshed {
+        true => status::EventAction::Refresh,
+        false => status::EventAction::Reconcile,
+    });
+    match status::apply_status(&ctx, &observed.obj, &keys, desired, events).await {
         Ok(wrote) => debug!(wrote, "reconciled"),
         // The object changed since it was read (a callback, a spec edit): the watch delivers
         // the newer version and the next reconcile writes from it.

@@ -3,8 +3,7 @@
 //! [`desired_status`] turns a settled [`Plan`] (what was written and what the refresh did) into
 //! the full status, conditions included; the reconciler and the consent callback both use it,
 //! so they cannot disagree. [`apply_status`] writes it only when it differs, conditional on the
-//! resourceVersion read, and publishes an Event and updates the per-client metrics only when it
-//! wrote.
+//! resourceVersion read, and publishes an Event only when a condition changed.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -79,16 +78,66 @@ pub(crate) fn desired_status(
     }
 }
 
+/// What an Event is about. The event recorder folds repeats of one (type, reason, action)
+/// into a series that keeps the first note, so distinct causes get distinct actions: a failed
+/// consent, a failed code exchange and a failed refresh never merge into one Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventAction {
+    Reconcile,
+    Refresh,
+    Consent,
+    ExchangeCode,
+}
+
+impl EventAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventAction::Reconcile => "Reconcile",
+            EventAction::Refresh => "Refresh",
+            EventAction::Consent => "Consent",
+            EventAction::ExchangeCode => "ExchangeCode",
+        }
+    }
+}
+
+/// Why an Event is published: a condition's new reason, or a consent's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventReason {
+    Condition(Reason),
+    /// A consent was stored; the note names the GoTo account.
+    ConsentGiven,
+    /// A consent was stored from another GoTo account than the previous one.
+    AccountChanged,
+}
+
+impl EventReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventReason::Condition(reason) => reason.as_str(),
+            EventReason::ConsentGiven => "ConsentGiven",
+            EventReason::AccountChanged => "AccountChanged",
+        }
+    }
+
+    fn is_normal(self) -> bool {
+        match self {
+            EventReason::Condition(reason) => reason.is_normal(),
+            EventReason::ConsentGiven => true,
+            EventReason::AccountChanged => false,
+        }
+    }
+}
+
 /// Whether [`apply_status`] publishes an Event for a condition that changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Events {
-    OnTransition,
-    /// The caller publishes its own Event (a failed consent attempt is always reported).
+    OnTransition(EventAction),
+    /// The caller publishes its own Event (a consent's outcome is always reported).
     Never,
 }
 
 /// Writes `status` when it differs from the object's, conditional on the object's
-/// resourceVersion. Returns whether it wrote.
+/// resourceVersion. Returns whether it wrote. The per-client metrics follow `status` either way.
 pub(crate) async fn apply_status(
     ctx: &Context,
     obj: &GoToOAuthClient,
@@ -96,6 +145,7 @@ pub(crate) async fn apply_status(
     status: GoToOAuthClientStatus,
     events: Events,
 ) -> Result<bool> {
+    record_metrics(&ctx.metrics, keys, &status);
     let current = obj.status.clone().unwrap_or_default();
     if current == status {
         return Ok(false);
@@ -105,18 +155,25 @@ pub(crate) async fn apply_status(
         m.written_resource_version = written.metadata.resource_version.clone();
     });
 
-    if events == Events::OnTransition
+    if let Events::OnTransition(action) = events
         && let Some(condition) = conditions::transition(&current.conditions, &status.conditions)
         && let Some(reason) = Reason::parse(&condition.reason)
     {
-        publish(ctx, obj, reason, &condition.message).await;
+        publish(
+            ctx,
+            obj,
+            EventReason::Condition(reason),
+            action,
+            &condition.message,
+        )
+        .await;
     }
-    record_metrics(&ctx.metrics, keys, &status);
     Ok(true)
 }
 
-/// The per-client series: Ready, and the access token's expiry.
-pub(crate) fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClientStatus) {
+/// The per-client series: Ready, and the access token's expiry. Set on every reconcile, not
+/// only when the status changes, so they exist right after a restart or fail-over.
+fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClientStatus) {
     let ready = status
         .conditions
         .iter()
@@ -140,7 +197,13 @@ pub(crate) fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoTo
 }
 
 /// Publishes an Event; failures are logged, never fatal (events are best effort).
-pub(crate) async fn publish(ctx: &Context, obj: &GoToOAuthClient, reason: Reason, note: &str) {
+pub(crate) async fn publish(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    reason: EventReason,
+    action: EventAction,
+    note: &str,
+) {
     let event = Event {
         type_: if reason.is_normal() {
             EventType::Normal
@@ -149,7 +212,7 @@ pub(crate) async fn publish(ctx: &Context, obj: &GoToOAuthClient, reason: Reason
         },
         reason: reason.as_str().to_string(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: action.as_str().into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {

@@ -16,43 +16,40 @@ use kube::Api;
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
-use super::{BINDING_COOKIE, binding_cookie, client_page, invalid_link, server_error};
+use super::{binding_cookie, client_page, cookie_policy, invalid_link, server_error};
 use crate::{
-    cli::is_loopback_host,
     conditions::Reason,
     consent::{StateClaims, link_token, random_token, state::STATE_TTL_SECONDS},
     controller::{Context, ObjectKeys, observe::read_credentials},
     goto::protocol::authorization_request_url,
     resource::GoToOAuthClient,
-    validation::validate,
+    validation::{check_dns_subdomain, is_dns_label, validate},
 };
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-}
 
 pub(super) async fn authorize(
     State(ctx): State<Arc<Context>>,
     Path((namespace, name, link)): Path<(String, String, String)>,
     jar: CookieJar,
 ) -> Response {
-    if !valid_name(&namespace) || !valid_name(&name) || link.len() > 128 {
+    if !is_dns_label(&namespace) || check_dns_subdomain(&name).is_err() || link.len() > 128 {
         return invalid_link();
     }
+    // Knowing the namespace and name is not enough: the link token must match. A wrong link
+    // is refused from memory (no API request) at a fixed deadline; only the holder of a
+    // published link makes the operator read the client.
+    let Some(uid) = ctx.links.resolve(&namespace, &name, &link).await else {
+        return invalid_link();
+    };
     let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &namespace);
     let obj = match api.get_opt(&name).await {
-        Ok(Some(obj)) => obj,
-        Ok(None) => return invalid_link(),
+        Ok(Some(obj)) if obj.metadata.uid.as_deref() == Some(uid.as_str()) => obj,
+        Ok(_) => return invalid_link(),
         Err(e) => {
             warn!(error = %e, "authorize: reading the client failed");
             return server_error(None);
         }
     };
-    // Knowing the namespace and name is not enough: the link token must match, compared in
-    // constant time.
+    // The index follows a watch; the object just read is the word on the current link.
     let expected = link_token(obj.status.as_ref()).unwrap_or_default();
     if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(link.as_bytes())) {
         return invalid_link();
@@ -94,7 +91,8 @@ pub(super) async fn authorize(
         }
     }
 
-    let cookie = binding_cookie(&jar).unwrap_or_else(|| random_token(32));
+    let policy = cookie_policy(&ctx.settings.defaults.public_url);
+    let cookie = binding_cookie(&jar, policy).unwrap_or_else(|| random_token(32));
     let claims = StateClaims {
         namespace: keys.namespace.clone(),
         name: keys.name.clone(),
@@ -103,6 +101,7 @@ pub(super) async fn authorize(
         nonce: random_token(16),
         expires_at: ctx.clock.now().as_second() + STATE_TTL_SECONDS,
         browser: ctx.state_key.browser_binding(&cookie),
+        link: ctx.state_key.link_binding(&expected),
     };
     let state = ctx.state_key.sign(&claims);
     let Ok(target) = authorization_request_url(
@@ -114,12 +113,12 @@ pub(super) async fn authorize(
     ) else {
         return invalid_link();
     };
-    let binding = Cookie::build((BINDING_COOKIE, cookie))
+    let binding = Cookie::build((policy.name, cookie))
         .path("/")
         .max_age(cookie::time::Duration::seconds(STATE_TTL_SECONDS))
         .http_only(true)
         .same_site(SameSite::Lax)
-        .secure(!is_loopback_host(&ctx.settings.defaults.public_url));
+        .secure(policy.secure);
     info!(namespace = %keys.namespace, name = %keys.name, "authorization started");
     let mut response = (jar.add(binding), Redirect::to(target.as_str())).into_response();
     *response.status_mut() = StatusCode::FOUND;

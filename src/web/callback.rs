@@ -10,18 +10,18 @@ use axum::{
 };
 use axum_extra::extract::CookieJar;
 use kube::Api;
-use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
-use super::{binding_cookie, client_page, html, page, server_error};
+use super::{binding_cookie, client_page, cookie_policy, html, page, server_error};
 use crate::{
     Error,
     conditions::{ConsentFailure, Reason},
     consent::{
         StateClaims, StateError,
         attempt::{self, Claim},
+        link_token,
     },
-    controller::{Context, ObjectKeys, observe::read_credentials},
+    controller::{Context, ObjectKeys, observe::read_credentials, status::EventAction},
     goto::OAuthError,
     resource::GoToOAuthClient,
     secret::rfc3339,
@@ -48,8 +48,9 @@ pub(super) async fn callback(
     let Some(state) = query.get("state").filter(|s| !s.is_empty()) else {
         return state_page(&StateError::Missing);
     };
-    // Verify the signature first (ignoring expiry) so an expired attempt can still be reported
-    // on the right resource; then apply the expiry.
+    // Everything that can be checked without the API server comes first, and a failure there
+    // writes nothing: an unauthenticated request must not cause API work or Events. The
+    // signature is checked before the expiry so an expired attempt can name its resource.
     let claims = match ctx.state_key.verify(state, i64::MIN) {
         Ok(claims) => claims,
         Err(e) => return state_page(&e),
@@ -59,6 +60,17 @@ pub(super) async fn callback(
         name: claims.name.clone(),
         uid: claims.uid.clone(),
     };
+    if !ctx.watches_namespace(&keys.namespace) {
+        return state_page(&StateError::Forged);
+    }
+    if claims.expires_at <= ctx.clock.now().as_second() {
+        return state_page_for(&StateError::Expired, &keys);
+    }
+    let cookie = binding_cookie(&jar, cookie_policy(&ctx.settings.defaults.public_url));
+    if let Err(e) = ctx.state_key.verify_browser(&claims, cookie.as_deref()) {
+        return state_page_for(&e, &keys);
+    }
+
     let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
     let obj = match api.get_opt(&keys.name).await {
         Ok(Some(obj)) if obj.metadata.uid.as_deref() == Some(keys.uid.as_str()) => obj,
@@ -68,30 +80,10 @@ pub(super) async fn callback(
             return server_error(Some(&keys));
         }
     };
-
-    let binding_error = if claims.expires_at < ctx.clock.now().as_second() {
-        Some(StateError::Expired)
-    } else {
-        match binding_cookie(&jar) {
-            None => Some(StateError::CookieMissing),
-            Some(cookie) => {
-                let expected = ctx.state_key.browser_binding(&cookie);
-                if bool::from(expected.as_bytes().ct_eq(claims.browser.as_bytes())) {
-                    None
-                } else {
-                    Some(StateError::BrowserMismatch)
-                }
-            }
-        }
-    };
-    if let Some(e) = binding_error {
-        return record(
-            &ctx,
-            &obj,
-            &keys,
-            Failed::new(state_message(&e), state_page_for(&e, &keys)),
-        )
-        .await;
+    // A link that was rotated or spent since this attempt started takes its attempts along.
+    let current_link = link_token(obj.status.as_ref());
+    if let Err(e) = ctx.state_key.verify_link(&claims, current_link.as_deref()) {
+        return state_page_for(&e, &keys);
     }
 
     // Single use, across every replica.
@@ -99,6 +91,7 @@ pub(super) async fn callback(
         Ok(Claim::Claimed(obj)) => *obj,
         Ok(Claim::Replayed) => return state_page_for(&StateError::Replayed, &keys),
         Ok(Claim::Gone) => return gone(&keys),
+        Ok(Claim::TooMany) => return too_many_attempts(&keys),
         Err(e) => {
             warn!(error = %e, "callback: recording the attempt failed");
             return server_error(Some(&keys));
@@ -110,17 +103,31 @@ pub(super) async fn callback(
     }
 }
 
+fn too_many_attempts(keys: &ObjectKeys) -> Response {
+    client_page(
+        keys,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many authorization attempts",
+        "This client had too many authorization attempts in the last few minutes. Nothing was stored.",
+        "Wait ten minutes, then open the authorization link again.",
+        Reason::AuthorizationFailed,
+    )
+}
+
 /// A failed authorization attempt: what goes on the resource and the page the admin sees.
 struct Failed {
     failure: ConsentFailure,
+    /// Where it failed: at GoTo's consent page, or exchanging the code (distinct Events).
+    action: EventAction,
     message: String,
     response: Response,
 }
 
 impl Failed {
-    fn new(message: impl Into<String>, response: Response) -> Failed {
+    fn new(action: EventAction, message: impl Into<String>, response: Response) -> Failed {
         Failed {
             failure: ConsentFailure::AuthorizationFailed,
+            action,
             message: message.into(),
             response,
         }
@@ -134,7 +141,16 @@ async fn record(
     keys: &ObjectKeys,
     failed: Failed,
 ) -> Response {
-    if let Err(e) = attempt::record_failure(ctx, obj, keys, failed.failure, &failed.message).await {
+    if let Err(e) = attempt::record_failure(
+        ctx,
+        obj,
+        keys,
+        failed.failure,
+        failed.action,
+        &failed.message,
+    )
+    .await
+    {
         warn!(error = %e, "callback: recording the failed attempt failed");
     }
     failed.response
@@ -166,6 +182,7 @@ async fn complete_attempt(
             let message = "Deny was clicked on GoTo's consent page";
             return Err(Failed {
                 failure: ConsentFailure::AccessDenied,
+                action: EventAction::Consent,
                 message: message.into(),
                 response: client_page(
                     keys,
@@ -177,19 +194,22 @@ async fn complete_attempt(
                 ),
             });
         }
-        let message = match &description {
-            Some(d) => format!("GoTo returned error {error_code}: {d}"),
-            None => format!("GoTo returned error {error_code}"),
+        // The status and the Event carry only the sanitized error code; GoTo's description
+        // (whatever the browser sent) is shown on this page only, escaped.
+        let message = format!("GoTo returned error {error_code}");
+        let shown = match &description {
+            Some(d) => format!("{message}: {d}"),
+            None => message.clone(),
         };
         let response = client_page(
             keys,
             StatusCode::BAD_GATEWAY,
             "GoTo reported an error",
-            &message,
+            &shown,
             "Nothing was stored. Open the authorization link again; if it keeps failing, tell the person who sent it.",
             Reason::AuthorizationFailed,
         );
-        return Err(Failed::new(message, response));
+        return Err(Failed::new(EventAction::Consent, message, response));
     }
 
     let Some(code) = query.get("code").filter(|c| !c.is_empty()) else {
@@ -202,11 +222,12 @@ async fn complete_attempt(
             "Open the authorization link again and click Allow.",
             Reason::AuthorizationFailed,
         );
-        return Err(Failed::new(message, response));
+        return Err(Failed::new(EventAction::Consent, message, response));
     };
 
     let settings = validate(obj, &ctx.settings.defaults).map_err(|message| {
         Failed::new(
+            EventAction::ExchangeCode,
             format!("the client's spec became invalid during the authorization: {message}"),
             client_page(
                 keys,
@@ -220,6 +241,7 @@ async fn complete_attempt(
     })?;
     if claims.client_id != settings.client_id {
         return Err(Failed::new(
+            EventAction::ExchangeCode,
             "the client id changed while the authorization was in progress",
             client_page(
                 keys,
@@ -235,6 +257,7 @@ async fn complete_attempt(
         Ok(Ok(c)) => c,
         Ok(Err(problem)) => {
             return Err(Failed::new(
+                EventAction::ExchangeCode,
                 format!("the code could not be exchanged: {problem}"),
                 client_page(
                     keys,
@@ -266,10 +289,39 @@ async fn complete_attempt(
     let response = response.map_err(|e| {
         warn!(namespace = %keys.namespace, name = %keys.name, error = %e, "code exchange failed");
         Failed::new(
+            EventAction::ExchangeCode,
             format!("exchanging the authorization code failed: {e}"),
             exchange_error_page(&e, keys),
         )
     })?;
+
+    if let Some(expected) = obj
+        .spec
+        .expected_account
+        .as_deref()
+        .filter(|e| !e.trim().is_empty())
+    {
+        let principal = response.principal.as_deref().or(response.email.as_deref());
+        if !attempt::is_expected_account(expected, principal, response.account_key.as_deref()) {
+            let message = format!(
+                "the consent was given by {}, not by the account spec.expectedAccount names; its tokens were not stored",
+                attempt::describe_account(&response)
+            );
+            return Err(Failed {
+                failure: ConsentFailure::UnexpectedAccount,
+                action: EventAction::Consent,
+                response: client_page(
+                    keys,
+                    StatusCode::FORBIDDEN,
+                    "This GoTo account cannot authorize this client",
+                    &format!("Nothing was stored: {message}."),
+                    "Sign in to GoTo with the account this client expects (ask the person who sent you the link which one), then open the link again.",
+                    Reason::UnexpectedAccount,
+                ),
+                message,
+            });
+        }
+    }
 
     match attempt::complete(ctx, obj, keys, &settings, &response).await {
         Ok(done) => {
@@ -287,6 +339,7 @@ async fn complete_attempt(
             ))
         }
         Err(Error::SecretConflict(message)) => Err(Failed::new(
+            EventAction::ExchangeCode,
             format!("the tokens could not be stored: {message}"),
             client_page(
                 keys,
@@ -298,6 +351,7 @@ async fn complete_attempt(
             ),
         )),
         Err(Error::OAuth(e)) => Err(Failed::new(
+            EventAction::ExchangeCode,
             format!("GoTo's token response was unusable: {e}"),
             exchange_error_page(&e, keys),
         )),
@@ -328,6 +382,7 @@ fn state_message(e: &StateError) -> String {
         StateError::CookieMissing => "the callback arrived in a browser that did not open the authorization link".into(),
         StateError::BrowserMismatch => "the callback arrived in a different browser from the one that opened the authorization link".into(),
         StateError::Replayed => "this authorization attempt was already used".into(),
+        StateError::LinkReplaced => "the authorization link it started from was replaced by a newer one, or already used".into(),
         other => format!("the authorization response was not valid ({})", other.reason()),
     }
 }
@@ -351,6 +406,11 @@ fn state_page_inner(e: &StateError, keys: Option<&ObjectKeys>) -> Response {
             StatusCode::CONFLICT,
             "This authorization was already used",
             "Each authorization can be completed once. If you still need to authorize, open the authorization link again.",
+        ),
+        StateError::LinkReplaced => (
+            StatusCode::CONFLICT,
+            "This authorization link is no longer valid",
+            "Ask the person who sent you the link for the current one.",
         ),
         StateError::CookieMissing | StateError::BrowserMismatch => (
             StatusCode::BAD_REQUEST,

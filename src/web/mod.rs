@@ -17,24 +17,33 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::Request,
-    http::{Method, StatusCode, header},
+    extract::{Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use axum_extra::extract::CookieJar;
+use url::Url;
 
-use crate::{conditions::Reason, controller::Context, controller::ObjectKeys};
+use crate::{
+    cli::is_loopback_host, conditions::Reason, controller::Context, controller::ObjectKeys,
+};
 use pages::{ErrorPage, error_page, security_headers};
 
 /// The cookie that binds a `state` to the browser that opened the link.
 pub const BINDING_COOKIE: &str = "goto_oauth_binding";
+/// Its name over https: the `__Host-` prefix makes browsers refuse it unless it is Secure,
+/// has `Path=/` and no `Domain`, so no sibling host can plant or overwrite it.
+pub const HOST_BINDING_COOKIE: &str = "__Host-goto_oauth_binding";
+/// How long browsers must use https only for the operator's host, once seen over https.
+const HSTS: &str = "max-age=31536000";
 /// Longest request target accepted (codes are long, but not this long).
 pub const MAX_URI_LENGTH: usize = 8192;
 
 /// The router for `--listen`.
 pub fn router(ctx: Arc<Context>) -> Router {
+    let hsts = hsts(&ctx.settings.defaults.public_url);
     Router::new()
         .route(
             "/authorize/{namespace}/{name}/{link}",
@@ -42,12 +51,39 @@ pub fn router(ctx: Arc<Context>) -> Router {
         )
         .route("/callback", get(callback::callback))
         .fallback(not_found)
-        .layer(middleware::from_fn(guard))
+        .layer(middleware::from_fn_with_state(hsts, guard))
         .with_state(ctx)
 }
 
+/// `Strict-Transport-Security` when the operator is reached over https.
+fn hsts(public_url: &Url) -> Option<HeaderValue> {
+    (public_url.scheme() == "https").then(|| HeaderValue::from_static(HSTS))
+}
+
+/// How the binding cookie is named and flagged for a public URL: `Secure` with the `__Host-`
+/// prefix everywhere but on a loopback development URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CookiePolicy {
+    pub(crate) name: &'static str,
+    pub(crate) secure: bool,
+}
+
+pub(crate) fn cookie_policy(public_url: &Url) -> CookiePolicy {
+    if is_loopback_host(public_url) {
+        CookiePolicy {
+            name: BINDING_COOKIE,
+            secure: false,
+        }
+    } else {
+        CookiePolicy {
+            name: HOST_BINDING_COOKIE,
+            secure: true,
+        }
+    }
+}
+
 /// Bounds the request and adds security headers to every response.
-async fn guard(request: Request, next: Next) -> Response {
+async fn guard(State(hsts): State<Option<HeaderValue>>, request: Request, next: Next) -> Response {
     let too_long = request
         .uri()
         .path_and_query()
@@ -82,6 +118,9 @@ async fn guard(request: Request, next: Next) -> Response {
     let headers = response.headers_mut();
     for (name, value) in security_headers() {
         headers.insert(name, value);
+    }
+    if let Some(hsts) = hsts {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
     }
     response
 }
@@ -164,12 +203,45 @@ fn client_page(
 }
 
 /// The binding cookie's value, when it has the shape the operator gives it.
-fn binding_cookie(jar: &CookieJar) -> Option<String> {
-    jar.get(BINDING_COOKIE)
+fn binding_cookie(jar: &CookieJar, policy: CookiePolicy) -> Option<String> {
+    jar.get(policy.name)
         .map(|c| c.value().to_string())
         .filter(|v| {
             (16..=128).contains(&v.len())
                 && v.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_gets_hsts_and_a_host_prefixed_secure_cookie() {
+        let public: Url = "https://goto-oauth.example.com".parse().unwrap();
+        assert_eq!(hsts(&public), Some(HeaderValue::from_static(HSTS)));
+        assert_eq!(
+            cookie_policy(&public),
+            CookiePolicy {
+                name: "__Host-goto_oauth_binding",
+                secure: true
+            }
+        );
+        let prefixed: Url = "https://example.com/goto-oauth/".parse().unwrap();
+        assert_eq!(cookie_policy(&prefixed).name, HOST_BINDING_COOKIE);
+    }
+
+    #[test]
+    fn loopback_development_gets_neither() {
+        let local: Url = "http://127.0.0.1:8080".parse().unwrap();
+        assert_eq!(hsts(&local), None);
+        assert_eq!(
+            cookie_policy(&local),
+            CookiePolicy {
+                name: BINDING_COOKIE,
+                secure: false
+            }
+        );
+    }
 }

@@ -495,6 +495,11 @@ impl FakeGoTo {
         self.state().config.expires_in = secs;
     }
 
+    /// Signs another account in on the consent page (and into the token responses).
+    pub fn set_account(&self, account: Account) {
+        self.state().account = account;
+    }
+
     pub fn set_rotation(&self, rotation: RefreshTokenRotation) {
         self.state().config.rotation = rotation;
     }
