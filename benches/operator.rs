@@ -228,6 +228,7 @@ async fn setup(n: usize) -> Result<Bench> {
         public_url: public_url.parse()?,
         authorize_url: goto.authorize_url().parse()?,
         token_url: goto.token_url().parse()?,
+        allowed_hosts: Vec::new(),
     };
 
     // Tokens straight from the provider, one exchange at a time so the provider's

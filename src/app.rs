@@ -19,7 +19,7 @@ use crate::{
     goto::OAuthError,
     leader::{self, Leadership, LeaseSettings},
     metrics::{self, Metrics},
-    validation::Defaults,
+    validation::{AllowedHost, Defaults},
     web,
 };
 
@@ -31,6 +31,8 @@ pub struct Config {
     /// Operator-wide GoTo endpoints.
     pub authorize_url: Url,
     pub token_url: Url,
+    /// Hosts a spec's endpoints may name besides those of `authorize_url` and `token_url`.
+    pub allowed_endpoint_hosts: Vec<AllowedHost>,
     /// Namespaces to watch; empty: all.
     pub namespaces: Vec<String>,
     /// Home of the Lease and the state-key Secret.
@@ -113,6 +115,7 @@ impl Operator {
                 public_url: config.public_url.clone(),
                 authorize_url: config.authorize_url.clone(),
                 token_url: config.token_url.clone(),
+                allowed_hosts: config.allowed_endpoint_hosts.clone(),
             },
             token_rate_limit: config.token_rate_limit,
             max_concurrent_refreshes: config.max_concurrent_refreshes,

@@ -8,10 +8,16 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::validation::AllowedHost;
+
 /// GoTo's production authorization endpoint (GoTo "New Token Retrieval Migration Guide").
 pub const DEFAULT_AUTHORIZE_URL: &str = "https://authentication.logmeininc.com/oauth/authorize";
 /// GoTo's production token endpoint.
 pub const DEFAULT_TOKEN_URL: &str = "https://authentication.logmeininc.com/oauth/token";
+/// GoTo's hosts: the current one (authorize and token) and the legacy token host
+/// (`api.getgo.com/oauth/v2/token`, decommissioned by GoTo in 2025 but still GoTo's, so a spec
+/// that names it fails at GoTo rather than being refused as someone else's host).
+pub const DEFAULT_ALLOWED_ENDPOINT_HOSTS: &str = "authentication.logmeininc.com,api.getgo.com";
 
 /// Keeps GoTo (LogMeIn) OAuth tokens alive as Kubernetes Secrets.
 #[derive(Parser, Debug)]
@@ -69,6 +75,23 @@ pub struct RunArgs {
     /// Default GoTo token URL.
     #[arg(long, env = "GOTO_OAUTH_TOKEN_URL", default_value = DEFAULT_TOKEN_URL, value_parser = parse_endpoint_url)]
     pub token_url: Url,
+
+    /// Hosts a GoToOAuthClient's spec.endpoints may name, besides those of --authorize-url and
+    /// --token-url (always allowed).
+    ///
+    /// Comma-separated `host` or `host:port`; a host without a port allows only the scheme's
+    /// default port. Hosts match exactly: no wildcards, subdomains or trailing dots; list an IDN in
+    /// its xn-- form. Setting this replaces the default list; keep GoTo's hosts in it when clients
+    /// may still name them. A spec naming any other host is InvalidSpec: its link never redirects
+    /// there and no token request is sent there.
+    #[arg(
+        long,
+        env = "GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS",
+        value_delimiter = ',',
+        default_value = DEFAULT_ALLOWED_ENDPOINT_HOSTS,
+        value_parser = AllowedHost::parse
+    )]
+    pub allowed_endpoint_hosts: Vec<AllowedHost>,
 
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(
@@ -199,5 +222,36 @@ mod tests {
         assert_eq!(args.token_url.as_str(), DEFAULT_TOKEN_URL);
         assert_eq!(args.token_rate_limit, 10);
         assert!(args.leader_election);
+        assert_eq!(
+            args.allowed_endpoint_hosts,
+            [
+                AllowedHost::parse("authentication.logmeininc.com").unwrap(),
+                AllowedHost::parse("api.getgo.com").unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn allowed_endpoint_hosts_replace_the_default_list() {
+        let cli = parse(&[
+            "run",
+            "--public-url",
+            "https://x.example",
+            "--allowed-endpoint-hosts",
+            "authentication.logmeininc.com,auth.eu.example:8443",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        let hosts: Vec<String> = args
+            .allowed_endpoint_hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            hosts,
+            ["authentication.logmeininc.com", "auth.eu.example:8443"]
+        );
     }
 }

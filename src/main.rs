@@ -65,6 +65,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         public_url: args.public_url.clone(),
         authorize_url: args.authorize_url,
         token_url: args.token_url,
+        allowed_endpoint_hosts: args.allowed_endpoint_hosts,
         namespaces: args.namespaces,
         operator_namespace: args.operator_namespace.clone(),
         state_key_secret: args.state_key_secret.clone(),

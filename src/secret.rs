@@ -292,6 +292,7 @@ mod tests {
                 public_url: "https://op.example".parse().unwrap(),
                 authorize_url: "https://auth.example/authorize".parse().unwrap(),
                 token_url: "https://auth.example/token".parse().unwrap(),
+                allowed_hosts: Vec::new(),
             },
         )
         .unwrap()

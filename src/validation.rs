@@ -3,9 +3,10 @@
 //!
 //! Validation is pure (no API calls), so it is unit-tested directly and runs identically in the
 //! controller and in the callback handler. Everything the API server's schema cannot express
-//! lives here: URL schemes, name syntax, a client id usable in a Basic header, durations.
+//! lives here: URL schemes, the hosts an endpoint may name, name syntax, a client id usable in a
+//! Basic header, durations.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use url::Url;
 
@@ -23,6 +24,9 @@ pub struct Defaults {
     pub authorize_url: Url,
     /// Default token URL.
     pub token_url: Url,
+    /// Hosts a spec's endpoints may name besides those of `authorize_url` and `token_url`
+    /// (`--allowed-endpoint-hosts`).
+    pub allowed_hosts: Vec<AllowedHost>,
 }
 
 impl Defaults {
@@ -142,12 +146,14 @@ pub fn validate(
         "spec.endpoints.authorizeUrl",
         endpoints.authorize_url,
         &defaults.authorize_url,
+        defaults,
         &mut problems,
     );
     let token_url = endpoint(
         "spec.endpoints.tokenUrl",
         endpoints.token_url,
         &defaults.token_url,
+        defaults,
         &mut problems,
     );
 
@@ -183,13 +189,21 @@ pub fn validate(
     })
 }
 
-fn endpoint(field: &str, value: Option<String>, default: &Url, problems: &mut Vec<String>) -> Url {
+fn endpoint(
+    field: &str,
+    value: Option<String>,
+    default: &Url,
+    defaults: &Defaults,
+    problems: &mut Vec<String>,
+) -> Url {
     let Some(raw) = value.filter(|v| !v.is_empty()) else {
         return default.clone();
     };
     match Url::parse(&raw) {
         Ok(url) => {
-            if let Err(e) = check_web_url(&url) {
+            if let Err(e) =
+                check_web_url(&url).and_then(|()| check_endpoint_host(&raw, &url, defaults))
+            {
                 problems.push(format!("{field} {e}"));
             }
             url
@@ -198,6 +212,141 @@ fn endpoint(field: &str, value: Option<String>, default: &Url, problems: &mut Ve
             problems.push(format!("{field} {raw:?} is not a URL: {e}"));
             default.clone()
         }
+    }
+}
+
+/// One entry of the endpoint allow-list (`--allowed-endpoint-hosts`): a host name or IP address
+/// and, when given, the one port allowed; without a port only the scheme's default port is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// Lowercase ASCII, as the `url` crate writes hosts (`[..]` around IPv6 addresses).
+    host: String,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    /// Parses `host` or `host:port` (`[v6]:port` for IPv6). Letters are folded to lowercase;
+    /// anything that is not the host's canonical form is refused rather than guessed at: a scheme
+    /// or path, user information, wildcards, a trailing dot, non-ASCII (list an IDN as `xn--…`).
+    pub fn parse(raw: &str) -> Result<AllowedHost, String> {
+        let entry = raw.trim();
+        if entry.is_empty() {
+            return Err(
+                "an entry is empty: a stray comma, or an empty value (unset it to allow GoTo's hosts)"
+                    .into(),
+            );
+        }
+        if entry.contains('*') {
+            return Err(format!(
+                "{entry:?}: wildcards are not supported; list each host exactly"
+            ));
+        }
+        if entry.contains(['/', '?', '#', '@', '\\']) {
+            return Err(format!(
+                "{entry:?} is not `host` or `host:port` (no scheme, path or user@)"
+            ));
+        }
+        let url = Url::parse(&format!("https://{entry}/"))
+            .map_err(|e| format!("{entry:?} is not a host name or IP address: {e}"))?;
+        let host = url.host_str().unwrap_or_default();
+        if host_as_written(entry).to_ascii_lowercase() != host {
+            return Err(format!(
+                "{entry:?}: write the host as {host:?} (its canonical ASCII form)"
+            ));
+        }
+        if host.ends_with('.') {
+            return Err(format!(
+                "{entry:?}: a trailing dot names a different host; leave it out"
+            ));
+        }
+        Ok(AllowedHost {
+            host: host.to_string(),
+            port: url.port(),
+        })
+    }
+
+    /// The host and port of an endpoint the operator was configured with.
+    fn of(url: &Url) -> Option<AllowedHost> {
+        Some(AllowedHost {
+            host: url.host_str()?.to_string(),
+            port: url.port(),
+        })
+    }
+
+    /// Exact host, and the entry's port (or the scheme's default when the entry has none).
+    fn allows(&self, url: &Url) -> bool {
+        url.host_str() == Some(self.host.as_str())
+            && match self.port {
+                None => url.port().is_none(),
+                Some(port) => url.port_or_known_default() == Some(port),
+            }
+    }
+}
+
+impl fmt::Display for AllowedHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            None => f.write_str(&self.host),
+            Some(port) => write!(f, "{}:{port}", self.host),
+        }
+    }
+}
+
+/// Whether a spec may send browsers and client secrets to this endpoint. A spec is written by any
+/// user of its namespace, not by the operator's admin: without this check `/authorize/…` on the
+/// operator's trusted domain would redirect to any host, and code exchanges and refreshes would
+/// POST client secrets to any host. Only hosts the admin allowed pass, matched exactly against the
+/// URL as written (no user information, no escapes or IDN forms the parser would rewrite).
+fn check_endpoint_host(raw: &str, url: &Url, defaults: &Defaults) -> Result<(), String> {
+    let prefix = format!("{}://", url.scheme());
+    let written = raw.trim();
+    let Some(rest) = written
+        .get(..prefix.len())
+        .filter(|p| p.eq_ignore_ascii_case(&prefix))
+        .and_then(|_| written.get(prefix.len()..))
+    else {
+        return Err(format!("{raw:?} must start with {prefix}"));
+    };
+    let authority = rest.split(['/', '?', '#', '\\']).next().unwrap_or_default();
+    if authority.contains('@') || !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain user information (user@ or :password@)".into());
+    }
+    let host = url.host_str().unwrap_or_default();
+    let written_host = host_as_written(authority);
+    if written_host.to_ascii_lowercase() != host {
+        return Err(format!(
+            "host {written_host:?} must be written as the plain ASCII host {host:?} it stands for"
+        ));
+    }
+    let mut allowed = defaults.allowed_hosts.clone();
+    for own in [&defaults.authorize_url, &defaults.token_url] {
+        if let Some(own) = AllowedHost::of(own).filter(|h| !allowed.contains(h)) {
+            allowed.push(own);
+        }
+    }
+    if allowed.iter().any(|h| h.allows(url)) {
+        return Ok(());
+    }
+    let named = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let list = allowed
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(format!(
+        "host {named:?} is not allowed: the operator only uses endpoints on the hosts of --allowed-endpoint-hosts and of its --authorize-url/--token-url ({list}); ask the operator's administrator to add it"
+    ))
+}
+
+/// The host part of an authority as written: without user information and port.
+fn host_as_written(authority: &str) -> &str {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match host_port.strip_prefix('[') {
+        Some(v6) => v6.find(']').map_or(host_port, |end| &host_port[..end + 2]),
+        None => host_port.split(':').next().unwrap_or_default(),
     }
 }
 
@@ -242,6 +391,17 @@ mod tests {
             public_url: Url::parse("https://goto.example.com/base/").unwrap(),
             authorize_url: Url::parse("https://auth.example/oauth/authorize").unwrap(),
             token_url: Url::parse("https://auth.example/oauth/token").unwrap(),
+            allowed_hosts: [
+                "authentication.logmeininc.com",
+                "api.getgo.com",
+                "regional.example:8443",
+                "127.0.0.1:8443",
+                "[::1]:9000",
+                "xn--bcher-kva.example",
+            ]
+            .into_iter()
+            .map(|h| AllowedHost::parse(h).unwrap())
+            .collect(),
         }
     }
 
@@ -338,5 +498,182 @@ mod tests {
                 .to_string()
                 .contains("must differ")
         );
+    }
+
+    #[test]
+    fn endpoints_must_name_an_allowed_host_exactly() {
+        const NOT_ALLOWED: &str = "is not allowed";
+        const USERINFO: &str = "user information";
+        const NOT_CANONICAL: &str = "must be written as";
+        let cases: &[(&str, Option<&str>)] = &[
+            // GoTo's hosts, the operator's own endpoints' host and the listed extras.
+            ("https://authentication.logmeininc.com/oauth/token", None),
+            ("https://AUTHENTICATION.LogMeInInc.com/oauth/token", None),
+            (
+                "https://authentication.logmeininc.com:443/oauth/token",
+                None,
+            ),
+            ("https://api.getgo.com/oauth/v2/token", None),
+            ("https://auth.example/regional/token", None),
+            ("https://regional.example:8443/oauth/token", None),
+            ("https://127.0.0.1:8443/token", None),
+            ("http://127.0.0.1:8443/token", None),
+            ("https://[::1]:9000/token", None),
+            ("https://xn--bcher-kva.example/token", None),
+            // Not listed, and the tricks that would make a foreign host look like a listed one.
+            ("https://evil.example/oauth/token", Some(NOT_ALLOWED)),
+            (
+                "https://authentication.logmeininc.com.evil.example/oauth/token",
+                Some(NOT_ALLOWED),
+            ),
+            (
+                "https://evil.authentication.logmeininc.com/",
+                Some(NOT_ALLOWED),
+            ),
+            (
+                "https://authentication.logmeininc.com./oauth/token",
+                Some(NOT_ALLOWED),
+            ),
+            (
+                "https://authentication.logmeininc.com:8443/",
+                Some(NOT_ALLOWED),
+            ),
+            ("https://regional.example/oauth/token", Some(NOT_ALLOWED)),
+            (
+                "https://regional.example:8444/oauth/token",
+                Some(NOT_ALLOWED),
+            ),
+            ("https://auth.example:8443/token", Some(NOT_ALLOWED)),
+            ("https://127.0.0.1/token", Some(NOT_ALLOWED)),
+            ("http://localhost:8443/token", Some(NOT_ALLOWED)),
+            ("https://[::2]:9000/token", Some(NOT_ALLOWED)),
+            ("https://xn--bcher-kva.evil/token", Some(NOT_ALLOWED)),
+            // Cyrillic "а": the parser turns it into an xn-- name nobody listed.
+            (
+                "https://\u{430}uthentication.logmeininc.com/",
+                Some(NOT_CANONICAL),
+            ),
+            (
+                "https://authentication.logmeininc.com@evil.example/",
+                Some(USERINFO),
+            ),
+            (
+                "https://user:pass@authentication.logmeininc.com/",
+                Some(USERINFO),
+            ),
+            (
+                "https://:pass@authentication.logmeininc.com/",
+                Some(USERINFO),
+            ),
+            ("https://@authentication.logmeininc.com/", Some(USERINFO)),
+            // Forms the parser rewrites into a listed host: refused, never guessed at.
+            ("https://b\u{fc}cher.example/token", Some(NOT_CANONICAL)),
+            (
+                "https://\u{ff41}uthentication.logmeininc.com/",
+                Some(NOT_CANONICAL),
+            ),
+            (
+                "https://authentication%2Elogmeininc.com/",
+                Some(NOT_CANONICAL),
+            ),
+            ("https://2130706433:8443/token", Some(NOT_CANONICAL)),
+            ("https://0x7f.0.0.1:8443/token", Some(NOT_CANONICAL)),
+            ("https://[0:0::1]:9000/token", Some(NOT_CANONICAL)),
+            (
+                "https://authentication.logmeininc\t.com/",
+                Some(NOT_CANONICAL),
+            ),
+            (
+                "https:authentication.logmeininc.com/oauth/token",
+                Some("must start with"),
+            ),
+        ];
+        for field in ["authorizeUrl", "tokenUrl"] {
+            for (url, refused) in cases {
+                let mut c = client(
+                    serde_json::json!({"clientId": "id", "clientSecretRef": {"name": "creds"}}),
+                );
+                c.spec.endpoints =
+                    Some(serde_json::from_value(serde_json::json!({field: url})).unwrap());
+                match (validate(&c, &defaults()), refused) {
+                    (Ok(s), None) => {
+                        let used = if field == "tokenUrl" {
+                            s.token_url
+                        } else {
+                            s.authorize_url
+                        };
+                        assert_eq!(used, Url::parse(url).unwrap(), "{field} {url}");
+                    }
+                    (Err(e), Some(needle)) => {
+                        let e = e.to_string();
+                        assert!(
+                            e.contains(&format!("spec.endpoints.{field}")) && e.contains(needle),
+                            "{field} {url}: {e}"
+                        );
+                        if *needle == NOT_ALLOWED {
+                            assert!(e.contains("--allowed-endpoint-hosts"), "{e}");
+                        }
+                    }
+                    (result, _) => panic!("{field} {url}: {result:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusal_names_the_host_and_what_is_allowed() {
+        let mut c =
+            client(serde_json::json!({"clientId": "id", "clientSecretRef": {"name": "creds"}}));
+        c.spec.endpoints = Some(Endpoints {
+            authorize_url: None,
+            token_url: Some("https://evil.example:8443/oauth/token".into()),
+        });
+        let err = validate(&c, &defaults()).unwrap_err().to_string();
+        assert!(err.contains("\"evil.example:8443\""), "{err}");
+        assert!(
+            err.contains("(authentication.logmeininc.com, api.getgo.com, regional.example:8443, 127.0.0.1:8443, [::1]:9000, xn--bcher-kva.example, auth.example)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn allowed_host_entries_are_canonical_or_refused() {
+        for (entry, parsed) in [
+            (
+                "authentication.logmeininc.com",
+                "authentication.logmeininc.com",
+            ),
+            (
+                " Authentication.LogMeInInc.com ",
+                "authentication.logmeininc.com",
+            ),
+            ("regional.example:8443", "regional.example:8443"),
+            ("regional.example:443", "regional.example"),
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("[::1]:9000", "[::1]:9000"),
+            ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ] {
+            assert_eq!(
+                AllowedHost::parse(entry).map(|h| h.to_string()),
+                Ok(parsed.into()),
+                "{entry}"
+            );
+        }
+        for (entry, needle) in [
+            ("", "empty"),
+            ("*.logmeininc.com", "wildcards"),
+            ("https://authentication.logmeininc.com", "no scheme"),
+            ("authentication.logmeininc.com/oauth", "no scheme"),
+            ("user@authentication.logmeininc.com", "user@"),
+            ("authentication.logmeininc.com.", "trailing dot"),
+            ("b\u{fc}cher.example", "xn--bcher-kva.example"),
+            ("2130706433", "127.0.0.1"),
+            ("[0:0::1]", "[::1]"),
+            ("regional.example:99999", "not a host"),
+            ("two words", "not a host"),
+        ] {
+            let err = AllowedHost::parse(entry).unwrap_err();
+            assert!(err.contains(needle), "{entry:?}: {err}");
+        }
     }
 }

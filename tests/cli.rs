@@ -57,6 +57,54 @@ fn bad_flags_exit_2_with_a_message() {
     }
 }
 
+/// An allow-list entry the operator could not match exactly stops it at start-up, naming the
+/// flag and what is wrong, by flag and by environment variable alike.
+#[test]
+fn bad_allowed_endpoint_hosts_exit_2_with_a_message() {
+    for (entry, needle) in [
+        ("*.logmeininc.com", "wildcards are not supported"),
+        ("https://auth.eu.example.com", "no scheme"),
+        ("auth.eu.example.com/oauth", "no scheme"),
+        ("user@auth.eu.example.com", "user@"),
+        ("auth.eu.example.com.", "trailing dot"),
+        ("b\u{fc}cher.example", "xn--bcher-kva.example"),
+        ("authentication.logmeininc.com,", "empty"),
+        ("", "unset it"),
+        ("auth.eu.example.com:99999", "not a host"),
+    ] {
+        let flag = format!("--allowed-endpoint-hosts={entry}");
+        let by_flag = operator(&["run", "--public-url", "https://x.example", &flag]);
+        let by_env = Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"))
+            .args(["run", "--public-url", "https://x.example"])
+            .env("GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS", entry)
+            .output()
+            .expect("run the operator binary");
+        for out in [by_flag, by_env] {
+            assert_eq!(out.status.code(), Some(2), "{entry:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("--allowed-endpoint-hosts") && stderr.contains(needle),
+                "{entry:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn help_says_the_allow_list_replaces_the_default() {
+    let out = operator(&["run", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--allowed-endpoint-hosts",
+        "GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS",
+        "authentication.logmeininc.com,api.getgo.com",
+        "replaces the default list",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from:\n{help}");
+    }
+}
+
 #[test]
 fn unreachable_cluster_is_a_clear_start_up_error() {
     let dir = tempfile::tempdir().unwrap();

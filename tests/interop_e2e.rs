@@ -236,13 +236,14 @@ async fn authorizes_and_refreshes_against_oauth2_mock_server() {
     }
     let mock = MockServer::start().await;
     // The operator-wide default endpoints point at the fake GoTo, which must stay untouched: the
-    // per-resource override alone decides where this client goes.
+    // per-resource override alone decides where this client goes, on a host the admin allowed.
+    let mock_host = mock.url.trim_start_matches("http://").trim_end_matches('/');
     let Stack {
         cluster,
         provider,
         op,
         redirect_uri,
-    } = Stack::start(&[]).await;
+    } = Stack::start(&[&format!("--allowed-endpoint-hosts={mock_host}")]).await;
     cluster
         .create_client_secret("interop-creds", CLIENT_SECRET)
         .await;

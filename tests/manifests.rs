@@ -26,7 +26,7 @@ use std::{
 
 use goto_oauth_operator::{
     resource::GoToOAuthClient,
-    validation::{Defaults, validate},
+    validation::{AllowedHost, Defaults, validate},
 };
 use k8s_openapi::{
     api::{
@@ -807,6 +807,14 @@ fn check_operator_deployment(doc: &Doc) -> OperatorConfig {
         "{src}: public URL {public_url} is https"
     );
 
+    if let Some(hosts) = env_value(c, "GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS") {
+        for entry in hosts.split(',') {
+            if let Err(e) = AllowedHost::parse(entry) {
+                panic!("{src}: GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS entry the operator refuses: {e}");
+            }
+        }
+    }
+
     let leader_election = env_value(c, "GOTO_OAUTH_LEADER_ELECTION").is_none_or(|v| v == "true");
     let replicas = spec.replicas.unwrap_or(1);
     assert!(
@@ -944,6 +952,30 @@ fn deploy_files_are_valid_kubernetes_objects() {
     );
 }
 
+/// The allow-list is commented out in the plain manifests (GoTo's hosts are the default): the
+/// example an admin uncomments must start the operator.
+#[test]
+fn deploy_allowed_endpoint_hosts_example_is_valid() {
+    for file in [
+        "deploy/30-deployment.yaml",
+        "deploy/namespaced/30-deployment.yaml",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).expect("read manifest");
+        let example = text
+            .lines()
+            .skip_while(|l| !l.contains("# - name: GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS"))
+            .nth(1)
+            .and_then(|l| l.trim().strip_prefix("#   value: "))
+            .unwrap_or_else(|| {
+                panic!("{file}: commented GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS example")
+            });
+        let example: String = serde_yaml::from_str(example).expect("a YAML string");
+        for entry in example.split(',') {
+            AllowedHost::parse(entry).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+}
+
 #[test]
 fn deploy_cluster_wide_install_is_hardened_and_least_privilege() {
     let docs = load_dirs(&["deploy"]);
@@ -1039,6 +1071,10 @@ fn examples_fit_together_and_pass_the_operator_validation() {
         token_url: goto_oauth_operator::cli::DEFAULT_TOKEN_URL
             .parse()
             .expect("url"),
+        allowed_hosts: goto_oauth_operator::cli::DEFAULT_ALLOWED_ENDPOINT_HOSTS
+            .split(',')
+            .map(|h| AllowedHost::parse(h).expect("default host"))
+            .collect(),
     };
     let settings = validate(&client, &defaults)
         .unwrap_or_else(|e| panic!("example GoToOAuthClient is invalid: {e}"));
@@ -1385,6 +1421,12 @@ fn helm_default_render_is_cluster_wide_hardened_and_valid() {
         "no ServiceMonitor by default"
     );
     assert_eq!(of_kind(&docs, "PodDisruptionBudget").count(), 1);
+    let c = &deployment.spec.template.spec.expect("pod spec").containers[0];
+    assert_eq!(
+        env_value(c, "GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS"),
+        None,
+        "allowedEndpointHosts: [] leaves the operator's default (GoTo's hosts)"
+    );
 
     // The rendered CRD is the chart's file plus Helm's keep policy and labels, nothing lost
     // through the template's fromYaml/toYaml. (Whether that file equals the generated CRD is the
@@ -1479,6 +1521,10 @@ fn helm_namespaced_ingress_render_uses_roles_and_exposes_the_endpoint() {
         Some("5")
     );
     assert_eq!(
+        env_value(c, "GOTO_OAUTH_ALLOWED_ENDPOINT_HOSTS").as_deref(),
+        Some("authentication.logmeininc.com,auth.eu.example.com:8443")
+    );
+    assert_eq!(
         env_value(c, "GOTO_OAUTH_LOG_FORMAT").as_deref(),
         Some("text")
     );
@@ -1525,6 +1571,24 @@ fn helm_refuses_bad_values_and_honours_crds_install() {
         !ok,
         "unknown top-level value refused by values.schema.json:\n{stderr}"
     );
+    for entry in [
+        "https://auth.eu.example.com",
+        "*.example.com",
+        "auth.eu.example.com.",
+        "auth.eu.example.com/oauth",
+        "user@auth.eu.example.com",
+    ] {
+        let (ok, _, stderr) = run(&[
+            "--set",
+            &format!("publicUrl={PUBLIC_URL}"),
+            "--set-json",
+            &format!("allowedEndpointHosts=[{entry:?}]"),
+        ]);
+        assert!(
+            !ok && stderr.contains("allowedEndpointHosts"),
+            "allowedEndpointHosts entry {entry:?} refused by values.schema.json:\n{stderr}"
+        );
+    }
 
     let docs = helm_template(
         &helm_bin,

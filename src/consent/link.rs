@@ -33,6 +33,7 @@ mod tests {
             public_url: "https://op.example/prefix/".parse().unwrap(),
             authorize_url: "https://auth.example/a".parse().unwrap(),
             token_url: "https://auth.example/t".parse().unwrap(),
+            allowed_hosts: Vec::new(),
         };
         let keys = ObjectKeys {
             namespace: "ns".into(),

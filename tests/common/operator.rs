@@ -8,8 +8,10 @@ use tokio::sync::watch;
 
 use goto_oauth_operator::{
     app::{Config, LeaseTiming, Listeners, Operator},
+    cli::DEFAULT_ALLOWED_ENDPOINT_HOSTS,
     clock::Clock,
     metrics::Metrics,
+    validation::AllowedHost,
 };
 
 /// How to run an in-process operator.
@@ -21,6 +23,8 @@ pub struct Options {
     pub operator_namespace: String,
     pub authorize_url: String,
     pub token_url: String,
+    /// `--allowed-endpoint-hosts` (default: GoTo's hosts, as in production).
+    pub allowed_endpoint_hosts: Vec<String>,
     pub clock: Clock,
     /// `Some(identity)`: elect a leader on the Lease `goto-oauth-operator`; `None`: always lead.
     pub leader_identity: Option<String>,
@@ -37,6 +41,10 @@ impl Options {
             operator_namespace: namespace.to_string(),
             authorize_url: authorize_url.to_string(),
             token_url: token_url.to_string(),
+            allowed_endpoint_hosts: DEFAULT_ALLOWED_ENDPOINT_HOSTS
+                .split(',')
+                .map(str::to_string)
+                .collect(),
             clock: Clock::system(),
             leader_identity: None,
             token_rate_limit: 10,
@@ -71,6 +79,11 @@ impl InProcessOperator {
             public_url: parse(&public_url)?,
             authorize_url: parse(&options.authorize_url)?,
             token_url: parse(&options.token_url)?,
+            allowed_endpoint_hosts: options
+                .allowed_endpoint_hosts
+                .iter()
+                .map(|h| AllowedHost::parse(h))
+                .collect::<Result<_, _>>()?,
             namespaces: options.namespaces,
             operator_namespace: options.operator_namespace,
             state_key_secret: "goto-oauth-operator-state-key".into(),
