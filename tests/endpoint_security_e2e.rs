@@ -8,10 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    Browser, Cluster, Provider, Stack, bind_callback, eventually, operator::InProcessOperator,
-};
-use fake_goto::{Account, Decision, FakeGoToConfig, TokenFault};
+use common::{Browser, Cluster, Stack, eventually, in_process_stack};
+use fake_goto::{Account, Decision, TokenFault};
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
@@ -28,6 +26,16 @@ fn client_requests(cluster: &Cluster, name: &str) -> Vec<String> {
         .filter(|r| r.path.ends_with(&format!("/gotooauthclients/{name}")))
         .map(|r| format!("{} {}", r.verb, r.path))
         .collect()
+}
+
+/// A browser whose admin clicked Deny at GoTo, and the callback URL it is sent back to.
+async fn denied(env: &Stack, link: &str) -> (Browser, String) {
+    let mut browser = Browser::new();
+    let back = env
+        .provider
+        .consent_via(&mut browser, link, Decision::Deny)
+        .await;
+    (browser, back)
 }
 
 /// The callback URL `back` with its `state`, but GoTo's answer replaced by `error`.
@@ -49,21 +57,10 @@ fn with_error(back: &str, error: &str, description: Option<&str>) -> String {
     url.to_string()
 }
 
-/// The link a client publishes now, whatever its state.
-async fn published_link(cluster: &Cluster, name: &str) -> Option<String> {
-    cluster
-        .clients()
-        .get(name)
-        .await
-        .ok()?
-        .status?
-        .authorization_url
-}
-
 /// Waits until the client publishes a link other than `old`.
 async fn link_after(cluster: &Cluster, name: &str, old: &str) -> String {
     eventually("a new link", || async {
-        published_link(cluster, name).await.filter(|l| l != old)
+        cluster.published_link(name).await.filter(|l| l != old)
     })
     .await
 }
@@ -266,11 +263,7 @@ async fn attempts_per_client_are_bounded() {
     let link = env.client("demo", serde_json::json!({})).await;
     // Denials are claimed attempts that leave the link as it is.
     for _ in 0..20 {
-        let mut browser = Browser::new();
-        let back = env
-            .provider
-            .consent_via(&mut browser, &link, Decision::Deny)
-            .await;
+        let (mut browser, back) = denied(&env, &link).await;
         assert_eq!(browser.get(&back).await.status, 403);
     }
     let mut browser = Browser::new();
@@ -290,11 +283,7 @@ async fn attempts_per_client_are_bounded() {
 async fn goto_error_descriptions_stay_on_the_page() {
     let env = Stack::start(&[]).await;
     let link = env.client("demo", serde_json::json!({})).await;
-    let mut browser = Browser::new();
-    let back = env
-        .provider
-        .consent_via(&mut browser, &link, Decision::Deny)
-        .await;
+    let (mut browser, back) = denied(&env, &link).await;
     // GoTo's answer, rewritten the way a hostile page could: another error with a description.
     let hostile = with_error(&back, "server_error", Some("<b>call evil.example</b>"));
     let page = browser.get(&hostile).await;
@@ -323,11 +312,7 @@ async fn distinct_causes_get_distinct_events() {
     let link = env.client("demo", serde_json::json!({})).await;
     // A failure at GoTo's consent page, then a code exchange that fails: both are
     // AuthorizationFailed, and neither Event may swallow the other.
-    let mut browser = Browser::new();
-    let back = env
-        .provider
-        .consent_via(&mut browser, &link, Decision::Deny)
-        .await;
+    let (mut browser, back) = denied(&env, &link).await;
     let failed = with_error(&back, "server_error", None);
     assert_eq!(browser.get(&failed).await.status, 502);
     env.provider
@@ -407,7 +392,7 @@ async fn a_consent_by_another_account_warns_and_an_unexpected_account_is_refused
     assert!(env.cluster.token_secret("strict").await.is_none());
 
     env.provider.goto.set_account(Account::default());
-    let link = published_link(&env.cluster, "strict").await.unwrap();
+    let link = env.cluster.published_link("strict").await.unwrap();
     let (_, page) = env.provider.allow(&link).await;
     assert_eq!(page.status, 200, "{}", page.body);
     env.cluster
@@ -419,21 +404,9 @@ async fn a_consent_by_another_account_warns_and_an_unexpected_account_is_refused
 /// past it, and the state no longer counts as valid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_expiry_second_a_replay_reaches_nothing() {
-    let cluster = Cluster::start().await;
-    let (listener, callback) = bind_callback().await;
-    let provider = Provider::start(FakeGoToConfig::default(), &callback).await;
-    cluster
-        .create_client_secret("creds", &provider.client_secret)
-        .await;
     let start = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap();
     let clock = Clock::manual(start);
-    let op = InProcessOperator::start(
-        cluster.client.clone(),
-        listener,
-        provider.operator_options(&cluster, clock.clone()),
-    )
-    .await
-    .expect("operator");
+    let (cluster, provider, op) = in_process_stack(clock.clone(), |o| o).await;
     cluster
         .create_client("demo", provider.spec(serde_json::json!({})))
         .await;

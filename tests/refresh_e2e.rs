@@ -141,13 +141,7 @@ impl Env {
 
     async fn link(&self, name: &str) -> String {
         eventually(&format!("{name} has an authorization link"), || async {
-            self.cluster
-                .clients()
-                .get(name)
-                .await
-                .ok()?
-                .status?
-                .authorization_url
+            self.cluster.published_link(name).await
         })
         .await
     }
@@ -1340,6 +1334,35 @@ async fn reverting_a_client_id_change_restores_authorized() {
         "and they are refreshed on schedule"
     );
     env.assert_no_secret_material().await;
+}
+
+/// An outage that outlasts the token: retries quicken as the token runs out, so once GoTo
+/// answers again the token is renewed within seconds, not at the end of a 5-minute backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_past_expiry_the_token_is_renewed_within_seconds_of_recovery() {
+    let (env, obj) = Env::with_demo().await;
+    let (_, expires, next) = schedule(&obj);
+    for _ in 0..500 {
+        env.provider
+            .goto
+            .push_token_fault(TokenFault::server_error_html());
+    }
+    env.advance_to(next + secs(1)).await;
+    while env.clock.now() < expires + secs(120) {
+        env.advance(secs(60)).await;
+    }
+    let failures = env.refresh_requests();
+    assert!(failures >= 8, "retried through the outage: {failures}");
+    env.cluster
+        .wait_condition("demo", "Ready", "False", reason::REFRESH_FAILING)
+        .await;
+
+    env.provider.goto.clear_token_faults();
+    env.advance(secs(6)).await;
+    env.cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    assert_eq!(env.refresh_metric("demo", "success"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

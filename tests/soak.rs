@@ -96,6 +96,15 @@ fn expires_at(secret: &Secret) -> Option<Timestamp> {
     secret_text(secret, EXPIRES_AT_KEY)?.parse().ok()
 }
 
+/// Reconciles the operator has finished so far.
+fn reconcile_count(op: &InProcessOperator) -> f64 {
+    metric_sum(
+        &op.metrics.render(),
+        "goto_oauth_reconcile_duration_seconds_count",
+        "",
+    )
+}
+
 /// Sum of the samples of `goto_oauth_refresh_total` with the given result.
 fn refreshes_with_result(rendered: &str, result: &str) -> u64 {
     metric_sum(
@@ -152,6 +161,13 @@ fn api_chaos(cycle: usize) -> Vec<Fault> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_refresh_token_is_lost_under_faults() {
+    // `SOAK_LOG=goto_oauth_operator=debug` shows the in-process operator's log.
+    if let Ok(filter) = std::env::var("SOAK_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
     let started = Instant::now();
     let cluster = Cluster::start().await;
     // The API faults and the watch cut go through the proxy, so the soak runs on a real cluster too.
@@ -202,6 +218,8 @@ async fn no_refresh_token_is_lost_under_faults() {
             api_faults_planned += fault.times;
             proxy.inject_fault(fault);
         }
+        // Reconciles finished when the clock last moved: every move re-checks all clients.
+        let mut reconciles_at_move = reconcile_count(&op);
         clock.advance(CYCLE_ADVANCE);
         if cycle == CYCLES / 2 {
             proxy.cut_watches();
@@ -236,15 +254,38 @@ async fn no_refresh_token_is_lost_under_faults() {
                 done_before = done;
                 last_progress = Instant::now();
             }
-            if last_progress.elapsed() >= STALL {
+            // Time moves on only once the operator has looked at every client since it last
+            // moved: on a loaded machine a pass over 200 clients takes longer than any fixed wait.
+            let caught_up = reconcile_count(&op) - reconciles_at_move >= CLIENTS as f64;
+            if last_progress.elapsed() >= STALL && caught_up {
                 // The rest are backing off (on the manual clock) after faults: let time pass.
                 retry_steps += 1;
-                assert!(
-                    retry_steps <= MAX_RETRY_STEPS,
-                    "cycle {cycle}: {} clients never refreshed, e.g. {:?}",
-                    pending.len(),
-                    pending.iter().take(5).collect::<Vec<_>>()
-                );
+                if retry_steps > MAX_RETRY_STEPS {
+                    // Say where the stuck clients stand, for whoever reads the failure.
+                    let mut states = Vec::new();
+                    for name in pending.iter().take(5) {
+                        let status = cluster
+                            .clients()
+                            .get(name)
+                            .await
+                            .ok()
+                            .and_then(|c| c.status);
+                        states.push(format!(
+                            "{name}: {:?}",
+                            status.map(|s| (
+                                s.conditions,
+                                s.next_refresh_time,
+                                s.access_token_expires_at
+                            ))
+                        ));
+                    }
+                    panic!(
+                        "cycle {cycle}: {} clients never refreshed (clock {}): {states:#?}",
+                        pending.len(),
+                        clock.now()
+                    );
+                }
+                reconciles_at_move = reconcile_count(&op);
                 clock.advance(RETRY_STEP);
                 last_progress = Instant::now();
             }

@@ -257,7 +257,11 @@ async fn refresh(
             });
             let (attempt, retry_at) = ctx.memory.with(&keys.uid, |m| {
                 m.backoff.refresh_failures += 1;
-                let delay = schedule::backoff(m.backoff.refresh_failures, retry_after);
+                let delay = schedule::backoff(
+                    m.backoff.refresh_failures,
+                    retry_after,
+                    current.expires_at.duration_since(now),
+                );
                 let at: Timestamp = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
                 m.backoff.not_before = Some(at);
                 m.backoff.last_failure = Some(e.to_string());

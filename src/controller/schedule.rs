@@ -52,10 +52,16 @@ fn stable_fraction(uid: &str, expires_at: Timestamp) -> f64 {
 }
 
 /// Delay before retry number `attempt` (1-based) after transient failures: 5 s doubling up to
-/// 5 minutes, never past the server's `Retry-After`.
-pub fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
+/// 5 minutes, never sooner than the server's `Retry-After`. The backoff is also capped by the
+/// token's remaining life: a quarter of it while it lives, and [`BACKOFF_BASE`] once it has
+/// expired, so that after an outage a token is renewed within seconds of GoTo answering
+/// again (the operator-wide rate limit still bounds the total).
+pub fn backoff(attempt: u32, retry_after: Option<Duration>, remaining: SignedDuration) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)));
-    let delay = exp.min(BACKOFF_CAP);
+    let by_expiry = Duration::try_from(remaining / 4)
+        .unwrap_or(Duration::ZERO)
+        .max(BACKOFF_BASE);
+    let delay = exp.min(BACKOFF_CAP).min(by_expiry);
     match retry_after {
         Some(server) => delay.max(server.min(Duration::from_secs(3600))),
         None => delay,
@@ -118,12 +124,39 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_caps_and_honours_retry_after() {
-        assert_eq!(backoff(1, None), Duration::from_secs(5));
-        assert_eq!(backoff(2, None), Duration::from_secs(10));
-        assert_eq!(backoff(30, None), BACKOFF_CAP);
+    fn backoff_quickens_as_the_token_runs_out() {
+        // (failures so far, time the token has left) → delay
+        let cases = [
+            (10, 3600, BACKOFF_CAP),
+            (10, 400, Duration::from_secs(100)),
+            (10, 60, Duration::from_secs(15)),
+            (10, 8, BACKOFF_BASE),
+            (10, 0, BACKOFF_BASE),
+            (10, -600, BACKOFF_BASE),
+            (1, -600, BACKOFF_BASE),
+        ];
+        for (attempt, left, want) in cases {
+            assert_eq!(
+                backoff(attempt, None, SignedDuration::from_secs(left)),
+                want,
+                "attempt {attempt}, {left}s left"
+            );
+        }
+        // GoTo's own Retry-After still wins: it asked not to be called sooner.
         assert_eq!(
-            backoff(1, Some(Duration::from_secs(42))),
+            backoff(10, Some(Duration::from_secs(90)), SignedDuration::ZERO),
+            Duration::from_secs(90)
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_honours_retry_after() {
+        let hour = SignedDuration::from_hours(1);
+        assert_eq!(backoff(1, None, hour), Duration::from_secs(5));
+        assert_eq!(backoff(2, None, hour), Duration::from_secs(10));
+        assert_eq!(backoff(30, None, hour), BACKOFF_CAP);
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(42)), hour),
             Duration::from_secs(42)
         );
     }

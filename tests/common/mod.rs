@@ -203,6 +203,16 @@ impl Cluster {
     }
 
     /// The token Secret of a client with the default `secretName` (`<name>-token`).
+    /// The link a client publishes now, whatever its state.
+    pub async fn published_link(&self, name: &str) -> Option<String> {
+        self.clients()
+            .get(name)
+            .await
+            .ok()?
+            .status?
+            .authorization_url
+    }
+
     pub async fn token_secret(&self, name: &str) -> Option<Secret> {
         self.secrets()
             .get_opt(&format!("{name}-token"))
@@ -397,6 +407,26 @@ pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
 /// A Secret's value as text; panics naming the key when it is missing or not UTF-8.
 pub fn secret_field(secret: &Secret, key: &str) -> String {
     secret_text(secret, key).unwrap_or_else(|| panic!("token Secret lacks {key} (or not UTF-8)"))
+}
+
+/// A cluster, the fake GoTo (its client secret in the Secret `creds`) and an in-process
+/// operator whose callback is registered there, with `options` adjusted: where tests begin
+/// that need a manual clock or operator options the binary's flags do not reach.
+pub async fn in_process_stack(
+    clock: Clock,
+    options: impl FnOnce(Options) -> Options,
+) -> (Cluster, Provider, operator::InProcessOperator) {
+    let cluster = Cluster::start().await;
+    let (listener, callback) = bind_callback().await;
+    let provider = Provider::start(FakeGoToConfig::default(), &callback).await;
+    cluster
+        .create_client_secret("creds", &provider.client_secret)
+        .await;
+    let options = options(provider.operator_options(&cluster, clock));
+    let op = operator::InProcessOperator::start(cluster.client.clone(), listener, options)
+        .await
+        .expect("start in-process operator");
+    (cluster, provider, op)
 }
 
 /// The real operator binary (leader election off) with its callback registered at the fake
