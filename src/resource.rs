@@ -169,7 +169,11 @@ pub struct GoToOAuthClientStatus {
 
     /// Where the client stands with GoTo, machine-readable: automation and the operator itself
     /// read this, never the conditions' messages. The conditions are derived from it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
     pub authorization: Option<AuthorizationStatus>,
 
     /// The Secret the tokens are currently stored in.
@@ -197,6 +201,18 @@ pub struct GoToOAuthClientStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// `status.authorization` as stored, or `None` when it does not read as one. After a downgrade,
+/// the previous release's status writes drop the field, and an API server can leave an empty
+/// object behind (`authorization: {}`); the client must stay readable, and reads as a status
+/// the previous release wrote (see README "Upgrading").
+fn readable_or_none<'de, D>(deserializer: D) -> Result<Option<AuthorizationStatus>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 /// The authorization phase and, when it is not `Authorized`, why.

@@ -42,7 +42,16 @@ pub const TOKEN_SECRET_KEYS: [&str; 6] = [
 pub const SCOPES: [&str; 2] = ["identity:", "call-control.v1.calls.control"];
 
 /// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(DEADLINE, what, check).await
+}
+
+/// [`eventually`] with another deadline, for waits on the wall clock (a token's schedule).
+pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -52,7 +61,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        assert!(start.elapsed() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -495,9 +504,22 @@ impl Operator {
         port: u16,
         extra: &[&str],
     ) -> Operator {
+        let binary = std::path::Path::new(env!("CARGO_BIN_EXE_goto-oauth-operator"));
+        Self::start_binary(binary, cluster, provider, port, extra).await
+    }
+
+    /// Starts `binary` (another build of the operator, e.g. the previous release) with the
+    /// arguments [`Operator::start_on`] gives the current one; `extra` must be flags it knows.
+    pub async fn start_binary(
+        binary: &std::path::Path,
+        cluster: &Cluster,
+        provider: &Provider,
+        port: u16,
+        extra: &[&str],
+    ) -> Operator {
         let metrics_port = free_port();
         let public_url = format!("http://127.0.0.1:{port}");
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"));
+        let mut cmd = tokio::process::Command::new(binary);
         cmd.arg("run")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
