@@ -3,10 +3,9 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use clap::Parser;
 use goto_oauth_operator::{
     app::{Config, LeaseTiming, Listeners, Operator},
-    cli::{Cli, Command, RunArgs},
+    cli::{self, Command, RunArgs},
     clock::Clock,
     resource, telemetry,
 };
@@ -15,8 +14,7 @@ use tracing::{error, info};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match cli::parse() {
         Command::Crd => match resource::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -38,6 +36,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Client(command) => cli::client::main(command).await,
     }
 }
 

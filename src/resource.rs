@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, CustomResourceExt};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +21,35 @@ pub const ROTATE_LINK_ANNOTATION: &str = "goto-oauth.dev/rotate-authorization-li
 /// Annotation that forces an immediate refresh when its value changes.
 pub const FORCE_REFRESH_ANNOTATION: &str = "goto-oauth.dev/refresh-requested";
 
+// CEL rules (`x-kubernetes-validations`) let the API server refuse a spec the operator could
+// never use, at `kubectl apply`, with a message naming the field. They only check what needs no
+// operator knowledge (formats, schemes); `validation::validate` still checks everything (hosts
+// allowed by the operator's flags, the two Secret names differing, ...), and the rules are never
+// stricter than it: an empty optional string, which the operator reads as "use the default",
+// passes them. Every string a rule reads has a `maxLength`, so the API server's cost estimator
+// accepts the regular expressions. `tests/crd_cel.rs` evaluates each rule.
+
+/// RFC 1123 subdomain (Secret names), as a CEL condition on `self`.
+macro_rules! dns_subdomain_rule {
+    () => {
+        r"size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
+    };
+}
+
+/// A URL the operator may send a browser or a client secret to: https, or http on this machine
+/// (development, tests), as in `cli::check_web_url`.
+macro_rules! web_url_rule {
+    () => {
+        r"self.matches('^(?i)https://') || self.matches('^(?i)http://(localhost|127(\\.[0-9]{1,3}){3}|\\[::1\\])(:[0-9]{1,5})?([/?#]|$)')"
+    };
+}
+
+/// Longest URL accepted in the spec.
+const MAX_URL: u32 = 2048;
+
 /// A GoTo (LogMeIn) OAuth client whose tokens the operator obtains once through a GoTo admin's
 /// consent and then keeps fresh in a Secret for as long as this resource exists.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "goto-oauth.dev",
     version = "v1alpha1",
@@ -38,7 +64,11 @@ pub const FORCE_REFRESH_ANNOTATION: &str = "goto-oauth.dev/refresh-requested";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GoToOAuthClientSpec {
-    /// The OAuth client ID from GoTo's developer portal (OAuth Clients → your client).
+    /// The OAuth client ID from GoTo's developer portal (OAuth Clients → your client). Not
+    /// empty, without ':'.
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("self.trim() != '' && !self.contains(':')")
+        .message("clientId must not be empty and must not contain ':'"))]
     pub client_id: String,
 
     /// The Secret in this namespace that holds the OAuth client secret.
@@ -49,6 +79,9 @@ pub struct GoToOAuthClientSpec {
     /// https (http only for localhost / 127.0.0.1 during development) and be registered at GoTo
     /// byte for byte.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL))]
+    #[x_kube(validation = Rule::new(web_url_rule!())
+        .message("redirectUri must be an https URL (http only for localhost/127.0.0.1)"))]
     pub redirect_uri: Option<String>,
 
     /// Scopes to request. GoTo grants only scopes enabled on the OAuth client; leave empty to get
@@ -58,14 +91,20 @@ pub struct GoToOAuthClientSpec {
 
     /// Name of the Secret (in this namespace) the tokens are written to. Defaults to
     /// `<metadata.name>-token`. The operator owns this Secret and never takes over one it did
-    /// not create.
+    /// not create. A DNS-1123 subdomain, like every Secret name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(concat!("self == '' || (", dns_subdomain_rule!(), ")"))
+        .message("secretName must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
     pub secret_name: Option<String>,
 
     /// How long before the access token expires it is refreshed, as a duration such as `20m` or
     /// `1h`. Defaults to one third of the token's lifetime (20 minutes for GoTo's 60-minute
     /// tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self == '' || self.matches('^([0-9]+ ?(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks) ?)+$')")
+        .message("refreshBefore must be a duration such as 20m, 1h or 1h30m"))]
     pub refresh_before: Option<String>,
 
     /// Per-client override of the operator-wide GoTo endpoints (for example the legacy or a
@@ -85,10 +124,13 @@ pub struct GoToOAuthClientSpec {
 }
 
 /// A key of a Secret in the resource's own namespace.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientSecretRef {
-    /// Name of the Secret, in the same namespace as this resource.
+    /// Name of the Secret, in the same namespace as this resource (a DNS-1123 subdomain).
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(dns_subdomain_rule!())
+        .message("clientSecretRef.name must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
     pub name: String,
     /// Key within the Secret that holds the client secret. Defaults to `clientSecret`.
     #[serde(default = "default_client_secret_key")]
@@ -100,14 +142,22 @@ fn default_client_secret_key() -> String {
 }
 
 /// GoTo OAuth endpoints.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoints {
-    /// The authorization (consent) URL the admin's browser is sent to.
+    /// The authorization (consent) URL the admin's browser is sent to: https (http only for
+    /// localhost/127.0.0.1), on a host the operator's admin allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL))]
+    #[x_kube(validation = Rule::new(concat!("self == '' || ", web_url_rule!()))
+        .message("endpoints.authorizeUrl must be an https URL (http only for localhost/127.0.0.1)"))]
     pub authorize_url: Option<String>,
-    /// The token URL codes and refresh tokens are exchanged at.
+    /// The token URL codes and refresh tokens are exchanged at: https (http only for
+    /// localhost/127.0.0.1), on a host the operator's admin allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL))]
+    #[x_kube(validation = Rule::new(concat!("self == '' || ", web_url_rule!()))
+        .message("endpoints.tokenUrl must be an https URL (http only for localhost/127.0.0.1)"))]
     pub token_url: Option<String>,
 }
 
@@ -348,6 +398,46 @@ mod tests {
         }
         assert!(yaml.contains("x-kubernetes-list-type: map"));
         assert!(yaml.contains("gotoclient"));
+    }
+
+    /// Every field the API server can check alone carries a CEL rule whose message names the
+    /// field (the API server shows it at `kubectl apply`), and a `maxLength` that keeps the rule
+    /// within the cost budget. `tests/crd_cel.rs` evaluates the rules.
+    #[test]
+    fn checked_fields_carry_cel_rules_naming_them() {
+        let crd = serde_json::to_value(GoToOAuthClient::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        for field in [
+            "clientId",
+            "clientSecretRef.name",
+            "secretName",
+            "redirectUri",
+            "refreshBefore",
+            "endpoints.authorizeUrl",
+            "endpoints.tokenUrl",
+        ] {
+            let node = field
+                .split('.')
+                .fold(spec, |node, key| &node["properties"][key]);
+            let rules = node["x-kubernetes-validations"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{field} has no x-kubernetes-validations"));
+            assert_eq!(rules.len(), 1, "{field}");
+            let message = rules[0]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("{field} must")),
+                "{field}: {message}"
+            );
+            assert!(
+                rules[0]["rule"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("self"))
+            );
+            assert!(
+                node["maxLength"].as_u64().is_some(),
+                "{field} has no maxLength"
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! Command-line interface: `run` starts the operator, `crd` prints the CRD YAML.
+//! Command-line interface: `run` starts the operator, `crd` prints the CRD YAML, and `status`,
+//! `link`, `refresh` and `rotate-link` help the people who run it ([`client`]).
 //!
 //! Every flag of `run` has an environment variable, so the Deployment can configure the operator
-//! without a wrapper script. clap turns bad flags into a message and exit code 2.
+//! without a wrapper script. clap turns bad flags into a message and exit code 2. Installed as
+//! `kubectl-goto_oauth`, the binary is a kubectl plugin offering only the client subcommands.
 
-use std::{net::SocketAddr, time::Duration};
+pub mod client;
+mod summary;
+
+use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use url::Url;
@@ -33,6 +38,45 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the GoToOAuthClient CustomResourceDefinition as YAML.
     Crd,
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+/// The file name (without extension) under which the binary is a kubectl plugin:
+/// `kubectl goto-oauth ...` runs `kubectl-goto_oauth ...`.
+pub const PLUGIN_NAME: &str = "kubectl-goto_oauth";
+
+/// The same binary as a kubectl plugin: only the client subcommands.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl goto-oauth",
+    bin_name = "kubectl goto-oauth",
+    version,
+    about
+)]
+struct Plugin {
+    #[command(subcommand)]
+    command: client::ClientCommand,
+}
+
+/// Parses the process's arguments, as the operator binary or as the kubectl plugin (told apart by
+/// the name it was invoked as); prints clap's message and exits (2) on bad input.
+pub fn parse() -> Command {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse`] on given arguments, the first being the invoked name.
+pub fn try_parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::Error> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let as_plugin = args
+        .first()
+        .and_then(|argv0| Path::new(argv0).file_stem())
+        .is_some_and(|stem| stem == PLUGIN_NAME);
+    if as_plugin {
+        Plugin::try_parse_from(args).map(|p| Command::Client(p.command))
+    } else {
+        Cli::try_parse_from(args).map(|cli| cli.command)
+    }
 }
 
 /// Log output format.
@@ -186,6 +230,46 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("goto-oauth-operator").chain(args.iter().copied()))
+    }
+
+    fn parse_as(argv0: &str, args: &[&str]) -> Result<Command, clap::Error> {
+        try_parse_from(
+            std::iter::once(argv0)
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+    }
+
+    #[test]
+    fn client_subcommands_parse_as_the_binary_and_as_the_plugin() {
+        for argv0 in [
+            "goto-oauth-operator",
+            "/usr/local/bin/kubectl-goto_oauth",
+            "kubectl-goto_oauth.exe",
+        ] {
+            let Ok(Command::Client(client::ClientCommand::Refresh(args))) = parse_as(
+                argv0,
+                &["refresh", "demo", "-n", "ns", "--wait", "--timeout", "30s"],
+            ) else {
+                panic!("{argv0}: expected refresh")
+            };
+            assert_eq!(args.client.name, "demo");
+            assert_eq!(args.client.target.namespace.as_deref(), Some("ns"));
+            assert!(args.wait.wait);
+            assert_eq!(args.wait.timeout, Duration::from_secs(30));
+        }
+        // The plugin offers only the client subcommands.
+        let err = parse_as("kubectl-goto_oauth", &["run"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = parse_as("kubectl-goto_oauth", &["status"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "NAME is required");
+        assert!(matches!(
+            parse_as(
+                "goto-oauth-operator",
+                &["link", "demo", "--context", "c", "--kubeconfig", "/k"]
+            ),
+            Ok(Command::Client(client::ClientCommand::Link(_)))
+        ));
     }
 
     #[test]
