@@ -20,7 +20,7 @@ use crate::{
     leader::{self, Leadership, LeaseSettings},
     metrics::{self, Metrics},
     validation::{AllowedHost, Defaults},
-    web,
+    web::{self, server::WebLimits},
 };
 
 /// How an operator runs.
@@ -46,6 +46,8 @@ pub struct Config {
     pub max_concurrent_refreshes: u32,
     pub token_timeout: Duration,
     pub clock: Clock,
+    /// Bounds on the connections and requests of both listeners.
+    pub web_limits: WebLimits,
 }
 
 /// The Lease of leader election.
@@ -152,6 +154,7 @@ impl Operator {
                 tokio::spawn(serve(
                     listeners.web,
                     web::router(ctx.clone()),
+                    config.web_limits.clone(),
                     shutdown.clone(),
                 )),
             ),
@@ -162,6 +165,7 @@ impl Operator {
                 tokio::spawn(serve(
                     ops,
                     metrics::ops_router(metrics.clone()),
+                    config.web_limits.clone(),
                     shutdown.clone(),
                 )),
             ));
@@ -209,15 +213,14 @@ async fn signalled(mut rx: watch::Receiver<bool>, value: bool) {
     let _ = rx.wait_for(|v| *v == value).await;
 }
 
+/// Serves `router` within `limits` (owned, so the spawned task owns them).
 async fn serve(
     listener: TcpListener,
     router: axum::Router,
+    limits: WebLimits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(signalled(shutdown, true))
-        .await
-        .map_err(|e| e.to_string())
+    web::server::serve(listener, router, &limits, shutdown).await
 }
 
 /// Keeps `/readyz` honest: the API server is asked for its version periodically.

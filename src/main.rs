@@ -8,6 +8,7 @@ use goto_oauth_operator::{
     cli::{self, Command, RunArgs},
     clock::Clock,
     resource, telemetry,
+    web::server::WebLimits,
 };
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -78,6 +79,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
         max_concurrent_refreshes: args.max_concurrent_refreshes,
         token_timeout: args.token_timeout,
         clock: Clock::system(),
+        web_limits: WebLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: args.header_read_timeout.into(),
+            ..WebLimits::default()
+        },
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

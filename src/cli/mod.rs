@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use url::Url;
 
 use crate::validation::AllowedHost;
+use crate::web::server::WebLimits;
 
 /// GoTo's production authorization endpoint (GoTo "New Token Retrieval Migration Guide").
 pub const DEFAULT_AUTHORIZE_URL: &str = "https://authentication.logmeininc.com/oauth/authorize";
@@ -185,6 +186,14 @@ pub struct RunArgs {
     /// Timeout of one token-endpoint request.
     #[arg(long, env = "GOTO_OAUTH_TOKEN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub token_timeout: Duration,
+
+    /// Connections each HTTP listener holds open at once; more are closed as soon as accepted.
+    #[arg(long, env = "GOTO_OAUTH_MAX_CONNECTIONS", default_value_t = WebLimits::default().max_connections, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers (and longest wait between kept-alive requests).
+    #[arg(long, env = "GOTO_OAUTH_HEADER_READ_TIMEOUT", default_value_t = WebLimits::default().header_read_timeout.into())]
+    pub header_read_timeout: humantime::Duration,
 }
 
 fn parse_public_url(raw: &str) -> Result<Url, String> {

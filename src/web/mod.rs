@@ -12,6 +12,7 @@
 mod authorize;
 mod callback;
 pub mod pages;
+pub mod server;
 
 use std::sync::Arc;
 

@@ -12,6 +12,7 @@ use goto_oauth_operator::{
     clock::Clock,
     metrics::Metrics,
     validation::AllowedHost,
+    web::server::WebLimits,
 };
 
 /// How to run an in-process operator.
@@ -31,6 +32,8 @@ pub struct Options {
     pub token_rate_limit: u32,
     pub max_concurrent_refreshes: u32,
     pub token_timeout: Duration,
+    /// Bounds of the endpoint's connections and requests.
+    pub web_limits: WebLimits,
 }
 
 impl Options {
@@ -50,6 +53,7 @@ impl Options {
             token_rate_limit: 10,
             max_concurrent_refreshes: 10,
             token_timeout: Duration::from_secs(10),
+            web_limits: WebLimits::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ impl InProcessOperator {
             max_concurrent_refreshes: options.max_concurrent_refreshes,
             token_timeout: options.token_timeout,
             clock: options.clock,
+            web_limits: options.web_limits,
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let listeners = Listeners {
