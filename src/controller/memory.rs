@@ -9,7 +9,8 @@
 //! - Backoff: consecutive refresh failures, when the next attempt may go, the last failure
 //!   (shown in `Ready` while it lasts), and consecutive reconcile errors.
 //! - The resourceVersion of this replica's last status write, until the watch delivers it: a
-//!   reconcile that runs on an older cached object re-reads the object instead of acting on it.
+//!   reconcile that runs on an older cached object waits for the watch instead of acting on
+//!   it, and re-reads the object if the watch is slow to deliver.
 //!
 //! Everything else comes from the API server on every reconcile.
 
@@ -53,8 +54,9 @@ pub(crate) struct ClientMemory {
     /// The refresh-requested annotation value the last refresh answered.
     pub(crate) answered_refresh_request: Option<String>,
     pub(crate) backoff: Backoff,
-    /// The resourceVersion of this replica's last status write, until the cache shows it.
-    pub(crate) written_resource_version: Option<String>,
+    /// The resourceVersion of this replica's last status write and when it was written, until
+    /// the cache shows it.
+    pub(crate) written_resource_version: Option<(String, std::time::Instant)>,
 }
 
 /// Every client's memory, keyed by uid.

@@ -134,8 +134,10 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
         ctx.forget(&keys);
         return Ok(Action::await_change());
     }
-    let Some(observed) = observe::observe(&ctx, obj).await? else {
-        return Ok(Action::await_change());
+    let observed = match observe::observe(&ctx, obj).await? {
+        observe::Snapshot::Current(observed) => observed,
+        observe::Snapshot::WaitForWatch => return Ok(Action::requeue(observe::WATCH_DELIVERY)),
+        observe::Snapshot::Gone => return Ok(Action::await_change()),
     };
     let now = ctx.clock.now();
     let planned = plan::plan(&observed, now);

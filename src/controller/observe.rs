@@ -68,13 +68,27 @@ pub(crate) struct Observed {
     pub(crate) memory: ClientMemory,
 }
 
-/// Reads what is stored for `obj`. `None` when the client is gone.
-pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<Option<Observed>> {
+/// How long the watch gets to deliver this replica's own status write before a reconcile
+/// re-reads the object instead (a watch normally delivers within milliseconds).
+pub(crate) const WATCH_DELIVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What [`observe`] found.
+#[derive(Debug)]
+pub(crate) enum Snapshot {
+    Current(Box<Observed>),
+    /// The cache does not show this replica's last write yet; the watch will deliver it.
+    WaitForWatch,
+    /// The client is gone (or was replaced).
+    Gone,
+}
+
+/// Reads what is stored for `obj`.
+pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<Snapshot> {
     let keys = ObjectKeys::of(&obj)?;
     let mut memory = ctx.memory.with(&keys.uid, |m| {
         m.owner = Some((keys.namespace.clone(), keys.name.clone()));
-        if m.written_resource_version.is_some()
-            && m.written_resource_version == obj.metadata.resource_version
+        if m.written_resource_version.as_ref().map(|(rv, _)| rv)
+            == obj.metadata.resource_version.as_ref()
         {
             m.written_resource_version = None;
         }
@@ -83,7 +97,11 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
     let obj = match &memory.written_resource_version {
         // This replica wrote a status the cache does not show yet: the cached object may be
         // older than that write (acting on it would repeat what was just done) or newer (someone
-        // else wrote since). resourceVersions cannot be ordered, so ask the API server.
+        // else wrote since). resourceVersions cannot be ordered: give the watch a moment to
+        // deliver the write (it triggers a reconcile of its own), then ask the API server.
+        Some((_, written_at)) if written_at.elapsed() < WATCH_DELIVERY => {
+            return Ok(Snapshot::WaitForWatch);
+        }
         Some(_) => {
             let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
             match api.get_opt(&keys.name).await? {
@@ -93,7 +111,7 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
                     memory.written_resource_version = None;
                     Arc::new(fresh)
                 }
-                _ => return Ok(None),
+                _ => return Ok(Snapshot::Gone),
             }
         }
         None => obj,
@@ -131,7 +149,7 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
         Ok(settings) => Some(read_credentials(ctx, &keys.namespace, settings).await?),
         Err(_) => None,
     };
-    Ok(Some(Observed {
+    Ok(Snapshot::Current(Box::new(Observed {
         obj,
         keys,
         settings,
@@ -141,7 +159,7 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
         previous_secret_name: previous.map(|(name, _)| name),
         stored,
         memory,
-    }))
+    })))
 }
 
 /// The client secret the spec references, or what is wrong with the reference.

@@ -152,7 +152,11 @@ pub(crate) async fn apply_status(
     }
     let written = write_status(ctx, keys, obj.metadata.resource_version.clone(), &status).await?;
     ctx.memory.with(&keys.uid, |m| {
-        m.written_resource_version = written.metadata.resource_version.clone();
+        m.written_resource_version = written
+            .metadata
+            .resource_version
+            .clone()
+            .map(|rv| (rv, std::time::Instant::now()));
     });
 
     if let Events::OnTransition(action) = events
