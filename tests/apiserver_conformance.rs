@@ -1181,3 +1181,79 @@ async fn lease_manager_acquires_and_hands_over() {
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("b"));
     server.shutdown().await;
 }
+
+/// `apps/v1` workloads, as the rollout restarts use them: a merge patch of the pod template's
+/// annotations bumps `generation` (what makes the real Deployment controller roll), a
+/// metadata-only change does not, and a missing target answers the API server's 404 `Status`
+/// (a merge patch never creates).
+#[tokio::test]
+async fn workloads_generation_and_missing_targets() {
+    const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/default/deployments";
+    let server = FakeApiServer::start().await;
+    let raw = Raw::new(&server);
+    let (_, group) = raw.get("/apis/apps/v1").await;
+    let names: Vec<&str> = group["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for plural in [
+        "deployments",
+        "statefulsets",
+        "daemonsets",
+        "deployments/status",
+    ] {
+        assert!(names.contains(&plural), "{plural} in {names:?}");
+    }
+    let (s, created) = raw
+        .post(
+            DEPLOYMENTS,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
+                "spec": {"selector": {"matchLabels": {"app": "a"}},
+                    "template": {"metadata": {"labels": {"app": "a"}},
+                        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{created}");
+    assert_eq!(created["metadata"]["generation"], 1);
+
+    let path = format!("{DEPLOYMENTS}/app");
+    let (s, patched) = raw
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"goto-oauth.dev/restartedAt":"2026-12-02T08:00:00Z"}}}}}"#,
+        )
+        .await;
+    assert_eq!(s, 200, "{patched}");
+    assert_eq!(patched["metadata"]["generation"], 2);
+    assert_eq!(
+        patched["spec"]["template"]["metadata"]["labels"]["app"], "a",
+        "a merge patch keeps the rest of the template"
+    );
+    let (_, relabelled) = raw
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            r#"{"metadata":{"labels":{"x":"y"}}}"#,
+        )
+        .await;
+    assert_eq!(relabelled["metadata"]["generation"], 2);
+
+    let (s, missing) = raw
+        .patch(
+            &format!("{DEPLOYMENTS}/nope"),
+            "application/merge-patch+json",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"a":"b"}}}}}"#,
+        )
+        .await;
+    assert_eq!(s, 404);
+    assert_eq!(missing["reason"], "NotFound");
+    assert_eq!(missing["message"], r#"deployments.apps "nope" not found"#);
+    assert_eq!(
+        missing["details"],
+        json!({"name": "nope", "group": "apps", "kind": "deployments"})
+    );
+    server.shutdown().await;
+}

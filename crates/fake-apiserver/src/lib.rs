@@ -15,7 +15,9 @@
 //! - Resources: core/v1 `namespaces` (`default`, `kube-system`, `kube-public`, `kube-node-lease`
 //!   exist at start), `secrets`, `events`; `events.k8s.io/v1` `events` (the same objects as the
 //!   core/v1 ones, converted field by field); `coordination.k8s.io/v1` `leases`;
-//!   `apiextensions.k8s.io/v1` `customresourcedefinitions`. Creating a CRD serves its custom
+//!   `apiextensions.k8s.io/v1` `customresourcedefinitions`; `apps/v1` `deployments`,
+//!   `statefulsets` and `daemonsets` (stored only: generation and `/status`, no controller, so
+//!   no ReplicaSets or Pods appear). Creating a CRD serves its custom
 //!   resources (every served version, namespaced or cluster scope, `/status` when declared);
 //!   deleting it removes the paths again (unregistered paths answer text/plain
 //!   `404 page not found`).

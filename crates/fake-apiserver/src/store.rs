@@ -24,6 +24,9 @@ pub(crate) enum Flavor {
     EventV1,
     Lease,
     Crd,
+    /// `apps/v1` Deployments, StatefulSets and DaemonSets: stored objects with a generation and
+    /// a status subresource; no controller runs them (no ReplicaSets, no Pods).
+    Workload,
     Custom,
 }
 
@@ -69,7 +72,10 @@ impl ResourceDef {
             kind: kind.to_owned(),
             list_kind: format!("{kind}List"),
             namespaced,
-            status_subresource: matches!(flavor, Flavor::Crd | Flavor::Namespace),
+            status_subresource: matches!(
+                flavor,
+                Flavor::Crd | Flavor::Namespace | Flavor::Workload
+            ),
             flavor,
             storage,
             short_names: short.iter().map(|s| (*s).to_owned()).collect(),
@@ -127,6 +133,30 @@ impl ResourceDef {
                 Flavor::Crd,
                 &["crd", "crds"],
             )),
+            Arc::new(Self::builtin(
+                "apps",
+                "deployments",
+                "Deployment",
+                true,
+                Flavor::Workload,
+                &["deploy"],
+            )),
+            Arc::new(Self::builtin(
+                "apps",
+                "statefulsets",
+                "StatefulSet",
+                true,
+                Flavor::Workload,
+                &["sts"],
+            )),
+            Arc::new(Self::builtin(
+                "apps",
+                "daemonsets",
+                "DaemonSet",
+                true,
+                Flavor::Workload,
+                &["ds"],
+            )),
         ]
     }
 
@@ -141,7 +171,7 @@ impl ResourceDef {
         self.flavor == Flavor::Custom
     }
     pub(crate) fn has_generation(&self) -> bool {
-        matches!(self.flavor, Flavor::Custom | Flavor::Crd)
+        matches!(self.flavor, Flavor::Custom | Flavor::Crd | Flavor::Workload)
     }
     /// `secrets`, `gotooauthclients.goto-oauth.dev`.
     pub(crate) fn qualified_resource(&self) -> String {
@@ -1140,7 +1170,7 @@ impl Store {
                     );
                 }
             }
-            Flavor::Custom => {}
+            Flavor::Workload | Flavor::Custom => {}
         }
         Ok(())
     }
