@@ -16,6 +16,9 @@ use crate::{
 
 pub const READY: &str = "Ready";
 pub const AUTHORIZED: &str = "Authorized";
+/// Present only with `spec.rolloutRestartTargets`: whether the targets run with the current
+/// tokens (restarted for the last change that asks for it, or none needed).
+pub const ROLLOUT_TARGETS_UP_TO_DATE: &str = "RolloutTargetsUpToDate";
 
 /// Machine-readable condition reasons (CamelCase, stable: automation may match on them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,10 +45,22 @@ pub enum Reason {
     AuthorizationFailed,
     /// The consent came from another GoTo account than `spec.expectedAccount`.
     UnexpectedAccount,
+    /// The rollout targets were restarted for the latest token change.
+    RolloutRestarted,
+    /// No token change since restarts were configured: nothing to restart.
+    NoRestartNeeded,
+    /// A token change waits for `spec.rolloutRestartMinInterval` to pass.
+    RestartPending,
+    /// A rollout target does not exist.
+    RestartTargetNotFound,
+    /// The operator may not patch a rollout target (RBAC).
+    RestartForbidden,
+    /// Patching a rollout target failed; it is retried after the minimum interval.
+    RestartFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Authorized,
         Reason::AwaitingAuthorization,
         Reason::InvalidSpec,
@@ -57,6 +72,12 @@ impl Reason {
         Reason::AccessDenied,
         Reason::AuthorizationFailed,
         Reason::UnexpectedAccount,
+        Reason::RolloutRestarted,
+        Reason::NoRestartNeeded,
+        Reason::RestartPending,
+        Reason::RestartTargetNotFound,
+        Reason::RestartForbidden,
+        Reason::RestartFailed,
     ];
 
     /// The reason a written condition carries, if it is one of ours.
@@ -77,12 +98,25 @@ impl Reason {
             Reason::AccessDenied => "AccessDenied",
             Reason::AuthorizationFailed => "AuthorizationFailed",
             Reason::UnexpectedAccount => "UnexpectedAccount",
+            Reason::RolloutRestarted => "RolloutRestarted",
+            Reason::NoRestartNeeded => "NoRestartNeeded",
+            Reason::RestartPending => "RestartPending",
+            Reason::RestartTargetNotFound => "RestartTargetNotFound",
+            Reason::RestartForbidden => "RestartForbidden",
+            Reason::RestartFailed => "RestartFailed",
         }
     }
 
     /// Whether an Event about this reason is `Normal` (otherwise `Warning`).
     pub fn is_normal(self) -> bool {
-        matches!(self, Reason::Authorized | Reason::AwaitingAuthorization)
+        matches!(
+            self,
+            Reason::Authorized
+                | Reason::AwaitingAuthorization
+                | Reason::RolloutRestarted
+                | Reason::NoRestartNeeded
+                | Reason::RestartPending
+        )
     }
 }
 
@@ -100,6 +134,12 @@ pub mod reason {
     pub const ACCESS_DENIED: &str = Reason::AccessDenied.as_str();
     pub const AUTHORIZATION_FAILED: &str = Reason::AuthorizationFailed.as_str();
     pub const UNEXPECTED_ACCOUNT: &str = Reason::UnexpectedAccount.as_str();
+    pub const ROLLOUT_RESTARTED: &str = Reason::RolloutRestarted.as_str();
+    pub const NO_RESTART_NEEDED: &str = Reason::NoRestartNeeded.as_str();
+    pub const RESTART_PENDING: &str = Reason::RestartPending.as_str();
+    pub const RESTART_TARGET_NOT_FOUND: &str = Reason::RestartTargetNotFound.as_str();
+    pub const RESTART_FORBIDDEN: &str = Reason::RestartForbidden.as_str();
+    pub const RESTART_FAILED: &str = Reason::RestartFailed.as_str();
 }
 
 /// How a consent attempt failed.
@@ -308,7 +348,12 @@ pub struct DesiredCondition {
     pub message: String,
 }
 
-fn cond(type_: &'static str, ok: bool, reason: Reason, message: String) -> DesiredCondition {
+pub(crate) fn cond(
+    type_: &'static str,
+    ok: bool,
+    reason: Reason,
+    message: String,
+) -> DesiredCondition {
     DesiredCondition {
         type_,
         status: if ok { "True" } else { "False" },
@@ -447,16 +492,27 @@ pub fn merge_conditions(
         .collect()
 }
 
-/// Whether a condition moved to another status or reason: the moments worth an Event.
-/// The first condition of `after` (in its order: `Ready` before `Authorized`) whose status or
-/// reason differs from `before`: the change an Event reports, one per write.
-pub fn transition<'a>(before: &[Condition], after: &'a [Condition]) -> Option<&'a Condition> {
-    after.iter().find(|c| {
+/// The conditions that moved to another status or reason: the moments worth an Event. Of
+/// `Ready` and `Authorized`, only the first that changed (they often change together, for one
+/// cause); the rollout condition on its own, when it turned to a problem (a restart reports
+/// itself).
+pub fn transitions<'a>(before: &[Condition], after: &'a [Condition]) -> Vec<&'a Condition> {
+    let changed = |c: &&Condition| {
         before
             .iter()
             .find(|b| b.type_ == c.type_)
             .is_none_or(|b| b.status != c.status || b.reason != c.reason)
-    })
+    };
+    let token = after
+        .iter()
+        .filter(|c| c.type_ != ROLLOUT_TARGETS_UP_TO_DATE)
+        .find(changed);
+    let rollout = after
+        .iter()
+        .filter(|c| c.type_ == ROLLOUT_TARGETS_UP_TO_DATE)
+        .filter(|c| Reason::parse(&c.reason).is_some_and(|r| !r.is_normal()))
+        .find(changed);
+    token.into_iter().chain(rollout).collect()
 }
 
 #[cfg(test)]
@@ -588,10 +644,44 @@ mod tests {
         let moved = merge_conditions(&first, &desired_conditions(&o2, later), Some(2), later);
         assert_eq!(moved[0].last_transition_time.0, later);
         assert_eq!(moved[0].observed_generation, Some(2));
-        assert_eq!(
-            transition(&first, &moved).map(|c| c.type_.as_str()),
-            Some(READY)
+        let types = |v: Vec<&Condition>| v.iter().map(|c| c.type_.clone()).collect::<Vec<_>>();
+        assert_eq!(types(transitions(&first, &moved)), [READY]);
+        assert!(transitions(&first, &same).is_empty());
+    }
+
+    /// The rollout condition reports its problems on its own, beside a token change, and
+    /// stays silent when it turns good (the restart has its own Event).
+    #[test]
+    fn rollout_problems_are_reported_beside_token_transitions() {
+        let rollout = |ok, reason| cond(ROLLOUT_TARGETS_UP_TO_DATE, ok, reason, String::new());
+        let o = obs(None, None, Authorization::Awaiting);
+        let mut first = desired_conditions(&o, at(NOW)).to_vec();
+        first.push(rollout(true, Reason::NoRestartNeeded));
+        let first = merge_conditions(&[], &first, Some(1), at(NOW));
+        let o2 = obs(
+            None,
+            Some("2026-11-23T11:00:00Z"),
+            Authorization::Authorized { principal: None },
         );
-        assert_eq!(transition(&first, &same), None);
+        let with = |r: DesiredCondition| {
+            let mut d = desired_conditions(&o2, at(NOW)).to_vec();
+            d.push(r);
+            merge_conditions(&first, &d, Some(1), at(NOW))
+        };
+        let types = |v: Vec<&Condition>| v.iter().map(|c| c.reason.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            types(transitions(
+                &first,
+                &with(rollout(false, Reason::RestartForbidden))
+            )),
+            ["Authorized", "RestartForbidden"]
+        );
+        assert_eq!(
+            types(transitions(
+                &first,
+                &with(rollout(true, Reason::RolloutRestarted))
+            )),
+            ["Authorized"]
+        );
     }
 }

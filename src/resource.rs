@@ -44,6 +44,13 @@ macro_rules! web_url_rule {
     };
 }
 
+/// A duration as `humantime` reads it (`20m`, `1h30m`), as a regular expression.
+macro_rules! duration_pattern {
+    () => {
+        "^([0-9]+ ?(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks) ?)+$"
+    };
+}
+
 /// Longest URL accepted in the spec.
 const MAX_URL: u32 = 2048;
 
@@ -103,7 +110,7 @@ pub struct GoToOAuthClientSpec {
     /// tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("self == '' || self.matches('^([0-9]+ ?(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days|w|week|weeks) ?)+$')")
+    #[x_kube(validation = Rule::new(concat!("self == '' || self.matches('", duration_pattern!(), "')"))
         .message("refreshBefore must be a duration such as 20m, 1h or 1h30m"))]
     pub refresh_before: Option<String>,
 
@@ -121,6 +128,86 @@ pub struct GoToOAuthClientSpec {
     /// tokens are not stored. Empty: any account that can consent is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_account: Option<String>,
+
+    /// Workloads in this namespace to restart (as `kubectl rollout restart` does) when the
+    /// tokens change in a way their pods only see on start: pods that read the token Secret
+    /// into environment variables. Pods that mount the Secret as a volume see new tokens without
+    /// a restart and need no entry here. Restarting needs extra RBAC (see the README).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+
+    /// Which token changes restart the targets: `Authorization` (a new consent),
+    /// `RefreshTokenRotation` (GoTo issued a new refresh token) and `AccessToken` (every
+    /// refresh, about hourly: only for consumers that hold the access token itself from their
+    /// start). Defaults to `[Authorization, RefreshTokenRotation]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 3))]
+    pub rollout_restart_on: Option<Vec<RolloutRestartTrigger>>,
+
+    /// The shortest time between two restarts of the targets, as a duration such as `5m`
+    /// (the default). Changes inside this window are coalesced into one restart at its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new(concat!("self == '' || self.matches('", duration_pattern!(), "')"))
+        .message("rolloutRestartMinInterval must be a duration such as 5m, 1h or 1h30m"))]
+    pub rollout_restart_min_interval: Option<String>,
+}
+
+/// A workload restarted when the tokens change.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartTarget {
+    /// `Deployment`, `StatefulSet` or `DaemonSet` (group `apps`).
+    pub kind: WorkloadKind,
+    /// Name of the workload in this namespace (a DNS-1123 subdomain).
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(dns_subdomain_rule!())
+        .message("rolloutRestartTargets.name must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
+    pub name: String,
+}
+
+/// The kinds of workload a rollout restart applies to.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        }
+    }
+}
+
+/// A token change that restarts the rollout targets.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+pub enum RolloutRestartTrigger {
+    /// A new consent was stored.
+    Authorization,
+    /// GoTo returned a new refresh token on a refresh.
+    RefreshTokenRotation,
+    /// A refresh stored a new access token.
+    AccessToken,
+}
+
+impl RolloutRestartTrigger {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RolloutRestartTrigger::Authorization => "Authorization",
+            RolloutRestartTrigger::RefreshTokenRotation => "RefreshTokenRotation",
+            RolloutRestartTrigger::AccessToken => "AccessToken",
+        }
+    }
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -248,6 +335,10 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumed_states: Vec<ConsumedState>,
 
+    /// Where the rollout restarts of `spec.rolloutRestartTargets` stand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_restart: Option<RolloutRestartStatus>,
+
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -303,6 +394,49 @@ pub enum AuthorizationReason {
     ClientChanged,
     /// The consent came from another account than `spec.expectedAccount`.
     UnexpectedAccount,
+}
+
+/// The rollout restarts' record: which token change the targets are up to date with, and what
+/// the last restart did. The operator decides from these fields alone.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartStatus {
+    /// The newest token change (of the kinds in `spec.rolloutRestartOn`) the targets were
+    /// restarted for, or were already running with when restarts were configured. Empty: no
+    /// tokens then, so the first tokens restart the targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_change_time: Option<Time>,
+    /// When the targets were last restarted (or a restart was last attempted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_time: Option<Time>,
+    /// What the last restart was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_trigger: Option<RolloutRestartTrigger>,
+    /// A token change waits for `spec.rolloutRestartMinInterval`: the targets restart then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_restart_time: Option<Time>,
+    /// Targets the last restart could not restart, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_targets: Vec<FailedRestartTarget>,
+}
+
+/// A target the last restart could not restart.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedRestartTarget {
+    pub kind: WorkloadKind,
+    pub name: String,
+    /// `NotFound` (nothing to restart; not retried), `Forbidden` (the operator lacks RBAC for
+    /// it; retried after `spec.rolloutRestartMinInterval`) or `Failed` (retried likewise).
+    pub problem: RestartProblem,
+}
+
+/// Why a target was not restarted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RestartProblem {
+    NotFound,
+    Forbidden,
+    Failed,
 }
 
 /// A consumed authorization attempt.

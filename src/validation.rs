@@ -6,13 +6,19 @@
 //! lives here: URL schemes, the hosts an endpoint may name, name syntax, a client id usable in a
 //! Basic header, durations.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    time::Duration,
+};
 
 use url::Url;
 
 use crate::{
     cli::check_web_url,
-    resource::{GoToOAuthClient, MANAGER},
+    resource::{
+        GoToOAuthClient, GoToOAuthClientSpec, MANAGER, RolloutRestartTarget, RolloutRestartTrigger,
+    },
 };
 
 /// Operator-wide defaults that a spec may leave out.
@@ -51,7 +57,28 @@ pub struct ClientSettings {
     pub token_url: Url,
     pub secret_labels: BTreeMap<String, String>,
     pub secret_annotations: BTreeMap<String, String>,
+    pub rollout: RolloutSettings,
 }
+
+/// The rollout restarts a client asks for (`spec.rolloutRestart*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutSettings {
+    /// The targets, without duplicates, in spec order.
+    pub targets: Vec<RolloutRestartTarget>,
+    /// The token changes that restart them, without duplicates.
+    pub on: BTreeSet<RolloutRestartTrigger>,
+    pub min_interval: Duration,
+}
+
+/// `spec.rolloutRestartMinInterval` when the spec does not set it.
+pub const DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL: Duration = Duration::from_secs(300);
+
+/// `spec.rolloutRestartOn` when the spec does not set it: restarts for a new consent and a new
+/// refresh token, never for the hourly access token.
+pub const DEFAULT_ROLLOUT_RESTART_ON: [RolloutRestartTrigger; 2] = [
+    RolloutRestartTrigger::Authorization,
+    RolloutRestartTrigger::RefreshTokenRotation,
+];
 
 /// Why a spec cannot work as written: every problem found, each naming its field.
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq)]
@@ -171,6 +198,8 @@ pub fn validate(
         ));
     }
 
+    let rollout = rollout_settings(spec, &mut problems);
+
     if !problems.is_empty() {
         return Err(InvalidSpec { problems });
     }
@@ -186,7 +215,43 @@ pub fn validate(
         token_url,
         secret_labels: template.labels,
         secret_annotations: template.annotations,
+        rollout,
     })
+}
+
+fn rollout_settings(spec: &GoToOAuthClientSpec, problems: &mut Vec<String>) -> RolloutSettings {
+    let mut targets: Vec<RolloutRestartTarget> = Vec::new();
+    for target in &spec.rollout_restart_targets {
+        if let Err(e) = check_dns_subdomain(&target.name) {
+            problems.push(format!(
+                "spec.rolloutRestartTargets {} {e}",
+                target.kind.as_str()
+            ));
+        } else if !targets.contains(target) {
+            targets.push(target.clone());
+        }
+    }
+    let on = match &spec.rollout_restart_on {
+        Some(on) => on.iter().copied().collect(),
+        None => DEFAULT_ROLLOUT_RESTART_ON.into_iter().collect(),
+    };
+    let min_interval = match spec.rollout_restart_min_interval.as_deref() {
+        None | Some("") => DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL,
+        Some(raw) => match humantime::parse_duration(raw) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!(
+                    "spec.rolloutRestartMinInterval {raw:?} is not a duration like 5m or 1h: {e}"
+                ));
+                DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL
+            }
+        },
+    };
+    RolloutSettings {
+        targets,
+        on,
+        min_interval,
+    }
 }
 
 fn endpoint(

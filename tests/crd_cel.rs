@@ -168,6 +168,11 @@ const CASES: &[(&str, &str, bool)] = &[
         false,
     ),
     ("endpoints.authorizeUrl", "javascript:alert(1)", false),
+    ("rolloutRestartMinInterval", "5m", true),
+    ("rolloutRestartMinInterval", "0s", true),
+    ("rolloutRestartMinInterval", "", true), // the default
+    ("rolloutRestartMinInterval", "5", false),
+    ("rolloutRestartMinInterval", "often", false),
 ];
 
 #[test]
@@ -186,6 +191,31 @@ fn each_rule_refuses_with_a_message_naming_the_field() {
             "{field}={value:?}: {message}"
         );
     }
+}
+
+/// A rollout target's name is checked in the list, at the item's own path; the operator
+/// agrees. (Its `kind` is an enum of the schema, which the API server checks without CEL.)
+#[test]
+fn rollout_target_names_are_checked_per_item() {
+    let mut obj = object("secretName", "demo-token");
+    obj["spec"]["rolloutRestartTargets"] = json!([
+        {"kind": "Deployment", "name": "app"},
+        {"kind": "StatefulSet", "name": "Not_A_Name"},
+    ]);
+    let failures = cel_failures(&obj);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, "spec.rolloutRestartTargets[1].name");
+    assert!(failures[0].1.starts_with("rolloutRestartTargets.name must"));
+    let problems = operator_problems(&obj);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("spec.rolloutRestartTargets StatefulSet")),
+        "{problems:?}"
+    );
+    let kinds = &schema()["properties"]["spec"]["properties"]["rolloutRestartTargets"]["items"]["properties"]
+        ["kind"]["enum"];
+    assert_eq!(kinds, &json!(["Deployment", "StatefulSet", "DaemonSet"]));
 }
 
 /// The rules never refuse what the operator accepts (nor the other way round, on these cases):
@@ -257,7 +287,7 @@ fn rules_compile_and_fit_the_cost_budget() {
             rules += 1;
         }
     }
-    assert_eq!(rules, 7, "one rule per checked field");
+    assert_eq!(rules, 9, "one rule per checked field");
 }
 
 /// On a real cluster the API server refuses an invalid client at `kubectl apply`, naming every

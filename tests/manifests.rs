@@ -383,7 +383,99 @@ fn allowed_permissions() -> BTreeMap<(&'static str, &'static str), BTreeSet<&'st
             ("coordination.k8s.io", "leases"),
             set(&["get", "create", "update", "patch"]),
         ),
+        // Opt-in rollout restarts: a merge patch of the pod template, nothing else.
+        (("apps", "deployments"), set(&["patch"])),
+        (("apps", "statefulsets"), set(&["patch"])),
+        (("apps", "daemonsets"), set(&["patch"])),
     ])
+}
+
+/// The rules that let the operator patch apps/v1 workloads, with where they came from.
+fn workload_rules(docs: &[Doc]) -> Vec<(String, PolicyRule)> {
+    docs.iter()
+        .filter(|d| matches!(d.kind(), "ClusterRole" | "Role"))
+        .flat_map(|d| {
+            let rules: Vec<PolicyRule> =
+                serde_json::from_value(d.value["rules"].clone()).unwrap_or_default();
+            let origin = format!("{} {}/{}", d.kind(), d.namespace().unwrap_or(""), d.name());
+            rules
+                .into_iter()
+                .filter(|r| {
+                    r.api_groups
+                        .as_ref()
+                        .is_some_and(|g| g.iter().any(|g| g == "apps"))
+                })
+                .map(move |r| (origin.clone(), r))
+        })
+        .collect()
+}
+
+/// Rollout restarts need `patch` on workloads, which the operator does not get by default:
+/// deploy/ and the default chart grant none; the deploy/ example and the chart value grant
+/// exactly `patch` on the three kinds (in every watched namespace), and nothing else.
+#[test]
+fn rollout_restart_rbac_is_opt_in_and_patch_only() {
+    let expect_patch_only = |rules: &[(String, PolicyRule)]| {
+        assert!(!rules.is_empty());
+        for (origin, rule) in rules {
+            assert_eq!(rule.verbs, ["patch"], "{origin}");
+            assert_eq!(
+                rule.resources.clone().unwrap_or_default(),
+                ["deployments", "statefulsets", "daemonsets"],
+                "{origin}"
+            );
+            assert!(rule.resource_names.is_none(), "{origin}");
+        }
+        let problems: Vec<String> = rules
+            .iter()
+            .flat_map(|(o, r)| check_rules_least_privilege(o, std::slice::from_ref(r), true))
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
+    };
+    assert!(workload_rules(&load_dirs(&["deploy", "deploy/namespaced"])).is_empty());
+    let example = load_file(&root().join("deploy/examples/rollout-restart-rbac.yaml"));
+    expect_patch_only(&workload_rules(&example));
+    let binding: ClusterRoleBinding = one(
+        &example,
+        "ClusterRoleBinding",
+        "goto-oauth-operator-rollout-restart",
+    );
+    let subject = &binding.subjects.expect("subjects")[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("goto-oauth-operator", Some(OPERATOR_NS)),
+        "binds the operator's ServiceAccount of deploy/"
+    );
+
+    let Some(helm_bin) = tool("helm", "rollout_restart_rbac_is_opt_in_and_patch_only") else {
+        return;
+    };
+    let public_url = format!("publicUrl={PUBLIC_URL}");
+    let render = |extra: &[&str]| {
+        let mut args = vec!["--set", public_url.as_str()];
+        args.extend_from_slice(extra);
+        helm_template(&helm_bin, &args)
+    };
+    assert!(workload_rules(&render(&[])).is_empty());
+    let rules = workload_rules(&render(&["--set", "rolloutRestart.enabled=true"]));
+    expect_patch_only(&rules);
+    assert!(rules.iter().all(|(o, _)| o.starts_with("ClusterRole")));
+    let namespaced = render(&[
+        "--set",
+        "rolloutRestart.enabled=true",
+        "--set",
+        "watchNamespaces={team-a,team-b}",
+    ]);
+    let rules = workload_rules(&namespaced);
+    expect_patch_only(&rules);
+    let namespaces: BTreeSet<String> = rules
+        .iter()
+        .map(|(o, _)| o.split(['/', ' ']).nth(1).unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        namespaces,
+        BTreeSet::from(["team-a".to_string(), "team-b".to_string()])
+    );
 }
 
 /// What the operator needs in every namespace it watches.

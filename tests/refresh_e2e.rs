@@ -1460,3 +1460,293 @@ async fn sub_second_clock_idle_reconciles_and_restarts_write_nothing() {
         "an idle reconcile and a restart write nothing (Secret, status), and the schedule is kept"
     );
 }
+
+// ----- rollout restarts (spec.rolloutRestartTargets) -----
+
+/// A Deployment with no replicas (on a real cluster nothing is scheduled), for restarts.
+async fn create_deployment(env: &Env, name: &str) {
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.cluster.client.clone(), &env.cluster.namespace);
+    let deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}}}
+    }))
+    .expect("deployment");
+    api.create(&Default::default(), &deployment)
+        .await
+        .expect("create deployment");
+}
+
+/// The restart annotation on a Deployment's pod template, if set.
+async fn restarted_at(env: &Env, name: &str) -> Option<String> {
+    let api: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(env.cluster.client.clone(), &env.cluster.namespace);
+    api.get(name)
+        .await
+        .expect("get deployment")
+        .spec
+        .template
+        .metadata?
+        .annotations?
+        .get("goto-oauth.dev/restartedAt")
+        .cloned()
+}
+
+/// PATCHes of a Deployment the operator sent, according to the proxy's request log.
+fn deployment_patches(env: &Env, name: &str) -> usize {
+    env.proxy()
+        .request_log()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.path.ends_with(&format!("/deployments/{name}")))
+        .count()
+}
+
+fn rollout_condition(obj: &GoToOAuthClient) -> (String, String) {
+    condition(obj, "RolloutTargetsUpToDate")
+}
+
+/// A consent restarts the env-var consumer once; an hourly refresh does not; consents inside
+/// the minimum interval coalesce into one restart at its end; the Deployment and the client
+/// both get an Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
+    let env = Env::start().await;
+    create_deployment(&env, "env-app").await;
+    env.create(
+        "demo",
+        serde_json::json!({
+            "rolloutRestartTargets": [{"kind": "Deployment", "name": "env-app"}],
+            "rolloutRestartMinInterval": "5m",
+        }),
+    )
+    .await;
+    let before = eventually("a baseline before any consent", || async {
+        let obj = env.get("demo").await;
+        obj.status.as_ref()?.rollout_restart.as_ref()?;
+        Some(obj)
+    })
+    .await;
+    assert_eq!(
+        rollout_condition(&before),
+        pair("True", reason::NO_RESTART_NEEDED)
+    );
+    assert_eq!(restarted_at(&env, "env-app").await, None);
+
+    env.authorize("demo").await;
+    let restarted = eventually("the consent restarts env-app", || async {
+        let obj = env.get("demo").await;
+        (rollout_condition(&obj) == pair("True", reason::ROLLOUT_RESTARTED)).then_some(obj)
+    })
+    .await;
+    let first = restarted_at(&env, "env-app").await.expect("annotation set");
+    assert_eq!(first, env.clock.now().to_string());
+    assert_eq!(deployment_patches(&env, "env-app"), 1);
+    let record = restarted
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout_restart.clone())
+        .expect("record");
+    assert_eq!(
+        record.last_restart_trigger,
+        Some(goto_oauth_operator::resource::RolloutRestartTrigger::Authorization)
+    );
+    let on_deployment = env.cluster.events_for("env-app").await;
+    assert!(
+        on_deployment
+            .iter()
+            .any(|(r, n)| r == "RolloutRestarted" && n.contains("GoToOAuthClient demo")),
+        "{on_deployment:?}"
+    );
+    assert_eq!(
+        env.event_counts("demo").await.get("RolloutRestarted"),
+        Some(&1)
+    );
+
+    // Refreshes (GoTo keeps the refresh token) restart nothing.
+    let requests = env.refresh_requests();
+    env.advance(LIFETIME).await;
+    env.wait_refresh_requests(requests + 1).await;
+    env.quiet().await;
+    assert_eq!(
+        restarted_at(&env, "env-app").await.as_deref(),
+        Some(first.as_str())
+    );
+    assert_eq!(deployment_patches(&env, "env-app"), 1);
+
+    // A new consent an hour later restarts at once; two more within the next minute wait and
+    // restart once, at the end of the 5-minute window.
+    env.authorize("demo").await;
+    let second = env.clock.now();
+    eventually("the second consent restarts env-app", || async {
+        (deployment_patches(&env, "env-app") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        restarted_at(&env, "env-app").await,
+        Some(second.to_string())
+    );
+    env.advance(secs(30)).await;
+    env.authorize("demo").await;
+    assert_eq!(
+        eventually("the restart waits", || async {
+            let obj = env.get("demo").await;
+            let c = rollout_condition(&obj);
+            (c.1 == reason::RESTART_PENDING).then_some(c)
+        })
+        .await,
+        pair("False", reason::RESTART_PENDING)
+    );
+    env.advance(secs(30)).await;
+    env.authorize("demo").await;
+    env.advance(secs(60)).await;
+    assert_eq!(
+        deployment_patches(&env, "env-app"),
+        2,
+        "still inside the window"
+    );
+    env.advance_to(second + secs(300)).await;
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "RolloutTargetsUpToDate",
+            "True",
+            reason::ROLLOUT_RESTARTED,
+        )
+        .await;
+    assert_eq!(
+        deployment_patches(&env, "env-app"),
+        3,
+        "one restart for both"
+    );
+    assert_eq!(
+        restarted_at(&env, "env-app").await,
+        Some((second + secs(300)).to_string())
+    );
+    assert!(
+        obj.status
+            .unwrap()
+            .rollout_restart
+            .unwrap()
+            .pending_restart_time
+            .is_none()
+    );
+    env.advance(secs(600)).await;
+    assert_eq!(
+        deployment_patches(&env, "env-app"),
+        3,
+        "nothing more to restart"
+    );
+    env.assert_no_secret_material().await;
+}
+
+/// A missing target and a forbidden one are a condition and a Warning Event each, never a
+/// retry storm: a missing one is not retried, a forbidden one once per interval until it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_forbidden_targets_are_reported_and_retried_calmly() {
+    let env = Env::start().await;
+    create_deployment(&env, "locked").await;
+    env.create(
+        "demo",
+        serde_json::json!({
+            "rolloutRestartTargets": [
+                {"kind": "Deployment", "name": "absent"},
+            ],
+        }),
+    )
+    .await;
+    env.authorize("demo").await;
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "RolloutTargetsUpToDate",
+            "False",
+            reason::RESTART_TARGET_NOT_FOUND,
+        )
+        .await;
+    assert!(rollout_condition(&obj).1.contains("NotFound"));
+    let message = obj
+        .condition("RolloutTargetsUpToDate")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("Deployment/absent"), "{message}");
+    env.advance(secs(900)).await;
+    assert_eq!(
+        deployment_patches(&env, "absent"),
+        1,
+        "a missing target is not retried"
+    );
+    assert_eq!(
+        env.event_counts("demo")
+            .await
+            .get(reason::RESTART_TARGET_NOT_FOUND),
+        Some(&1)
+    );
+
+    // The operator may not patch "locked" (as without the opt-in RBAC) for two attempts.
+    env.proxy().inject_fault(Fault {
+        method: Some(http::Method::PATCH),
+        path_contains: "/deployments/locked".into(),
+        status: 403,
+        times: 2,
+    });
+    patch_spec(
+        &env,
+        serde_json::json!({
+            "rolloutRestartTargets": [{"kind": "Deployment", "name": "locked"}],
+        }),
+    )
+    .await;
+    env.quiet().await;
+    env.authorize("demo").await;
+    let t0 = env.clock.now();
+    let obj = env
+        .cluster
+        .wait_condition(
+            "demo",
+            "RolloutTargetsUpToDate",
+            "False",
+            reason::RESTART_FORBIDDEN,
+        )
+        .await;
+    assert!(
+        obj.condition("RolloutTargetsUpToDate")
+            .is_some_and(|c| c.message.contains("Deployment/locked") && c.message.contains("RBAC"))
+    );
+    assert_eq!(deployment_patches(&env, "locked"), 1);
+    env.advance(secs(299)).await;
+    assert_eq!(
+        deployment_patches(&env, "locked"),
+        1,
+        "no retry inside the interval"
+    );
+    env.advance_to(t0 + secs(300)).await;
+    assert_eq!(
+        deployment_patches(&env, "locked"),
+        2,
+        "one retry per interval"
+    );
+    assert_eq!(
+        env.event_counts("demo")
+            .await
+            .get(reason::RESTART_FORBIDDEN),
+        Some(&1),
+        "an Event when the condition turns, not per attempt"
+    );
+    env.advance_to(t0 + secs(600)).await;
+    env.cluster
+        .wait_condition(
+            "demo",
+            "RolloutTargetsUpToDate",
+            "True",
+            reason::ROLLOUT_RESTARTED,
+        )
+        .await;
+    assert_eq!(deployment_patches(&env, "locked"), 3);
+    assert!(restarted_at(&env, "locked").await.is_some());
+    env.advance(secs(900)).await;
+    assert_eq!(deployment_patches(&env, "locked"), 3);
+}

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
-    conditions::{AUTHORIZED, READY, Reason},
+    conditions::{AUTHORIZED, READY, ROLLOUT_TARGETS_UP_TO_DATE, Reason},
     resource::{AuthorizationPhase, GoToOAuthClient},
 };
 
@@ -60,6 +60,9 @@ pub(crate) fn render(obj: &GoToOAuthClient, now: Timestamp) -> Summary {
     );
     if let Some(secret) = &status.secret_name {
         line("Secret", secret);
+    }
+    if let Some(restarts) = obj.condition(ROLLOUT_TARGETS_UP_TO_DATE) {
+        line("Restarts", &describe(Some(restarts)));
     }
     if needs_consent(obj)
         && let Some(link) = &status.authorization_url
@@ -234,6 +237,19 @@ fn what_to_do(reason: Reason) -> &'static str {
             "Sign in to GoTo with the expected account and open the link again."
         }
         Reason::AuthorizationFailed => "Fix the cause, then open the link again.",
+        Reason::RolloutRestarted | Reason::NoRestartNeeded => "Nothing.",
+        Reason::RestartPending => {
+            "Nothing; the targets restart when `rolloutRestartMinInterval` has passed."
+        }
+        Reason::RestartTargetNotFound => {
+            "Fix the name in `rolloutRestartTargets` or create the workload."
+        }
+        Reason::RestartForbidden => {
+            "Grant the operator `patch` on the workload (chart value `rolloutRestart.enabled`, or `deploy/examples/rollout-restart-rbac.yaml`)."
+        }
+        Reason::RestartFailed => {
+            "Usually nothing: it is retried. If it persists, read the message and the operator log."
+        }
     }
 }
 
@@ -370,7 +386,26 @@ mod tests {
             ],
         );
         assert!(!s.text.contains("authorize/ns/demo/next"), "{}", s.text);
+        assert!(!s.text.contains("Restarts:"), "no targets, no line");
         assert!(refresh_blocker(&authorized(400)).is_none());
+    }
+
+    /// With restart targets, where they stand is one more line.
+    #[test]
+    fn restart_targets_are_summarized() {
+        let mut obj = authorized(400);
+        obj.status.as_mut().unwrap().conditions.push(condition(
+            ROLLOUT_TARGETS_UP_TO_DATE,
+            false,
+            Reason::RestartForbidden,
+            "Deployment/app: forbidden",
+        ));
+        let s = render(&obj, Timestamp::from_second(1_000).unwrap());
+        assert_lines(
+            &s.text,
+            &["Restarts:      False, RestartForbidden: Deployment/app: forbidden"],
+        );
+        assert!(s.ready, "restarts do not decide Ready");
     }
 
     #[test]

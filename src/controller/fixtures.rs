@@ -1,6 +1,31 @@
 //! Test fixtures shared by the controller's unit tests.
 
-use crate::validation::ClientSettings;
+use jiff::{SignedDuration, Timestamp};
+use secrecy::SecretString;
+
+use crate::{secret::StoredTokens, validation::ClientSettings};
+
+pub(crate) fn at(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// Tokens issued at `issued` for an hour, of the consent given at `authorized`.
+pub(crate) fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTokens {
+    StoredTokens {
+        access_token: SecretString::from(format!("access-{issued}")),
+        refresh_token: SecretString::from(refresh.to_string()),
+        token_type: "Bearer".into(),
+        expires_at: at(issued) + SignedDuration::from_hours(1),
+        issued_at: at(issued),
+        authorized_at: at(authorized),
+        scope: None,
+        principal: Some("admin@example.com".into()),
+        account_key: None,
+        organizer_key: None,
+        client_id: "client".into(),
+        token_url: "https://auth.example/oauth/token".into(),
+    }
+}
 
 /// Settings of a valid client `client` whose tokens go to `demo-token`.
 pub(crate) fn settings() -> ClientSettings {
@@ -16,5 +41,12 @@ pub(crate) fn settings() -> ClientSettings {
         token_url: "https://auth.example/oauth/token".parse().unwrap(),
         secret_labels: Default::default(),
         secret_annotations: Default::default(),
+        rollout: crate::validation::RolloutSettings {
+            targets: Vec::new(),
+            on: crate::validation::DEFAULT_ROLLOUT_RESTART_ON
+                .into_iter()
+                .collect(),
+            min_interval: crate::validation::DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL,
+        },
     }
 }

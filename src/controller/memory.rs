@@ -8,6 +8,8 @@
 //!   failed: the request is not sent twice.
 //! - Backoff: consecutive refresh failures, when the next attempt may go, the last failure
 //!   (shown in `Ready` while it lasts), and consecutive reconcile errors.
+//! - The rollout-restart record of this replica's last restart, until a status write records
+//!   it: a restart whose status write failed is not repeated.
 //! - The resourceVersion of this replica's last status write, until the watch delivers it: a
 //!   reconcile that runs on an older cached object waits for the watch instead of acting on
 //!   it, and re-reads the object if the watch is slow to deliver.
@@ -21,7 +23,7 @@ use std::{
 
 use jiff::Timestamp;
 
-use crate::secret::StoredTokens;
+use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
 
 /// Consecutive failures and when to try again.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -57,6 +59,8 @@ pub(crate) struct ClientMemory {
     /// The resourceVersion of this replica's last status write and when it was written, until
     /// the cache shows it.
     pub(crate) written_resource_version: Option<(String, std::time::Instant)>,
+    /// The record after this replica's last rollout restart (see [`super::rollout`]).
+    pub(crate) rollout: Option<RolloutRestartStatus>,
 }
 
 /// Every client's memory, keyed by uid.

@@ -13,6 +13,7 @@ mod fixtures;
 pub(crate) mod memory;
 pub(crate) mod observe;
 pub(crate) mod plan;
+pub(crate) mod rollout;
 pub(crate) mod schedule;
 pub(crate) mod status;
 pub(crate) mod watches;
@@ -143,12 +144,36 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     let planned = plan::plan(&observed, now);
     let outcome = act::act(&ctx, &observed, &planned).await?;
     let refreshed = outcome.is_some();
-    let settled = planned.settle(
+    let observed_tokens = planned.tokens.clone();
+    let mut settled = planned.settle(
         outcome,
         observed.settings.as_ref().ok(),
         &keys.uid,
         ctx.clock.now(),
     );
+    // Restarts follow what is stored, so they come after the Secret write and the refresh;
+    // with an invalid spec the record stays as it is.
+    if let Ok(settings) = &observed.settings {
+        let record = rollout::newest(
+            settled.rollout.as_ref(),
+            ctx.memory.with(&keys.uid, |m| m.rollout.clone()).as_ref(),
+        );
+        let decision = rollout::decide(
+            &settings.rollout,
+            record.as_ref(),
+            observed_tokens.as_ref(),
+            settled.tokens.as_ref(),
+            ctx.clock.now(),
+        );
+        settled.rollout = rollout::reconcile(
+            &ctx,
+            &observed.obj,
+            &settings.rollout,
+            decision,
+            record.as_ref(),
+        )
+        .await;
+    }
     let link = settled.link.resolve(|| random_token(32));
     let desired = status::desired_status(
         &observed.obj,

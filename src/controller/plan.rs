@@ -14,7 +14,7 @@ use crate::{
     conditions::{Authorization, Blocker, Reauthorization},
     resource::{
         ConsumedState, FORCE_REFRESH_ANNOTATION, GoToOAuthClient, GoToOAuthClientStatus,
-        ROTATE_LINK_ANNOTATION,
+        ROTATE_LINK_ANNOTATION, RolloutRestartStatus,
     },
     secret::StoredTokens,
     validation::ClientSettings,
@@ -83,6 +83,8 @@ pub(crate) struct Plan {
     /// The Secret the tokens are stored in once `write` is done.
     pub(crate) secret_name: Option<String>,
     pub(crate) consumed_states: Vec<ConsumedState>,
+    /// `status.rolloutRestart` as it stands; the reconcile's rollout step replaces it.
+    pub(crate) rollout: Option<RolloutRestartStatus>,
 }
 
 /// What the refresh that [`Plan::refresh`] asked for did.
@@ -202,6 +204,7 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         refresh_failure: o.memory.backoff.last_failure.clone(),
         secret_name,
         consumed_states: status.consumed_states.clone(),
+        rollout: status.rollout_restart.clone(),
     }
 }
 
@@ -365,6 +368,7 @@ impl Plan {
             refresh_failure: None,
             secret_name: Some(settings.secret_name.clone()),
             consumed_states: status.consumed_states,
+            rollout: status.rollout_restart,
         }
     }
 
@@ -392,6 +396,7 @@ impl Plan {
             refresh_failure: None,
             secret_name: None,
             consumed_states: status.consumed_states.clone(),
+            rollout: status.rollout_restart.clone(),
         }
     }
 
@@ -410,7 +415,8 @@ impl Plan {
             .map(|c| c.expires_at)
             .min()
             .and_then(|s| Timestamp::from_second(s).ok());
-        [self.next_refresh, expiry, state]
+        let restart = super::rollout::wake_at(self.rollout.as_ref());
+        [self.next_refresh, expiry, state, restart]
             .into_iter()
             .flatten()
             .min()
@@ -437,7 +443,7 @@ mod tests {
     use crate::{
         conditions::ClientSecretProblem,
         controller::{
-            fixtures::settings,
+            fixtures::{at, settings, tokens},
             memory::{Backoff, ClientMemory, HeldTokens},
             observe::ObjectKeys,
         },
@@ -450,28 +456,6 @@ mod tests {
 
     const NOW: &str = "2026-11-23T10:00:00Z";
     const LINK: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCD";
-
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
-
-    /// Tokens issued at `issued` for an hour, of the consent given at `authorized`.
-    fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTokens {
-        StoredTokens {
-            access_token: SecretString::from(format!("access-{issued}")),
-            refresh_token: SecretString::from(refresh.to_string()),
-            token_type: "Bearer".into(),
-            expires_at: at(issued) + SignedDuration::from_hours(1),
-            issued_at: at(issued),
-            authorized_at: at(authorized),
-            scope: None,
-            principal: Some("admin@example.com".into()),
-            account_key: None,
-            organizer_key: None,
-            client_id: "client".into(),
-            token_url: "https://auth.example/oauth/token".into(),
-        }
-    }
 
     /// An authorized client with a link, its tokens in the Secret, nothing in memory.
     fn observed(stored: Option<StoredTokens>) -> Observed {

@@ -53,7 +53,8 @@ pub(crate) fn desired_status(
         authorization: plan.authorization.clone(),
         refresh_failure: plan.refresh_failure.clone(),
     };
-    let desired = conditions::desired_conditions(&observation, now);
+    let mut desired = conditions::desired_conditions(&observation, now).to_vec();
+    desired.extend(plan.rollout.as_ref().map(super::rollout::condition));
     GoToOAuthClientStatus {
         conditions: conditions::merge_conditions(existing, &desired, generation, now),
         authorization_url: link_token.map(|t| authorization_url(defaults, keys, t)),
@@ -74,6 +75,7 @@ pub(crate) fn desired_status(
             .filter(|c| c.expires_at > now.as_second())
             .cloned()
             .collect(),
+        rollout_restart: plan.rollout.clone(),
         observed_generation: generation,
     }
 }
@@ -87,15 +89,17 @@ pub(crate) enum EventAction {
     Refresh,
     Consent,
     ExchangeCode,
+    RolloutRestart,
 }
 
 impl EventAction {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EventAction::Reconcile => "Reconcile",
             EventAction::Refresh => "Refresh",
             EventAction::Consent => "Consent",
             EventAction::ExchangeCode => "ExchangeCode",
+            EventAction::RolloutRestart => "RolloutRestart",
         }
     }
 }
@@ -159,18 +163,24 @@ pub(crate) async fn apply_status(
             .map(|rv| (rv, std::time::Instant::now()));
     });
 
-    if let Events::OnTransition(action) = events
-        && let Some(condition) = conditions::transition(&current.conditions, &status.conditions)
-        && let Some(reason) = Reason::parse(&condition.reason)
-    {
-        publish(
-            ctx,
-            obj,
-            EventReason::Condition(reason),
-            action,
-            &condition.message,
-        )
-        .await;
+    if let Events::OnTransition(action) = events {
+        for condition in conditions::transitions(&current.conditions, &status.conditions) {
+            let Some(reason) = Reason::parse(&condition.reason) else {
+                continue;
+            };
+            let action = match condition.type_ == conditions::ROLLOUT_TARGETS_UP_TO_DATE {
+                true => EventAction::RolloutRestart,
+                false => action,
+            };
+            publish(
+                ctx,
+                obj,
+                EventReason::Condition(reason),
+                action,
+                &condition.message,
+            )
+            .await;
+        }
     }
     Ok(true)
 }

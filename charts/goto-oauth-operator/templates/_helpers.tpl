@@ -87,4 +87,10 @@ app.kubernetes.io/part-of: goto-oauth-operator
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if .Values.rolloutRestart.enabled }}
+# Opt-in: rollout restarts of spec.rolloutRestartTargets (a merge patch of the pod template).
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["patch"]
+{{- end }}
 {{- end }}
