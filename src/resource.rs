@@ -205,6 +205,13 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_time: Option<Time>,
 
+    /// When GoTo issued the refresh token now stored: at the consent, or at the last refresh
+    /// that returned a new one (unchanged by refreshes that keep the old one). GoTo's refresh
+    /// tokens live about 30 days, so a time close to 30 days ago means a new consent may soon
+    /// be needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_obtained_at: Option<Time>,
+
     /// The GoTo account that authorized the client (principal or email), when GoTo returns it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
@@ -282,12 +289,31 @@ pub struct AuthorizationStatus {
 }
 
 /// Where a client stands with GoTo.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Hash, PartialEq, Eq, JsonSchema)]
 pub enum AuthorizationPhase {
     AwaitingAuthorization,
     Authorized,
     ConsentFailed,
     ReauthorizationRequired,
+}
+
+impl AuthorizationPhase {
+    pub const ALL: [AuthorizationPhase; 4] = [
+        AuthorizationPhase::AwaitingAuthorization,
+        AuthorizationPhase::Authorized,
+        AuthorizationPhase::ConsentFailed,
+        AuthorizationPhase::ReauthorizationRequired,
+    ];
+
+    /// The name as serialized (and as the `phase` metric label).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuthorizationPhase::AwaitingAuthorization => "AwaitingAuthorization",
+            AuthorizationPhase::Authorized => "Authorized",
+            AuthorizationPhase::ConsentFailed => "ConsentFailed",
+            AuthorizationPhase::ReauthorizationRequired => "ReauthorizationRequired",
+        }
+    }
 }
 
 /// Why a client is not authorized.
