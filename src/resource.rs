@@ -121,6 +121,13 @@ pub struct GoToOAuthClientSpec {
     /// tokens are not stored. Empty: any account that can consent is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_account: Option<String>,
+
+    /// A name for the application these tokens are for, as a GoTo admin would recognise it
+    /// (e.g. `Payroll sync`). The pages an admin sees at the end of an authorization use it;
+    /// empty: the resource's name. At most 100 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub display_name: Option<String>,
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -382,6 +389,14 @@ impl GoToOAuthClient {
         }
     }
 
+    /// The name shown to a GoTo admin: `spec.displayName` (trimmed), else the resource's name.
+    pub fn display_name(&self) -> String {
+        match self.spec.display_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_string(),
+            _ => self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
     /// A condition of the current status, by type.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status
@@ -474,7 +489,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.client_secret_ref.key, "clientSecret");
-        let client = GoToOAuthClient::new("demo", spec);
+        let mut client = GoToOAuthClient::new("demo", spec);
         assert_eq!(client.target_secret_name(), "demo-token");
+        assert_eq!(client.display_name(), "demo");
+        client.spec.display_name = Some("  ".into());
+        assert_eq!(client.display_name(), "demo");
+        client.spec.display_name = Some(" Payroll sync ".into());
+        assert_eq!(client.display_name(), "Payroll sync");
     }
 }
