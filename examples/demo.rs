@@ -395,6 +395,7 @@ async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Resul
         endpoints: None,
         secret_template: None,
         expected_account: None,
+        display_name: Some("Demo app".into()),
         rollout_restart_targets: Vec::new(),
         rollout_restart_on: None,
         rollout_restart_min_interval: None,

@@ -9,6 +9,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
+use crate::resource::AuthorizationPhase;
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -80,6 +81,16 @@ impl GrantType {
     }
 }
 label_value!(GrantType);
+label_value!(AuthorizationPhase);
+
+/// A client's series of `goto_oauth_client_authorization_phase`: one per phase, 1 for the
+/// current one (the kube-state-metrics shape, so `== 1` selects and absent means unknown).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub name: String,
+    pub phase: AuthorizationPhase,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
@@ -105,6 +116,8 @@ pub struct Metrics {
     registry: Registry,
     pub token_expiry: Family<ClientLabels, Gauge>,
     pub client_ready: Family<ClientLabels, Gauge>,
+    pub refresh_token_obtained: Family<ClientLabels, Gauge>,
+    pub authorization_phase: Family<PhaseLabels, Gauge>,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub token_request_duration: Family<TokenRequestLabels, Histogram>,
     pub reconcile_duration: Histogram,
@@ -134,6 +147,18 @@ impl Default for Metrics {
             "client_ready",
             "1 when the client's Ready condition is True, else 0",
             client_ready.clone(),
+        );
+        let refresh_token_obtained = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "refresh_token_obtained_timestamp_seconds",
+            "Unix time at which GoTo issued the stored refresh token (consent or rotation)",
+            refresh_token_obtained.clone(),
+        );
+        let authorization_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "client_authorization_phase",
+            "1 for the client's current status.authorization.phase, 0 for the other phases",
+            authorization_phase.clone(),
         );
         let refreshes = Family::<RefreshLabels, Counter>::default();
         registry.register(
@@ -173,6 +198,8 @@ impl Default for Metrics {
             registry,
             token_expiry,
             client_ready,
+            refresh_token_obtained,
+            authorization_phase,
             refreshes,
             token_request_duration,
             reconcile_duration,
@@ -199,6 +226,32 @@ impl Metrics {
         }
     }
 
+    /// Sets the client's phase series: 1 for `current`, 0 for the others; none when `None`.
+    pub fn set_authorization_phase(
+        &self,
+        namespace: &str,
+        name: &str,
+        current: Option<AuthorizationPhase>,
+    ) {
+        for phase in AuthorizationPhase::ALL {
+            let labels = PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase,
+            };
+            match current {
+                Some(current) => {
+                    self.authorization_phase
+                        .get_or_create(&labels)
+                        .set(i64::from(phase == current));
+                }
+                None => {
+                    self.authorization_phase.remove(&labels);
+                }
+            }
+        }
+    }
+
     pub fn count_refresh(&self, namespace: &str, name: &str, result: RefreshResult) {
         self.refreshes
             .get_or_create(&RefreshLabels {
@@ -214,6 +267,14 @@ impl Metrics {
         let labels = Self::client(namespace, name);
         self.token_expiry.remove(&labels);
         self.client_ready.remove(&labels);
+        self.refresh_token_obtained.remove(&labels);
+        for phase in AuthorizationPhase::ALL {
+            self.authorization_phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase,
+            });
+        }
         for result in RefreshResult::ALL {
             self.refreshes.remove(&RefreshLabels {
                 namespace: namespace.into(),
@@ -293,12 +354,19 @@ mod tests {
             .get_or_create(&Metrics::client("ns", "a"))
             .set(1_800_000_000);
         m.count_refresh("ns", "a", RefreshResult::Success);
+        m.refresh_token_obtained
+            .get_or_create(&Metrics::client("ns", "a"))
+            .set(1_700_000_000);
+        m.set_authorization_phase("ns", "a", Some(AuthorizationPhase::ReauthorizationRequired));
         m.leader.set(1);
         let text = m.render();
         for name in [
             "goto_oauth_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1800000000",
             "goto_oauth_refresh_total{namespace=\"ns\",name=\"a\",result=\"success\"} 1",
             "goto_oauth_leader 1",
+            "goto_oauth_refresh_token_obtained_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1700000000",
+            "goto_oauth_client_authorization_phase{namespace=\"ns\",name=\"a\",phase=\"ReauthorizationRequired\"} 1",
+            "goto_oauth_client_authorization_phase{namespace=\"ns\",name=\"a\",phase=\"Authorized\"} 0",
             "goto_oauth_reconcile_duration_seconds",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");

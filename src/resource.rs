@@ -129,6 +129,13 @@ pub struct GoToOAuthClientSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_account: Option<String>,
 
+    /// A name for the application these tokens are for, as a GoTo admin would recognise it
+    /// (e.g. `Payroll sync`). The pages an admin sees at the end of an authorization use it;
+    /// empty: the resource's name. At most 100 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub display_name: Option<String>,
+
     /// Workloads in this namespace to restart (as `kubectl rollout restart` does) when the
     /// tokens change in a way their pods only see on start: pods that read the token Secret
     /// into environment variables. Pods that mount the Secret as a volume see new tokens without
@@ -292,6 +299,13 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_time: Option<Time>,
 
+    /// When GoTo issued the refresh token now stored: at the consent, or at the last refresh
+    /// that returned a new one (unchanged by refreshes that keep the old one). GoTo's refresh
+    /// tokens live about 30 days, so a time close to 30 days ago means a new consent may soon
+    /// be needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_obtained_at: Option<Time>,
+
     /// The GoTo account that authorized the client (principal or email), when GoTo returns it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
@@ -373,12 +387,31 @@ pub struct AuthorizationStatus {
 }
 
 /// Where a client stands with GoTo.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Hash, PartialEq, Eq, JsonSchema)]
 pub enum AuthorizationPhase {
     AwaitingAuthorization,
     Authorized,
     ConsentFailed,
     ReauthorizationRequired,
+}
+
+impl AuthorizationPhase {
+    pub const ALL: [AuthorizationPhase; 4] = [
+        AuthorizationPhase::AwaitingAuthorization,
+        AuthorizationPhase::Authorized,
+        AuthorizationPhase::ConsentFailed,
+        AuthorizationPhase::ReauthorizationRequired,
+    ];
+
+    /// The name as serialized (and as the `phase` metric label).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuthorizationPhase::AwaitingAuthorization => "AwaitingAuthorization",
+            AuthorizationPhase::Authorized => "Authorized",
+            AuthorizationPhase::ConsentFailed => "ConsentFailed",
+            AuthorizationPhase::ReauthorizationRequired => "ReauthorizationRequired",
+        }
+    }
 }
 
 /// Why a client is not authorized.
@@ -490,6 +523,14 @@ impl GoToOAuthClient {
         }
     }
 
+    /// The name shown to a GoTo admin: `spec.displayName` (trimmed), else the resource's name.
+    pub fn display_name(&self) -> String {
+        match self.spec.display_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_string(),
+            _ => self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
     /// A condition of the current status, by type.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status
@@ -582,7 +623,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.client_secret_ref.key, "clientSecret");
-        let client = GoToOAuthClient::new("demo", spec);
+        let mut client = GoToOAuthClient::new("demo", spec);
         assert_eq!(client.target_secret_name(), "demo-token");
+        assert_eq!(client.display_name(), "demo");
+        client.spec.display_name = Some("  ".into());
+        assert_eq!(client.display_name(), "demo");
+        client.spec.display_name = Some(" Payroll sync ".into());
+        assert_eq!(client.display_name(), "Payroll sync");
     }
 }

@@ -36,6 +36,11 @@ pub const TOKEN_URL_ANNOTATION: &str = "goto-oauth.dev/token-url";
 pub const ISSUED_AT_ANNOTATION: &str = "goto-oauth.dev/issued-at";
 /// When the consent behind the refresh token was given.
 pub const AUTHORIZED_AT_ANNOTATION: &str = "goto-oauth.dev/authorized-at";
+/// When GoTo issued the refresh token now stored: at the consent, or at the last refresh whose
+/// response carried a new one. GoTo's refresh tokens live about 30 days, so this is what says
+/// how soon a new consent may be needed. Absent on Secrets written before 0.3.0; read as
+/// [`AUTHORIZED_AT_ANNOTATION`] then (the oldest the token can be).
+pub const REFRESH_TOKEN_OBTAINED_AT_ANNOTATION: &str = "goto-oauth.dev/refresh-token-obtained-at";
 
 /// GoTo's documented access-token lifetime, used when a response omits `expires_in`.
 pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
@@ -49,6 +54,8 @@ pub struct StoredTokens {
     pub expires_at: Timestamp,
     pub issued_at: Timestamp,
     pub authorized_at: Timestamp,
+    /// When GoTo issued `refresh_token` (see [`REFRESH_TOKEN_OBTAINED_AT_ANNOTATION`]).
+    pub refresh_token_obtained_at: Timestamp,
     pub scope: Option<String>,
     pub principal: Option<String>,
     pub account_key: Option<String>,
@@ -64,6 +71,7 @@ impl std::fmt::Debug for StoredTokens {
             .field("refresh_token", &"<redacted>")
             .field("expires_at", &self.expires_at)
             .field("issued_at", &self.issued_at)
+            .field("refresh_token_obtained_at", &self.refresh_token_obtained_at)
             .field("principal", &self.principal)
             .field("client_id", &self.client_id)
             .finish_non_exhaustive()
@@ -78,6 +86,7 @@ impl PartialEq for StoredTokens {
             && self.expires_at == other.expires_at
             && self.issued_at == other.issued_at
             && self.authorized_at == other.authorized_at
+            && self.refresh_token_obtained_at == other.refresh_token_obtained_at
             && self.scope == other.scope
             && self.principal == other.principal
             && self.account_key == other.account_key
@@ -98,20 +107,30 @@ impl StoredTokens {
     /// Tokens from a token-endpoint response. A response without `refresh_token` keeps the
     /// previous one (GoTo usually omits it on refresh); a returned one replaces it at once.
     /// A missing `token_type` keeps the previous one or defaults to `Bearer`.
+    /// `refresh_token_obtained_at` moves to `now` only when the refresh token is new: a
+    /// response that omits it, or repeats the one stored, keeps the previous time.
     pub fn from_response(
         response: &TokenResponse,
         previous: Option<&StoredTokens>,
         settings: &ClientSettings,
         now: Timestamp,
     ) -> Result<StoredTokens, TokenMergeError> {
-        let refresh_token = match (&response.refresh_token, previous) {
-            (Some(new), _) => new.clone(),
-            (None, Some(previous)) => previous.refresh_token.clone(),
-            (None, None) => return Err(TokenMergeError::NoRefreshToken),
-        };
         // The Secret stores whole seconds; what is held in memory must compare equal to what
         // is read back, or the operator would take its own Secret for a hand edit.
         let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
+        let (refresh_token, refresh_token_obtained_at) = match (&response.refresh_token, previous) {
+            (Some(new), Some(previous))
+                if new.expose_secret() == previous.refresh_token.expose_secret() =>
+            {
+                (new.clone(), previous.refresh_token_obtained_at)
+            }
+            (Some(new), _) => (new.clone(), now),
+            (None, Some(previous)) => (
+                previous.refresh_token.clone(),
+                previous.refresh_token_obtained_at,
+            ),
+            (None, None) => return Err(TokenMergeError::NoRefreshToken),
+        };
         let expires_in = response.expires_in.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
         let expires_at = now
             .checked_add(jiff::SignedDuration::from_secs(
@@ -138,6 +157,7 @@ impl StoredTokens {
             expires_at,
             issued_at: now,
             authorized_at: previous.map(|p| p.authorized_at).unwrap_or(now),
+            refresh_token_obtained_at,
             scope: keep(&response.scope, previous.map(|p| &p.scope)),
             principal: keep(&principal, previous.map(|p| &p.principal)),
             account_key: keep(&response.account_key, previous.map(|p| &p.account_key)),
@@ -160,13 +180,16 @@ impl StoredTokens {
         let time = |raw: Option<&String>| raw.and_then(|v| v.parse::<Timestamp>().ok());
         let expires_at = time(text(EXPIRES_AT_KEY).as_ref())?;
         let issued_at = time(annotations.get(ISSUED_AT_ANNOTATION)).unwrap_or(expires_at);
+        let authorized_at = time(annotations.get(AUTHORIZED_AT_ANNOTATION)).unwrap_or(issued_at);
         Some(StoredTokens {
             access_token: SecretString::from(text(ACCESS_TOKEN_KEY)?),
             refresh_token: SecretString::from(text(REFRESH_TOKEN_KEY)?),
             token_type: text(TOKEN_TYPE_KEY).unwrap_or_else(|| "Bearer".to_string()),
             expires_at,
             issued_at,
-            authorized_at: time(annotations.get(AUTHORIZED_AT_ANNOTATION)).unwrap_or(issued_at),
+            authorized_at,
+            refresh_token_obtained_at: time(annotations.get(REFRESH_TOKEN_OBTAINED_AT_ANNOTATION))
+                .unwrap_or(authorized_at),
             scope: text(SCOPE_KEY),
             principal: text(PRINCIPAL_KEY),
             account_key: text(ACCOUNT_KEY_KEY),
@@ -236,6 +259,10 @@ pub fn desired_secret(
     annotations.insert(
         AUTHORIZED_AT_ANNOTATION.into(),
         rfc3339(tokens.authorized_at),
+    );
+    annotations.insert(
+        REFRESH_TOKEN_OBTAINED_AT_ANNOTATION.into(),
+        rfc3339(tokens.refresh_token_obtained_at),
     );
 
     Secret {
@@ -367,6 +394,18 @@ mod tests {
         assert_eq!(second.refresh_token.expose_secret(), "refresh-1");
         assert_eq!(second.token_type, "Bearer");
         assert_eq!(second.authorized_at, now);
+        assert_eq!(
+            second.refresh_token_obtained_at, now,
+            "no new refresh token"
+        );
+        let same = StoredTokens::from_response(
+            &response(Some("refresh-1"), None),
+            Some(&second),
+            &s,
+            later,
+        )
+        .unwrap();
+        assert_eq!(same.refresh_token_obtained_at, now, "the same one repeated");
         let third = StoredTokens::from_response(
             &response(Some("refresh-2"), None),
             Some(&second),
@@ -375,10 +414,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(third.refresh_token.expose_secret(), "refresh-2");
+        assert_eq!(third.refresh_token_obtained_at, later, "a rotated one");
+        assert_eq!(third.authorized_at, now);
         assert_eq!(
             StoredTokens::from_response(&response(None, None), None, &s, now).unwrap_err(),
             TokenMergeError::NoRefreshToken
         );
+    }
+
+    #[test]
+    fn refresh_token_age_survives_the_secret_and_defaults_for_old_secrets() {
+        let c = fixture_client();
+        let s = settings(&c);
+        let consent: Timestamp = "2026-11-01T10:00:00Z".parse().unwrap();
+        let first =
+            StoredTokens::from_response(&response(Some("refresh-1"), None), None, &s, consent)
+                .unwrap();
+        let later = consent + jiff::SignedDuration::from_hours(24 * 3);
+        let rotated = StoredTokens::from_response(
+            &response(Some("refresh-2"), None),
+            Some(&first),
+            &s,
+            later,
+        )
+        .unwrap();
+        let mut secret = desired_secret(&c, &s, &rotated);
+        assert_eq!(
+            secret.annotations()[REFRESH_TOKEN_OBTAINED_AT_ANNOTATION],
+            "2026-11-04T10:00:00Z"
+        );
+        let back = StoredTokens::from_secret(&secret).unwrap();
+        assert_eq!(back.refresh_token_obtained_at, later);
+        assert_eq!(back.authorized_at, consent);
+
+        // A Secret written by a release without the annotation: the consent's time.
+        secret
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(REFRESH_TOKEN_OBTAINED_AT_ANNOTATION);
+        let old = StoredTokens::from_secret(&secret).unwrap();
+        assert_eq!(old.refresh_token_obtained_at, consent);
     }
 
     #[test]

@@ -439,3 +439,34 @@ async fn a_foreign_secret_is_never_overwritten() {
         .await;
     let _ = secret::ACCESS_TOKEN_KEY;
 }
+
+/// The success page names the application by `spec.displayName`, escaped: a display name is
+/// user input from the spec, and `<script>` in it is shown as text, never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_page_names_the_application_by_its_escaped_display_name() {
+    let env = Stack::start(&[]).await;
+    let link = env
+        .client(
+            "payroll",
+            serde_json::json!({"displayName": "<script>alert(1)</script> Payroll & HR"}),
+        )
+        .await;
+    let (_, page) = env.provider.allow(&link).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains(
+            "is now connected to <strong>&lt;script&gt;alert(1)&lt;/script&gt; Payroll &amp; HR</strong>"
+        ),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<script>"), "{}", page.body);
+    // The Kubernetes names stay, for the platform team, in their own block.
+    let tech = page
+        .body
+        .split("For the platform team")
+        .nth(1)
+        .expect("platform block");
+    assert!(tech.contains(&format!("{}/payroll", env.cluster.namespace)));
+    assert!(tech.contains("payroll-token"));
+}

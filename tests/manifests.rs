@@ -31,7 +31,7 @@ use goto_oauth_operator::{
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Container, Namespace, Secret, Service, ServiceAccount},
+        core::v1::{ConfigMap, Container, Namespace, Secret, Service, ServiceAccount},
         networking::v1::Ingress,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
@@ -261,6 +261,7 @@ fn validate_doc(doc: &Doc, namespace_required: bool) -> Vec<String> {
         ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(doc),
         ("v1", "Service") => round_trip::<Service>(doc),
         ("v1", "Secret") => round_trip::<Secret>(doc),
+        ("v1", "ConfigMap") => round_trip::<ConfigMap>(doc),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(doc),
         ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(doc),
         ("networking.k8s.io/v1", "Ingress") => round_trip::<Ingress>(doc),
@@ -284,6 +285,7 @@ fn validate_doc(doc: &Doc, namespace_required: bool) -> Vec<String> {
                 Err("ServiceMonitor without spec.selector or spec.endpoints".into())
             }
         }
+        ("monitoring.coreos.com/v1", "PrometheusRule") => check_prometheus_rule(&doc.value),
         (a, k) => Err(format!(
             "no check for {a} {k}: add its type to validate_doc"
         )),
@@ -292,6 +294,39 @@ fn validate_doc(doc: &Doc, namespace_required: bool) -> Vec<String> {
         problems.push(e);
     }
     problems
+}
+
+/// The shape of a PrometheusRule the Prometheus Operator accepts, and what this chart promises:
+/// every alert has an expression, a severity, and a summary, description and runbook.
+fn check_prometheus_rule(rule: &Value) -> Result<(), String> {
+    let groups = rule["spec"]["groups"]
+        .as_array()
+        .filter(|g| !g.is_empty())
+        .ok_or("PrometheusRule without spec.groups")?;
+    for group in groups {
+        let rules = group["rules"]
+            .as_array()
+            .filter(|r| !r.is_empty())
+            .ok_or("rule group without rules")?;
+        for r in rules {
+            let alert = r["alert"].as_str().ok_or("rule without alert name")?;
+            if r["expr"].as_str().is_none_or(|e| e.trim().is_empty()) {
+                return Err(format!("{alert}: no expr"));
+            }
+            if r["labels"]["severity"].as_str().is_none() {
+                return Err(format!("{alert}: no severity label"));
+            }
+            for key in ["summary", "description", "runbook"] {
+                if r["annotations"][key]
+                    .as_str()
+                    .is_none_or(|a| a.trim().is_empty())
+                {
+                    return Err(format!("{alert}: no {key} annotation"));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn assert_valid(docs: &[Doc], namespace_required: bool) {
@@ -1507,11 +1542,13 @@ fn helm_default_render_is_cluster_wide_hardened_and_valid() {
         0,
         "no Ingress by default"
     );
-    assert_eq!(
-        of_kind(&docs, "ServiceMonitor").count(),
-        0,
-        "no ServiceMonitor by default"
-    );
+    for kind in ["ServiceMonitor", "PrometheusRule", "ConfigMap"] {
+        assert_eq!(
+            of_kind(&docs, kind).count(),
+            0,
+            "no {kind} by default (monitoring is opt-in)"
+        );
+    }
     assert_eq!(of_kind(&docs, "PodDisruptionBudget").count(), 1);
     let c = &deployment.spec.template.spec.expect("pod spec").containers[0];
     assert_eq!(
@@ -1605,6 +1642,10 @@ fn helm_namespaced_ingress_render_uses_roles_and_exposes_the_endpoint() {
         );
     }
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["honorLabels"], true,
+        "the client's namespace label survives the scrape (the alerts group by it)"
+    );
 
     let deployment: Deployment = one(&docs, "Deployment", RELEASE);
     let c = &deployment.spec.template.spec.expect("pod spec").containers[0];
@@ -1853,4 +1894,133 @@ fn dockerfile_dependency_layer_satisfies_cargo() {
         stderr.contains("no bin target named"),
         "cargo rejects the Docker dependency layer (add a placeholder for the new target):\n{stderr}"
     );
+}
+
+#[test]
+fn helm_renders_alerts_and_dashboard_only_when_enabled_with_their_labels() {
+    let Some(helm_bin) = tool(
+        "helm",
+        "helm_renders_alerts_and_dashboard_only_when_enabled_with_their_labels",
+    ) else {
+        return;
+    };
+    let url = format!("publicUrl={PUBLIC_URL}");
+    let docs = helm_template(
+        &helm_bin,
+        &[
+            "--set",
+            &url,
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.prometheusRule.additionalLabels.release=prometheus",
+            "--set",
+            "metrics.prometheusRule.refreshTokenMaxAgeDays=20",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.namespace=monitoring",
+            "--set",
+            "metrics.grafanaDashboard.annotations.grafana_folder=GoTo",
+        ],
+    );
+    assert_valid(&docs, true);
+    let rule = one::<Value>(&docs, "PrometheusRule", RELEASE);
+    assert_eq!(rule["metadata"]["namespace"], OPERATOR_NS);
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        rule["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        "goto-oauth-operator"
+    );
+    let rules = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules");
+    let alerts: BTreeSet<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for alert in [
+        "GoToOAuthClientNotReady",
+        "GoToOAuthReauthorizationRequired",
+        "GoToOAuthAccessTokenExpiringWhileRefreshFails",
+        "GoToOAuthRefreshFailureRatioHigh",
+        "GoToOAuthRefreshTokenOld",
+    ] {
+        assert!(alerts.contains(alert), "{alert} missing: {alerts:?}");
+    }
+    let old = rules
+        .iter()
+        .find(|r| r["alert"] == "GoToOAuthRefreshTokenOld")
+        .expect("GoToOAuthRefreshTokenOld");
+    assert!(
+        old["expr"]
+            .as_str()
+            .is_some_and(|e| e.contains("> 20 * 86400")),
+        "the configured age is used: {}",
+        old["expr"]
+    );
+    for r in rules {
+        let runbook = r["annotations"]["runbook"].as_str().unwrap_or_default();
+        assert!(
+            runbook.contains("kubectl"),
+            "{}: the runbook says what to run: {runbook}",
+            r["alert"]
+        );
+        let summary = r["annotations"]["summary"].as_str().unwrap_or_default();
+        assert!(
+            !summary.contains("{{`") && !summary.contains("`}}"),
+            "Prometheus templates are passed through, not Helm's quoting: {summary}"
+        );
+    }
+
+    let dashboard: ConfigMap = one(&docs, "ConfigMap", &format!("{RELEASE}-dashboard"));
+    assert_eq!(dashboard.metadata.namespace.as_deref(), Some("monitoring"));
+    let labels = dashboard.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("grafana_dashboard").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        dashboard
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("grafana_folder")
+            .map(String::as_str),
+        Some("GoTo")
+    );
+    let json = dashboard
+        .data
+        .unwrap_or_default()
+        .remove("goto-oauth-operator.json")
+        .expect("dashboard JSON key");
+    let parsed: Value = serde_json::from_str(&json).expect("the dashboard is valid JSON");
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root()
+                .join(CHART)
+                .join("dashboards/goto-oauth-operator.json"),
+        )
+        .expect("dashboard file"),
+    )
+    .expect("the dashboard file is valid JSON");
+    assert_eq!(parsed, file, "the ConfigMap carries the file unchanged");
+
+    // Another sidecar label; the default namespace is the release's.
+    let docs = helm_template(
+        &helm_bin,
+        &[
+            "--set",
+            &url,
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.label=dashboards",
+            "--set",
+            "metrics.grafanaDashboard.labelValue=goto",
+        ],
+    );
+    assert_eq!(of_kind(&docs, "PrometheusRule").count(), 0);
+    let dashboard: ConfigMap = one(&docs, "ConfigMap", &format!("{RELEASE}-dashboard"));
+    assert_eq!(dashboard.metadata.namespace.as_deref(), Some(OPERATOR_NS));
+    let labels = dashboard.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("dashboards").map(String::as_str), Some("goto"));
+    assert!(!labels.contains_key("grafana_dashboard"));
 }

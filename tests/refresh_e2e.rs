@@ -1461,6 +1461,78 @@ async fn sub_second_clock_idle_reconciles_and_restarts_write_nothing() {
     );
 }
 
+/// `status.refreshTokenObtainedAt` and its metric: set at the consent, kept by a refresh that
+/// returns no refresh token, read back from the Secret after a restart, moved by a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_obtained_at_follows_consent_and_rotation_across_restarts() {
+    let (mut env, obj) = Env::with_demo().await;
+    let obtained = |obj: &GoToOAuthClient| {
+        obj.status
+            .as_ref()
+            .and_then(|s| s.refresh_token_obtained_at.as_ref())
+            .map(ts)
+    };
+    let series = |env: &Env| {
+        metric(
+            &env.metrics(),
+            "goto_oauth_refresh_token_obtained_timestamp_seconds",
+            &[("namespace", &env.cluster.namespace), ("name", "demo")],
+        )
+    };
+    let consented = obj_now(&obj);
+    assert_eq!(obtained(&obj), Some(consented), "set at the consent");
+    assert_eq!(series(&env), Some(consented.as_second() as f64));
+
+    // GoTo's refresh response omits the refresh token: the time stays.
+    env.advance(secs(60)).await;
+    force_refresh(&env, "1").await;
+    let obj = env.get("demo").await;
+    assert!(obj_now(&obj) > consented, "a refresh happened");
+    assert_eq!(obtained(&obj), Some(consented), "kept without a new one");
+
+    // A new operator (no memory) derives it from the Secret: nothing moves, nothing is written.
+    env.quiet().await;
+    env.proxy().clear_request_log();
+    env.restart_operator().await;
+    eventually("the series after the restart", || async {
+        (series(&env) == Some(consented.as_second() as f64)).then_some(())
+    })
+    .await;
+    assert_eq!(obtained(&env.get("demo").await), Some(consented));
+    assert_eq!(
+        env.writes(),
+        Vec::<String>::new(),
+        "a restart writes nothing"
+    );
+
+    // GoTo rotates the refresh token: the time moves to that refresh.
+    env.provider.goto.set_rotation(RefreshTokenRotation::Always);
+    env.advance(secs(60)).await;
+    let rotated_at = env.clock.now();
+    let requests = env.refresh_requests();
+    annotate(&env, "demo", FORCE_REFRESH_ANNOTATION, "2").await;
+    env.wait_refresh_requests(requests + 1).await;
+    let obj = eventually("refreshTokenObtainedAt moves with the rotation", || async {
+        let obj = env.get("demo").await;
+        (obtained(&obj) == Some(rotated_at)).then_some(obj)
+    })
+    .await;
+    assert_eq!(obj_now(&obj), rotated_at);
+    env.quiet().await;
+    assert_eq!(series(&env), Some(rotated_at.as_second() as f64));
+    let secret = env.cluster.token_secret("demo").await.expect("Secret");
+    assert_eq!(
+        secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("goto-oauth.dev/refresh-token-obtained-at"))
+            .map(String::as_str),
+        Some(goto_oauth_operator::secret::rfc3339(rotated_at).as_str())
+    );
+    env.assert_no_secret_material().await;
+}
+
 // ----- rollout restarts (spec.rolloutRestartTargets) -----
 
 /// A Deployment with no replicas (on a real cluster nothing is scheduled), for restarts.
@@ -1575,12 +1647,32 @@ async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
     );
     assert_eq!(deployment_patches(&env, "env-app"), 1);
 
+    // GoTo rotating the refresh token on the next refresh restarts (the default asks for it).
+    env.provider.goto.set_rotation(RefreshTokenRotation::Always);
+    env.advance(LIFETIME).await;
+    env.wait_refresh_requests(requests + 2).await;
+    let rotated = eventually("the rotation restarts env-app", || async {
+        let obj = env.get("demo").await;
+        let record = obj.status?.rollout_restart?;
+        (record.last_restart_trigger
+            == Some(goto_oauth_operator::resource::RolloutRestartTrigger::RefreshTokenRotation))
+        .then_some(record)
+    })
+    .await;
+    assert_eq!(deployment_patches(&env, "env-app"), 2);
+    assert_eq!(
+        rotated.last_restart_time.map(|t| t.0),
+        Some(env.clock.now())
+    );
+    env.provider.goto.set_rotation(RefreshTokenRotation::Never);
+
     // A new consent an hour later restarts at once; two more within the next minute wait and
     // restart once, at the end of the 5-minute window.
+    env.advance(LIFETIME).await;
     env.authorize("demo").await;
     let second = env.clock.now();
     eventually("the second consent restarts env-app", || async {
-        (deployment_patches(&env, "env-app") == 2).then_some(())
+        (deployment_patches(&env, "env-app") == 3).then_some(())
     })
     .await;
     assert_eq!(
@@ -1603,7 +1695,7 @@ async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
     env.advance(secs(60)).await;
     assert_eq!(
         deployment_patches(&env, "env-app"),
-        2,
+        3,
         "still inside the window"
     );
     env.advance_to(second + secs(300)).await;
@@ -1618,7 +1710,7 @@ async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
         .await;
     assert_eq!(
         deployment_patches(&env, "env-app"),
-        3,
+        4,
         "one restart for both"
     );
     assert_eq!(
@@ -1636,7 +1728,7 @@ async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
     env.advance(secs(600)).await;
     assert_eq!(
         deployment_patches(&env, "env-app"),
-        3,
+        4,
         "nothing more to restart"
     );
     env.assert_no_secret_material().await;

@@ -27,6 +27,20 @@ pub(crate) fn render(obj: &GoToOAuthClient, now: Timestamp) -> Summary {
     let mut line = |label: &str, value: &str| {
         let _ = writeln!(text, "{:<15}{value}", format!("{label}:"));
     };
+    if obj
+        .spec
+        .display_name
+        .as_deref()
+        .is_some_and(|d| !d.trim().is_empty())
+    {
+        // From the spec: control characters are dropped so it cannot drive the terminal.
+        let name: String = obj
+            .display_name()
+            .chars()
+            .filter(|c| !c.is_control())
+            .collect();
+        line("Display name", &name);
+    }
     line("Ready", &describe(ready));
     line("Authorized", &describe(obj.condition(AUTHORIZED)));
     if let (Some(seen), Some(generation)) = (status.observed_generation, obj.metadata.generation)
@@ -53,6 +67,15 @@ pub(crate) fn render(obj: &GoToOAuthClient, now: Timestamp) -> Summary {
     );
     if status.last_refresh_time.is_some() {
         line("Last refresh", &time(&status.last_refresh_time, ""));
+    }
+    if status.refresh_token_obtained_at.is_some() {
+        line(
+            "Refresh token",
+            &format!(
+                "issued {}; GoTo's refresh tokens last about 30 days",
+                time(&status.refresh_token_obtained_at, "")
+            ),
+        );
     }
     line(
         "Next refresh",
@@ -406,6 +429,22 @@ mod tests {
             &["Restarts:      False, RestartForbidden: Deployment/app: forbidden"],
         );
         assert!(s.ready, "restarts do not decide Ready");
+    }
+
+    #[test]
+    fn display_name_and_refresh_token_age_are_shown() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let mut obj = authorized(400);
+        assert!(!render(&obj, now).text.contains("Display name"));
+        obj.spec.display_name = Some("Payroll\u{1b}[31m sync".into());
+        obj.status.as_mut().unwrap().refresh_token_obtained_at =
+            Some(Time(Timestamp::from_second(400).unwrap()));
+        let s = render(&obj, now);
+        assert_lines(
+            &s.text,
+            &["Display name:  Payroll[31m sync", "Refresh token: issued "],
+        );
+        assert!(!s.text.contains('\u{1b}'));
     }
 
     #[test]

@@ -296,6 +296,7 @@ mod tests {
             expires_at: now,
             issued_at: now,
             authorized_at: now,
+            refresh_token_obtained_at: now,
             scope: None,
             principal: principal.map(str::to_string),
             account_key: key.map(str::to_string),

@@ -18,6 +18,7 @@ pub(crate) fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTok
         expires_at: at(issued) + SignedDuration::from_hours(1),
         issued_at: at(issued),
         authorized_at: at(authorized),
+        refresh_token_obtained_at: at(authorized),
         scope: None,
         principal: Some("admin@example.com".into()),
         account_key: None,

@@ -50,7 +50,7 @@ pub(crate) fn latest_change(
     [
         (tokens.authorized_at, RolloutRestartTrigger::Authorization),
         (
-            refresh_token_obtained_at(tokens),
+            tokens.refresh_token_obtained_at,
             RolloutRestartTrigger::RefreshTokenRotation,
         ),
         (tokens.issued_at, RolloutRestartTrigger::AccessToken),
@@ -59,12 +59,6 @@ pub(crate) fn latest_change(
     .filter(|(_, trigger)| on.contains(trigger))
     // Later times win; at equal times the earlier entry (the more specific kind) wins.
     .reduce(|best, next| if next.0 > best.0 { next } else { best })
-}
-
-/// When the refresh token now stored was issued.
-fn refresh_token_obtained_at(tokens: &StoredTokens) -> Timestamp {
-    // MERGE: StoredTokens::refresh_token_obtained_at once the alerts branch lands.
-    tokens.authorized_at
 }
 
 /// What to do about the targets in this reconcile.
@@ -534,6 +528,34 @@ mod tests {
             latest_change(&consented, &only_access.on),
             Some((at(consent), RolloutRestartTrigger::AccessToken))
         );
+    }
+
+    /// GoTo rotating the refresh token on a refresh restarts by default; the hourly access
+    /// token alone does not.
+    #[test]
+    fn a_rotated_refresh_token_restarts() {
+        let consent = "2026-11-23T08:00:00Z";
+        let handled = record(Some(consent), Some(consent));
+        let mut rotated = tokens("2026-11-23T09:40:00Z", consent, "r2");
+        rotated.refresh_token_obtained_at = at("2026-11-23T09:40:00Z");
+        assert_eq!(
+            decide(&default_on(), Some(&handled), None, Some(&rotated), at(NOW)),
+            Decision::Restart {
+                change: at("2026-11-23T09:40:00Z"),
+                trigger: RolloutRestartTrigger::RefreshTokenRotation
+            }
+        );
+        let only_consents = settings(&[RolloutRestartTrigger::Authorization]);
+        assert!(matches!(
+            decide(
+                &only_consents,
+                Some(&handled),
+                None,
+                Some(&rotated),
+                at(NOW)
+            ),
+            Decision::UpToDate(_)
+        ));
     }
 
     /// Changes inside the minimum interval wait for its end and restart once, for the newest.

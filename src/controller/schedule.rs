@@ -82,6 +82,7 @@ mod tests {
             expires_at: issued_at + SignedDuration::from_secs(lifetime_secs),
             issued_at,
             authorized_at: issued_at,
+            refresh_token_obtained_at: issued_at,
             scope: None,
             principal: None,
             account_key: None,

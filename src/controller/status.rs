@@ -62,6 +62,7 @@ pub(crate) fn desired_status(
         access_token_expires_at: tokens.map(|t| time(t.expires_at)),
         last_refresh_time: tokens.map(|t| time(t.issued_at)),
         next_refresh_time: plan.next_refresh.map(time),
+        refresh_token_obtained_at: tokens.map(|t| time(t.refresh_token_obtained_at)),
         principal: tokens.and_then(|t| t.principal.clone()),
         account_key: tokens.and_then(|t| t.account_key.clone()),
         organizer_key: tokens.and_then(|t| t.organizer_key.clone()),
@@ -185,8 +186,10 @@ pub(crate) async fn apply_status(
     Ok(true)
 }
 
-/// The per-client series: Ready, and the access token's expiry. Set on every reconcile, not
-/// only when the status changes, so they exist right after a restart or fail-over.
+/// The per-client series: Ready, the authorization phase, the access token's expiry and the
+/// refresh token's issue time. Set on every reconcile, not only when the status changes, so
+/// they exist right after a restart or fail-over; all come from the status, which comes from
+/// what is stored.
 fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClientStatus) {
     let ready = status
         .conditions
@@ -197,15 +200,25 @@ fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClient
         .client_ready
         .get_or_create(&labels)
         .set(i64::from(ready));
-    match &status.access_token_expires_at {
-        Some(t) => {
-            metrics
-                .token_expiry
-                .get_or_create(&labels)
-                .set(t.0.as_second());
-        }
-        None => {
-            metrics.token_expiry.remove(&labels);
+    metrics.set_authorization_phase(
+        &keys.namespace,
+        &keys.name,
+        status.authorization.as_ref().map(|a| a.phase),
+    );
+    for (family, at) in [
+        (&metrics.token_expiry, &status.access_token_expires_at),
+        (
+            &metrics.refresh_token_obtained,
+            &status.refresh_token_obtained_at,
+        ),
+    ] {
+        match at {
+            Some(t) => {
+                family.get_or_create(&labels).set(t.0.as_second());
+            }
+            None => {
+                family.remove(&labels);
+            }
         }
     }
 }
@@ -255,4 +268,125 @@ pub(crate) async fn write_status(
             &Patch::Apply(patch),
         )
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::SignedDuration;
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::{
+        controller::{
+            fixtures::settings,
+            plan::{Plan, RefreshOutcome},
+        },
+        goto::TokenResponse,
+        metrics::Metrics,
+        resource::GoToOAuthClientSpec,
+        secret::StoredTokens,
+    };
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn response(refresh: Option<&str>) -> TokenResponse {
+        TokenResponse {
+            access_token: SecretString::from("access"),
+            refresh_token: refresh.map(SecretString::from),
+            token_type: None,
+            expires_in: Some(3600),
+            scope: None,
+            principal: Some("admin@example.com".into()),
+            email: None,
+            account_key: None,
+            organizer_key: None,
+            account_type: None,
+            first_name: None,
+            last_name: None,
+        }
+    }
+
+    fn client() -> (GoToOAuthClient, ObjectKeys, Defaults) {
+        let mut obj = GoToOAuthClient::new(
+            "demo",
+            serde_json::from_value::<GoToOAuthClientSpec>(serde_json::json!({
+                "clientId": "client", "clientSecretRef": {"name": "creds"}
+            }))
+            .unwrap(),
+        );
+        obj.metadata.namespace = Some("ns".into());
+        obj.metadata.uid = Some("uid-1".into());
+        let keys = ObjectKeys {
+            namespace: "ns".into(),
+            name: "demo".into(),
+            uid: "uid-1".into(),
+        };
+        let defaults = Defaults {
+            public_url: "https://op.example".parse().unwrap(),
+            authorize_url: "https://auth.example/oauth/authorize".parse().unwrap(),
+            token_url: "https://auth.example/oauth/token".parse().unwrap(),
+            allowed_hosts: Vec::new(),
+        };
+        (obj, keys, defaults)
+    }
+
+    /// `refreshTokenObtainedAt` is set at consent, kept by a refresh that returns no refresh
+    /// token, and moved by one that returns a new one; the metric follows the status.
+    #[test]
+    fn refresh_token_obtained_at_follows_the_stored_refresh_token() {
+        let (obj, keys, defaults) = client();
+        let s = settings();
+        let consent = at("2026-11-01T10:00:00Z");
+        let first = StoredTokens::from_response(&response(Some("r1")), None, &s, consent).unwrap();
+        let plan = Plan::after_consent(&obj, &s, first.clone(), "uid-1");
+        let status = desired_status(&obj, &keys, &plan, None, &defaults, consent);
+        assert_eq!(status.refresh_token_obtained_at, Some(Time(consent)));
+
+        let later = consent + SignedDuration::from_mins(40);
+        let kept = StoredTokens::from_response(&response(None), Some(&first), &s, later).unwrap();
+        let plan = plan.settle(
+            Some(RefreshOutcome::Refreshed(Box::new(kept.clone()))),
+            Some(&s),
+            "uid-1",
+            later,
+        );
+        let status = desired_status(&obj, &keys, &plan, None, &defaults, later);
+        assert_eq!(status.last_refresh_time, Some(Time(later)));
+        assert_eq!(status.refresh_token_obtained_at, Some(Time(consent)));
+
+        let rotated_at = later + SignedDuration::from_mins(40);
+        let rotated =
+            StoredTokens::from_response(&response(Some("r2")), Some(&kept), &s, rotated_at)
+                .unwrap();
+        let plan = plan.settle(
+            Some(RefreshOutcome::Refreshed(Box::new(rotated))),
+            Some(&s),
+            "uid-1",
+            rotated_at,
+        );
+        let status = desired_status(&obj, &keys, &plan, None, &defaults, rotated_at);
+        assert_eq!(status.refresh_token_obtained_at, Some(Time(rotated_at)));
+
+        let metrics = Metrics::default();
+        record_metrics(&metrics, &keys, &status);
+        let labels = Metrics::client("ns", "demo");
+        assert_eq!(
+            metrics.refresh_token_obtained.get_or_create(&labels).get(),
+            rotated_at.as_second()
+        );
+        let text = metrics.render();
+        assert!(text.contains(
+            "goto_oauth_client_authorization_phase{namespace=\"ns\",name=\"demo\",phase=\"Authorized\"} 1"
+        ));
+
+        // No tokens: no series (a deleted Secret, before a consent).
+        record_metrics(&metrics, &keys, &GoToOAuthClientStatus::default());
+        assert!(
+            !metrics
+                .render()
+                .contains("refresh_token_obtained_timestamp_seconds{")
+        );
+    }
 }

@@ -57,9 +57,11 @@ pub(super) async fn authorize(
     let Ok(keys) = ObjectKeys::of(&obj) else {
         return invalid_link();
     };
+    let application = obj.display_name();
     let not_ready = |title, what_happened, what_to_do, reason| {
         client_page(
             &keys,
+            Some(&application),
             StatusCode::CONFLICT,
             title,
             what_happened,
@@ -69,9 +71,9 @@ pub(super) async fn authorize(
     };
     let Ok(settings) = validate(&obj, &ctx.settings.defaults) else {
         return not_ready(
-            "This client is misconfigured",
-            "The operator cannot start an authorization for this client because its configuration is invalid.",
-            "Tell the person who sent you the link; they can see the details in the resource's status.",
+            "This application is misconfigured",
+            "The authorization cannot start because this application's GoTo settings are incomplete or wrong.",
+            "Tell the person who sent you the link; they can see what to fix on their side.",
             Reason::InvalidSpec,
         );
     };
@@ -79,8 +81,8 @@ pub(super) async fn authorize(
         Ok(Ok(_)) => {}
         Ok(Err(_)) => {
             return not_ready(
-                "This client is not ready yet",
-                "The OAuth client secret for this client has not been stored in the cluster.",
+                "This application is not ready yet",
+                "The application's GoTo client secret has not been set up yet.",
                 "Tell the person who sent you the link; once the client secret is in place, open the link again.",
                 Reason::ClientSecretMissing,
             );

@@ -106,9 +106,10 @@ pub(super) async fn callback(
 fn too_many_attempts(keys: &ObjectKeys) -> Response {
     client_page(
         keys,
+        None,
         StatusCode::TOO_MANY_REQUESTS,
         "Too many authorization attempts",
-        "This client had too many authorization attempts in the last few minutes. Nothing was stored.",
+        "This application had too many authorization attempts in the last few minutes. Nothing was stored.",
         "Wait ten minutes, then open the authorization link again.",
         Reason::AuthorizationFailed,
     )
@@ -165,6 +166,8 @@ async fn complete_attempt(
     claims: &StateClaims,
     query: &HashMap<String, String>,
 ) -> Result<Response, Failed> {
+    let application = obj.display_name();
+    let app = Some(application.as_str());
     if let Some(error) = query.get("error") {
         let description = query.get("error_description").map(|d| {
             d.chars()
@@ -186,6 +189,7 @@ async fn complete_attempt(
                 message: message.into(),
                 response: client_page(
                     keys,
+                    app,
                     StatusCode::FORBIDDEN,
                     "Authorization was denied",
                     message,
@@ -203,6 +207,7 @@ async fn complete_attempt(
         };
         let response = client_page(
             keys,
+            app,
             StatusCode::BAD_GATEWAY,
             "GoTo reported an error",
             &shown,
@@ -216,6 +221,7 @@ async fn complete_attempt(
         let message = "GoTo sent the browser back without an authorization code";
         let response = client_page(
             keys,
+            app,
             StatusCode::BAD_REQUEST,
             "No authorization code",
             message,
@@ -231,9 +237,10 @@ async fn complete_attempt(
             format!("the client's spec became invalid during the authorization: {message}"),
             client_page(
                 keys,
+                app,
                 StatusCode::CONFLICT,
-                "This client is misconfigured",
-                "The client's configuration became invalid while you were authorizing. Nothing was stored.",
+                "This application is misconfigured",
+                "The application's GoTo settings became incomplete or wrong while you were authorizing. Nothing was stored.",
                 "Tell the person who sent you the link; once it is fixed, open the link again.",
                 Reason::InvalidSpec,
             ),
@@ -245,9 +252,10 @@ async fn complete_attempt(
             "the client id changed while the authorization was in progress",
             client_page(
                 keys,
+                app,
                 StatusCode::CONFLICT,
-                "The client changed",
-                "The OAuth client was reconfigured while you were authorizing. Nothing was stored.",
+                "The application changed",
+                "The application was reconfigured while you were authorizing. Nothing was stored.",
                 "Open the authorization link again.",
                 Reason::AuthorizationFailed,
             ),
@@ -261,9 +269,10 @@ async fn complete_attempt(
                 format!("the code could not be exchanged: {problem}"),
                 client_page(
                     keys,
+                    app,
                     StatusCode::CONFLICT,
-                    "This client is not ready",
-                    "The OAuth client secret is missing from the cluster, so the authorization could not be completed. Nothing was stored.",
+                    "This application is not ready",
+                    "The application's GoTo client secret is missing, so the authorization could not be completed. Nothing was stored.",
                     "Tell the person who sent you the link; once the client secret is in place, open the link again.",
                     Reason::ClientSecretMissing,
                 ),
@@ -291,7 +300,7 @@ async fn complete_attempt(
         Failed::new(
             EventAction::ExchangeCode,
             format!("exchanging the authorization code failed: {e}"),
-            exchange_error_page(&e, keys),
+            exchange_error_page(&e, keys, app),
         )
     })?;
 
@@ -312,10 +321,14 @@ async fn complete_attempt(
                 action: EventAction::Consent,
                 response: client_page(
                     keys,
+                    app,
                     StatusCode::FORBIDDEN,
-                    "This GoTo account cannot authorize this client",
-                    &format!("Nothing was stored: {message}."),
-                    "Sign in to GoTo with the account this client expects (ask the person who sent you the link which one), then open the link again.",
+                    "This GoTo account cannot authorize this application",
+                    &format!(
+                        "You signed in to GoTo as {}, but this application accepts only another GoTo account. Nothing was stored.",
+                        attempt::describe_account(&response)
+                    ),
+                    "Sign in to GoTo with the account this application expects (ask the person who sent you the link which one), then open the link again.",
                     Reason::UnexpectedAccount,
                 ),
                 message,
@@ -329,6 +342,7 @@ async fn complete_attempt(
             Ok(html(
                 StatusCode::OK,
                 success_page(&SuccessPage {
+                    application: &application,
                     namespace: &keys.namespace,
                     name: &keys.name,
                     client_id: &settings.client_id,
@@ -343,17 +357,18 @@ async fn complete_attempt(
             format!("the tokens could not be stored: {message}"),
             client_page(
                 keys,
+                app,
                 StatusCode::CONFLICT,
-                "The tokens could not be stored",
-                "A Secret with the target name already exists and belongs to something else, so the operator will not overwrite it. GoTo's consent was given but nothing was stored.",
-                "Tell the person who sent you the link; after they resolve the Secret conflict, open the link again.",
+                "The access could not be saved",
+                "You clicked Allow at GoTo, but the place where this application keeps its GoTo access is already used by something else, so nothing was stored.",
+                "Tell the person who sent you the link; once they have resolved it, open the link again.",
                 Reason::SecretConflict,
             ),
         )),
         Err(Error::OAuth(e)) => Err(Failed::new(
             EventAction::ExchangeCode,
             format!("GoTo's token response was unusable: {e}"),
-            exchange_error_page(&e, keys),
+            exchange_error_page(&e, keys, app),
         )),
         Err(e) => {
             warn!(error = %e, "callback: storing the tokens failed");
@@ -366,9 +381,10 @@ fn gone(keys: &ObjectKeys) -> Response {
     page(
         StatusCode::GONE,
         &ErrorPage {
-            title: "This client no longer exists",
-            what_happened: "The OAuth client this authorization was for was deleted or replaced while you were authorizing. Nothing was stored.",
+            title: "This application no longer exists here",
+            what_happened: "The application this authorization was for was removed or replaced while you were authorizing. Nothing was stored.",
             what_to_do: "Ask the person who sent you the link for a new one.",
+            application: None,
             namespace: Some(&keys.namespace),
             name: Some(&keys.name),
             reference: None,
@@ -430,6 +446,7 @@ fn state_page_inner(e: &StateError, keys: Option<&ObjectKeys>) -> Response {
             title,
             what_happened: &format!("Nothing was stored: {message}."),
             what_to_do,
+            application: None,
             namespace: keys.map(|k| k.namespace.as_str()),
             name: keys.map(|k| k.name.as_str()),
             reference: Some(e.reason()),
@@ -437,7 +454,7 @@ fn state_page_inner(e: &StateError, keys: Option<&ObjectKeys>) -> Response {
     )
 }
 
-fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys) -> Response {
+fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys, app: Option<&str>) -> Response {
     let (status, title, what_to_do) = match e {
         OAuthError::InvalidGrant { .. } => (
             StatusCode::BAD_REQUEST,
@@ -447,7 +464,7 @@ fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys) -> Response {
         OAuthError::InvalidClient { .. } => (
             StatusCode::BAD_GATEWAY,
             "GoTo rejected the client credentials",
-            "Tell the person who sent you the link: the client id or client secret stored in the cluster is wrong.",
+            "Tell the person who sent you the link: the application's GoTo client ID or client secret is wrong.",
         ),
         OAuthError::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,
@@ -462,6 +479,7 @@ fn exchange_error_page(e: &OAuthError, keys: &ObjectKeys) -> Response {
     };
     client_page(
         keys,
+        app,
         status,
         title,
         &format!("Nothing was stored. Details: {e}"),

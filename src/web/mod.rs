@@ -96,6 +96,7 @@ async fn guard(State(hsts): State<Option<HeaderValue>>, request: Request, next: 
                 title: "Request too long",
                 what_happened: "The address you opened is longer than any valid authorization link.",
                 what_to_do: "Open the authorization link you were sent again, exactly as it was sent.",
+                application: None,
                 namespace: None,
                 name: None,
                 reference: None,
@@ -108,6 +109,7 @@ async fn guard(State(hsts): State<Option<HeaderValue>>, request: Request, next: 
                 title: "Method not allowed",
                 what_happened: "This endpoint only serves links opened in a browser.",
                 what_to_do: "Open the authorization link you were sent in your browser.",
+                application: None,
                 namespace: None,
                 name: None,
                 reference: None,
@@ -146,6 +148,7 @@ async fn not_found() -> Response {
             title: "Not found",
             what_happened: "There is nothing at this address.",
             what_to_do: "Open the authorization link you were sent, exactly as it was sent.",
+            application: None,
             namespace: None,
             name: None,
             reference: None,
@@ -160,6 +163,7 @@ fn invalid_link() -> Response {
             title: "This authorization link is not valid",
             what_happened: "The link is unknown, was already used, or was replaced by a newer one.",
             what_to_do: "Ask the person who sent it for the current authorization link.",
+            application: None,
             namespace: None,
             name: None,
             reference: None,
@@ -172,8 +176,9 @@ fn server_error(keys: Option<&ObjectKeys>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         &ErrorPage {
             title: "Temporarily unavailable",
-            what_happened: "The operator could not reach the Kubernetes API to process this request.",
+            what_happened: "This service could not reach its storage to process this request. Nothing was changed.",
             what_to_do: "Wait a minute and open the authorization link again.",
+            application: None,
             namespace: keys.map(|k| k.namespace.as_str()),
             name: keys.map(|k| k.name.as_str()),
             reference: None,
@@ -181,9 +186,10 @@ fn server_error(keys: Option<&ObjectKeys>) -> Response {
     )
 }
 
-/// An error page about one client.
+/// An error page about one client; `application` is its display name when the client was read.
 fn client_page(
     keys: &ObjectKeys,
+    application: Option<&str>,
     status: StatusCode,
     title: &str,
     what_happened: &str,
@@ -196,6 +202,7 @@ fn client_page(
             title,
             what_happened,
             what_to_do,
+            application,
             namespace: Some(&keys.namespace),
             name: Some(&keys.name),
             reference: Some(reference.as_str()),
