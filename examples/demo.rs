@@ -395,6 +395,7 @@ async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Resul
         endpoints: None,
         secret_template: None,
         expected_account: None,
+        personal_access_token_ref: None,
     };
     Api::<GoToOAuthClient>::namespaced(client.clone(), NAMESPACE)
         .create(

@@ -69,6 +69,7 @@ label_value!(RefreshResult);
 pub enum GrantType {
     AuthorizationCode,
     RefreshToken,
+    PersonalAccessToken,
 }
 
 impl GrantType {
@@ -76,6 +77,7 @@ impl GrantType {
         match self {
             GrantType::AuthorizationCode => "authorization_code",
             GrantType::RefreshToken => "refresh_token",
+            GrantType::PersonalAccessToken => "personal_access_token",
         }
     }
 }

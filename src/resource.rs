@@ -121,6 +121,35 @@ pub struct GoToOAuthClientSpec {
     /// tokens are not stored. Empty: any account that can consent is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_account: Option<String>,
+
+    /// The Secret in this namespace that holds a GoTo personal access token (PAT) of this OAuth
+    /// client, to obtain tokens without a browser: while no tokens are stored, the operator
+    /// exchanges the PAT at the token URL (`grant_type=personal_access_token`). It refreshes
+    /// with the refresh token when GoTo returns one, and exchanges the PAT again when the
+    /// access token is due and no refresh token is stored, or when GoTo rejects the refresh
+    /// token. A PAT GoTo rejects is not sent again until its Secret or this spec changes. The
+    /// authorization link stays published: a consent still replaces the tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal_access_token_ref: Option<PersonalAccessTokenRef>,
+}
+
+/// A key of a Secret in the resource's own namespace that holds a GoTo personal access token.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonalAccessTokenRef {
+    /// Name of the Secret, in the same namespace as this resource (a DNS-1123 subdomain).
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(dns_subdomain_rule!())
+        .message("personalAccessTokenRef.name must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
+    pub name: String,
+    /// Key within the Secret that holds the personal access token. Defaults to
+    /// `personalAccessToken`.
+    #[serde(default = "default_personal_access_token_key")]
+    pub key: String,
+}
+
+fn default_personal_access_token_key() -> String {
+    "personalAccessToken".to_string()
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -230,6 +259,17 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
 
+    /// How the stored tokens were obtained: `AuthorizationCode` (a GoTo admin's consent through
+    /// `authorizationUrl`) or `PersonalAccessToken` (the PAT of `spec.personalAccessTokenRef`
+    /// exchanged at the token URL). Refreshes keep it; absent while no tokens are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obtained_by: Option<TokenGrant>,
+
+    /// The personal access token GoTo rejected, by the versions of what it was sent with; it is
+    /// not sent again until the PAT Secret, the client secret or the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
+
     /// When the consent was given whose refresh token GoTo rejected. The client stays
     /// `ReauthorizationRequired` while the Secret holds tokens of that consent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -303,6 +343,46 @@ pub enum AuthorizationReason {
     ClientChanged,
     /// The consent came from another account than `spec.expectedAccount`.
     UnexpectedAccount,
+}
+
+/// How tokens were obtained from GoTo.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TokenGrant {
+    /// A GoTo admin's consent in a browser, then the code exchange.
+    #[default]
+    AuthorizationCode,
+    /// The personal access token grant (no browser).
+    PersonalAccessToken,
+}
+
+impl TokenGrant {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenGrant::AuthorizationCode => "AuthorizationCode",
+            TokenGrant::PersonalAccessToken => "PersonalAccessToken",
+        }
+    }
+
+    /// The value written by [`TokenGrant::as_str`]; anything else is `None`.
+    pub fn parse(written: &str) -> Option<TokenGrant> {
+        [
+            TokenGrant::AuthorizationCode,
+            TokenGrant::PersonalAccessToken,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == written)
+    }
+}
+
+/// A personal access token GoTo rejected, and what it was sent with.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedPersonalAccessToken {
+    /// The spec generation and the resourceVersions of the PAT Secret and the client-secret
+    /// Secret when GoTo rejected the PAT (never the PAT itself).
+    pub sent_with: String,
+    /// GoTo's sanitized answer, for the conditions; never read back to decide.
+    pub error: String,
 }
 
 /// A consumed authorization attempt.
@@ -415,6 +495,7 @@ mod tests {
             "refreshBefore",
             "endpoints.authorizeUrl",
             "endpoints.tokenUrl",
+            "personalAccessTokenRef.name",
         ] {
             let node = field
                 .split('.')
@@ -448,6 +529,17 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.client_secret_ref.key, "clientSecret");
+        assert_eq!(spec.personal_access_token_ref, None);
+        let with_pat: GoToOAuthClientSpec = serde_json::from_value(serde_json::json!({
+            "clientId": "abc",
+            "clientSecretRef": {"name": "creds"},
+            "personalAccessTokenRef": {"name": "pat"}
+        }))
+        .unwrap();
+        assert_eq!(
+            with_pat.personal_access_token_ref.map(|r| r.key).as_deref(),
+            Some("personalAccessToken")
+        );
         let client = GoToOAuthClient::new("demo", spec);
         assert_eq!(client.target_secret_name(), "demo-token");
     }

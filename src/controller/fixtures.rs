@@ -16,5 +16,6 @@ pub(crate) fn settings() -> ClientSettings {
         token_url: "https://auth.example/oauth/token".parse().unwrap(),
         secret_labels: Default::default(),
         secret_annotations: Default::default(),
+        personal_access_token: None,
     }
 }
