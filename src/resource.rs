@@ -262,12 +262,21 @@ pub struct GoToOAuthClientStatus {
     /// How the stored tokens were obtained: `AuthorizationCode` (a GoTo admin's consent through
     /// `authorizationUrl`) or `PersonalAccessToken` (the PAT of `spec.personalAccessTokenRef`
     /// exchanged at the token URL). Refreshes keep it; absent while no tokens are stored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Read leniently: a value a later release adds must not make the whole client unreadable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
     pub obtained_by: Option<TokenGrant>,
 
     /// The personal access token GoTo rejected, by the versions of what it was sent with; it is
     /// not sent again until the PAT Secret, the client secret or the spec changes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
     pub rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
 
     /// When the consent was given whose refresh token GoTo rejected. The client stays
@@ -297,9 +306,12 @@ pub struct GoToOAuthClientStatus {
 /// the previous release's status writes drop the field, and an API server can leave an empty
 /// object behind (`authorization: {}`); the client must stay readable, and reads as a status
 /// the previous release wrote (see README "Upgrading").
-fn readable_or_none<'de, D>(deserializer: D) -> Result<Option<AuthorizationStatus>, D::Error>
+/// `status.rejectedPersonalAccessToken` is read the same way: server-side apply can leave
+/// `{}` behind when the operator stops sending it.
+fn readable_or_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
 {
     let value = Option::<serde_json::Value>::deserialize(deserializer)?;
     Ok(value.and_then(|v| serde_json::from_value(v).ok()))
@@ -530,6 +542,10 @@ mod tests {
         .unwrap();
         assert_eq!(spec.client_secret_ref.key, "clientSecret");
         assert_eq!(spec.personal_access_token_ref, None);
+        // What server-side apply leaves behind after the operator stopped sending the field.
+        let status: GoToOAuthClientStatus =
+            serde_json::from_value(serde_json::json!({"rejectedPersonalAccessToken": {}})).unwrap();
+        assert_eq!(status.rejected_personal_access_token, None);
         let with_pat: GoToOAuthClientSpec = serde_json::from_value(serde_json::json!({
             "clientId": "abc",
             "clientSecretRef": {"name": "creds"},
