@@ -399,6 +399,7 @@ async fn create_resources(client: &Client, client_secret: &str) -> anyhow::Resul
         rollout_restart_targets: Vec::new(),
         rollout_restart_on: None,
         rollout_restart_min_interval: None,
+        personal_access_token_ref: None,
     };
     Api::<GoToOAuthClient>::namespaced(client.clone(), NAMESPACE)
         .create(

@@ -57,10 +57,15 @@ pub enum Reason {
     RestartForbidden,
     /// Patching a rollout target failed; it is retried after the minimum interval.
     RestartFailed,
+    /// The `personalAccessTokenRef` Secret or its key is missing, and tokens must be obtained
+    /// with it.
+    PersonalAccessTokenMissing,
+    /// GoTo rejected the personal access token; it is not sent again until it changes.
+    PersonalAccessTokenRejected,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Authorized,
         Reason::AwaitingAuthorization,
         Reason::InvalidSpec,
@@ -78,6 +83,8 @@ impl Reason {
         Reason::RestartTargetNotFound,
         Reason::RestartForbidden,
         Reason::RestartFailed,
+        Reason::PersonalAccessTokenMissing,
+        Reason::PersonalAccessTokenRejected,
     ];
 
     /// The reason a written condition carries, if it is one of ours.
@@ -104,6 +111,8 @@ impl Reason {
             Reason::RestartTargetNotFound => "RestartTargetNotFound",
             Reason::RestartForbidden => "RestartForbidden",
             Reason::RestartFailed => "RestartFailed",
+            Reason::PersonalAccessTokenMissing => "PersonalAccessTokenMissing",
+            Reason::PersonalAccessTokenRejected => "PersonalAccessTokenRejected",
         }
     }
 
@@ -140,6 +149,8 @@ pub mod reason {
     pub const RESTART_TARGET_NOT_FOUND: &str = Reason::RestartTargetNotFound.as_str();
     pub const RESTART_FORBIDDEN: &str = Reason::RestartForbidden.as_str();
     pub const RESTART_FAILED: &str = Reason::RestartFailed.as_str();
+    pub const PERSONAL_ACCESS_TOKEN_MISSING: &str = Reason::PersonalAccessTokenMissing.as_str();
+    pub const PERSONAL_ACCESS_TOKEN_REJECTED: &str = Reason::PersonalAccessTokenRejected.as_str();
 }
 
 /// How a consent attempt failed.
@@ -290,6 +301,21 @@ pub enum ClientSecretProblem {
     },
 }
 
+/// Why the personal access token cannot be used. The PAT itself is never part of it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PersonalAccessTokenProblem {
+    #[error("Secret {namespace}/{name} (spec.personalAccessTokenRef.name) not found")]
+    SecretNotFound { namespace: String, name: String },
+    #[error(
+        "Secret {namespace}/{name} has no non-empty key {key:?} (spec.personalAccessTokenRef.key)"
+    )]
+    KeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+}
+
 /// A problem that stops the operator from acting for a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocker {
@@ -300,6 +326,13 @@ pub enum Blocker {
         namespace: String,
         name: String,
     },
+    /// Tokens must be obtained with the personal access token, and it cannot be read.
+    PersonalAccessTokenMissing(PersonalAccessTokenProblem),
+    /// Tokens must be obtained with the personal access token, and GoTo rejected it;
+    /// `error` is the token endpoint's sanitized answer.
+    PersonalAccessTokenRejected {
+        error: String,
+    },
 }
 
 impl Blocker {
@@ -308,6 +341,8 @@ impl Blocker {
             Blocker::InvalidSpec(_) => Reason::InvalidSpec,
             Blocker::ClientSecretMissing(_) => Reason::ClientSecretMissing,
             Blocker::SecretConflict { .. } => Reason::SecretConflict,
+            Blocker::PersonalAccessTokenMissing(_) => Reason::PersonalAccessTokenMissing,
+            Blocker::PersonalAccessTokenRejected { .. } => Reason::PersonalAccessTokenRejected,
         }
     }
 
@@ -318,7 +353,23 @@ impl Blocker {
             Blocker::SecretConflict { namespace, name } => format!(
                 "Secret {namespace}/{name} exists and is not owned by this GoToOAuthClient; delete it or choose another spec.secretName"
             ),
+            Blocker::PersonalAccessTokenMissing(e) => format!(
+                "{e}: store the personal access token there, or send status.authorizationUrl to a GoTo admin"
+            ),
+            Blocker::PersonalAccessTokenRejected { error } => format!(
+                "GoTo rejected the personal access token ({error}); it is not sent again until its Secret or the spec changes: store a valid one, or send status.authorizationUrl to a GoTo admin"
+            ),
         }
+    }
+
+    /// Whether the authorization link is withdrawn while this blocks: it is when a consent
+    /// could not work either (the spec, the client secret, the token Secret). A personal access
+    /// token problem leaves the consent as the other way to obtain tokens.
+    pub fn withdraws_link(&self) -> bool {
+        !matches!(
+            self,
+            Blocker::PersonalAccessTokenMissing(_) | Blocker::PersonalAccessTokenRejected { .. }
+        )
     }
 }
 
@@ -400,6 +451,16 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
             Authorization::ConsentFailed { failure, message } => {
                 cond(READY, false, failure.reason(), message.clone())
             }
+            // Only a personal access token exchange fails without tokens on the controller's side.
+            _ if obs.refresh_failure.is_some() => cond(
+                READY,
+                false,
+                Reason::RefreshFailing,
+                format!(
+                    "obtaining tokens with the personal access token fails ({}); retrying",
+                    obs.refresh_failure.as_deref().unwrap_or_default()
+                ),
+            ),
             _ => cond(
                 READY,
                 false,
@@ -442,12 +503,16 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
                 None => "authorized at GoTo".into(),
             },
         ),
-        Authorization::Awaiting => cond(
-            AUTHORIZED,
-            false,
-            Reason::AwaitingAuthorization,
-            "no GoTo consent yet: send status.authorizationUrl to a GoTo admin".into(),
-        ),
+        // No tokens yet, and the personal access token cannot give them: say why.
+        Authorization::Awaiting => match obs.blocker.as_ref().filter(|b| !b.withdraws_link()) {
+            Some(blocker) => cond(AUTHORIZED, false, blocker.reason(), blocker.message()),
+            None => cond(
+                AUTHORIZED,
+                false,
+                Reason::AwaitingAuthorization,
+                "no GoTo consent yet: send status.authorizationUrl to a GoTo admin".into(),
+            ),
+        },
         Authorization::ConsentFailed { failure, message } => {
             cond(AUTHORIZED, false, failure.reason(), message.clone())
         }
@@ -557,6 +622,39 @@ mod tests {
             (authorized.status, authorized.reason.as_str()),
             ("False", reason::AWAITING_AUTHORIZATION)
         );
+    }
+
+    #[test]
+    fn personal_access_token_problems_name_themselves_and_keep_the_link() {
+        let rejected = Blocker::PersonalAccessTokenRejected {
+            error: "GoTo rejected the grant (invalid_grant)".into(),
+        };
+        assert!(!rejected.withdraws_link());
+        let [ready, authorized] = desired_conditions(
+            &obs(Some(rejected.clone()), None, Authorization::Awaiting),
+            at(NOW),
+        );
+        for c in [&ready, &authorized] {
+            assert_eq!(
+                (c.status, c.reason.as_str()),
+                ("False", reason::PERSONAL_ACCESS_TOKEN_REJECTED)
+            );
+            assert!(c.message.contains("invalid_grant"), "{}", c.message);
+        }
+        let missing = Blocker::PersonalAccessTokenMissing(PersonalAccessTokenProblem::KeyMissing {
+            namespace: "ns".into(),
+            name: "pat".into(),
+            key: "personalAccessToken".into(),
+        });
+        let [ready, _] =
+            desired_conditions(&obs(Some(missing), None, Authorization::Awaiting), at(NOW));
+        assert_eq!(ready.reason.as_str(), reason::PERSONAL_ACCESS_TOKEN_MISSING);
+        assert!(ready.message.contains("spec.personalAccessTokenRef.key"));
+        // A failing exchange without tokens is not a wait for a consent.
+        let mut failing = obs(None, None, Authorization::Awaiting);
+        failing.refresh_failure = Some("GoTo token endpoint failed (HTTP 503)".into());
+        let [ready, _] = desired_conditions(&failing, at(NOW));
+        assert_eq!(ready.reason.as_str(), reason::REFRESH_FAILING);
     }
 
     #[test]

@@ -70,6 +70,7 @@ label_value!(RefreshResult);
 pub enum GrantType {
     AuthorizationCode,
     RefreshToken,
+    PersonalAccessToken,
 }
 
 impl GrantType {
@@ -77,6 +78,7 @@ impl GrantType {
         match self {
             GrantType::AuthorizationCode => "authorization_code",
             GrantType::RefreshToken => "refresh_token",
+            GrantType::PersonalAccessToken => "personal_access_token",
         }
     }
 }

@@ -159,6 +159,16 @@ pub struct GoToOAuthClientSpec {
     #[x_kube(validation = Rule::new(concat!("self == '' || self.matches('", duration_pattern!(), "')"))
         .message("rolloutRestartMinInterval must be a duration such as 5m, 1h or 1h30m"))]
     pub rollout_restart_min_interval: Option<String>,
+
+    /// The Secret in this namespace that holds a GoTo personal access token (PAT) of this OAuth
+    /// client, to obtain tokens without a browser: while no tokens are stored, the operator
+    /// exchanges the PAT at the token URL (`grant_type=personal_access_token`). It refreshes
+    /// with the refresh token when GoTo returns one, and exchanges the PAT again when the
+    /// access token is due and no refresh token is stored, or when GoTo rejects the refresh
+    /// token. A PAT GoTo rejects is not sent again until its Secret or this spec changes. The
+    /// authorization link stays published: a consent still replaces the tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal_access_token_ref: Option<PersonalAccessTokenRef>,
 }
 
 /// A workload restarted when the tokens change.
@@ -215,6 +225,25 @@ impl RolloutRestartTrigger {
             RolloutRestartTrigger::AccessToken => "AccessToken",
         }
     }
+}
+
+/// A key of a Secret in the resource's own namespace that holds a GoTo personal access token.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonalAccessTokenRef {
+    /// Name of the Secret, in the same namespace as this resource (a DNS-1123 subdomain).
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(dns_subdomain_rule!())
+        .message("personalAccessTokenRef.name must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
+    pub name: String,
+    /// Key within the Secret that holds the personal access token. Defaults to
+    /// `personalAccessToken`.
+    #[serde(default = "default_personal_access_token_key")]
+    pub key: String,
+}
+
+fn default_personal_access_token_key() -> String {
+    "personalAccessToken".to_string()
 }
 
 /// A key of a Secret in the resource's own namespace.
@@ -331,6 +360,26 @@ pub struct GoToOAuthClientStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
 
+    /// How the stored tokens were obtained: `AuthorizationCode` (a GoTo admin's consent through
+    /// `authorizationUrl`) or `PersonalAccessToken` (the PAT of `spec.personalAccessTokenRef`
+    /// exchanged at the token URL). Refreshes keep it; absent while no tokens are stored.
+    // Read leniently: a value a later release adds must not make the whole client unreadable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
+    pub obtained_by: Option<TokenGrant>,
+
+    /// The personal access token GoTo rejected, by the versions of what it was sent with; it is
+    /// not sent again until the PAT Secret, the client secret or the spec changes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
+    pub rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
+
     /// When the consent was given whose refresh token GoTo rejected. The client stays
     /// `ReauthorizationRequired` while the Secret holds tokens of that consent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,9 +411,12 @@ pub struct GoToOAuthClientStatus {
 /// the previous release's status writes drop the field, and an API server can leave an empty
 /// object behind (`authorization: {}`); the client must stay readable, and reads as a status
 /// the previous release wrote (see README "Upgrading").
-fn readable_or_none<'de, D>(deserializer: D) -> Result<Option<AuthorizationStatus>, D::Error>
+/// `status.rejectedPersonalAccessToken` is read the same way: server-side apply can leave
+/// `{}` behind when the operator stops sending it.
+fn readable_or_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
 {
     let value = Option::<serde_json::Value>::deserialize(deserializer)?;
     Ok(value.and_then(|v| serde_json::from_value(v).ok()))
@@ -470,6 +522,46 @@ pub enum RestartProblem {
     NotFound,
     Forbidden,
     Failed,
+}
+
+/// How tokens were obtained from GoTo.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TokenGrant {
+    /// A GoTo admin's consent in a browser, then the code exchange.
+    #[default]
+    AuthorizationCode,
+    /// The personal access token grant (no browser).
+    PersonalAccessToken,
+}
+
+impl TokenGrant {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenGrant::AuthorizationCode => "AuthorizationCode",
+            TokenGrant::PersonalAccessToken => "PersonalAccessToken",
+        }
+    }
+
+    /// The value written by [`TokenGrant::as_str`]; anything else is `None`.
+    pub fn parse(written: &str) -> Option<TokenGrant> {
+        [
+            TokenGrant::AuthorizationCode,
+            TokenGrant::PersonalAccessToken,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == written)
+    }
+}
+
+/// A personal access token GoTo rejected, and what it was sent with.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedPersonalAccessToken {
+    /// The spec generation and the resourceVersions of the PAT Secret and the client-secret
+    /// Secret when GoTo rejected the PAT (never the PAT itself).
+    pub sent_with: String,
+    /// GoTo's sanitized answer, for the conditions; never read back to decide.
+    pub error: String,
 }
 
 /// A consumed authorization attempt.
@@ -590,6 +682,7 @@ mod tests {
             "refreshBefore",
             "endpoints.authorizeUrl",
             "endpoints.tokenUrl",
+            "personalAccessTokenRef.name",
         ] {
             let node = field
                 .split('.')
@@ -623,6 +716,21 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(spec.client_secret_ref.key, "clientSecret");
+        assert_eq!(spec.personal_access_token_ref, None);
+        // What server-side apply leaves behind after the operator stopped sending the field.
+        let status: GoToOAuthClientStatus =
+            serde_json::from_value(serde_json::json!({"rejectedPersonalAccessToken": {}})).unwrap();
+        assert_eq!(status.rejected_personal_access_token, None);
+        let with_pat: GoToOAuthClientSpec = serde_json::from_value(serde_json::json!({
+            "clientId": "abc",
+            "clientSecretRef": {"name": "creds"},
+            "personalAccessTokenRef": {"name": "pat"}
+        }))
+        .unwrap();
+        assert_eq!(
+            with_pat.personal_access_token_ref.map(|r| r.key).as_deref(),
+            Some("personalAccessToken")
+        );
         let mut client = GoToOAuthClient::new("demo", spec);
         assert_eq!(client.target_secret_name(), "demo-token");
         assert_eq!(client.display_name(), "demo");

@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     goto::TokenResponse,
-    resource::{GoToOAuthClient, MANAGER},
+    resource::{GoToOAuthClient, MANAGER, TokenGrant},
     validation::ClientSettings,
 };
 
@@ -34,13 +34,17 @@ pub const CLIENT_ID_ANNOTATION: &str = "goto-oauth.dev/client-id";
 pub const TOKEN_URL_ANNOTATION: &str = "goto-oauth.dev/token-url";
 /// When the current access token was issued; with `expires_at` it gives the token lifetime.
 pub const ISSUED_AT_ANNOTATION: &str = "goto-oauth.dev/issued-at";
-/// When the consent behind the refresh token was given.
+/// When the consent behind the refresh token was given (or the personal access token was
+/// exchanged).
 pub const AUTHORIZED_AT_ANNOTATION: &str = "goto-oauth.dev/authorized-at";
 /// When GoTo issued the refresh token now stored: at the consent, or at the last refresh whose
 /// response carried a new one. GoTo's refresh tokens live about 30 days, so this is what says
 /// how soon a new consent may be needed. Absent on Secrets written before 0.3.0; read as
 /// [`AUTHORIZED_AT_ANNOTATION`] then (the oldest the token can be).
 pub const REFRESH_TOKEN_OBTAINED_AT_ANNOTATION: &str = "goto-oauth.dev/refresh-token-obtained-at";
+/// How the tokens were obtained ([`TokenGrant`]); absent on Secrets written before 0.3.0, which
+/// were all obtained by a consent.
+pub const OBTAINED_BY_ANNOTATION: &str = "goto-oauth.dev/obtained-by";
 
 /// GoTo's documented access-token lifetime, used when a response omits `expires_in`.
 pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
@@ -49,7 +53,9 @@ pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
 #[derive(Clone)]
 pub struct StoredTokens {
     pub access_token: SecretString,
-    pub refresh_token: SecretString,
+    /// Absent only for tokens of a personal access token grant whose response had none: they
+    /// are renewed by exchanging the PAT again.
+    pub refresh_token: Option<SecretString>,
     pub token_type: String,
     pub expires_at: Timestamp,
     pub issued_at: Timestamp,
@@ -62,14 +68,19 @@ pub struct StoredTokens {
     pub organizer_key: Option<String>,
     pub client_id: String,
     pub token_url: String,
+    pub obtained_by: TokenGrant,
 }
 
 impl std::fmt::Debug for StoredTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoredTokens")
             .field("access_token", &"<redacted>")
-            .field("refresh_token", &"<redacted>")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("expires_at", &self.expires_at)
+            .field("obtained_by", &self.obtained_by)
             .field("issued_at", &self.issued_at)
             .field("refresh_token_obtained_at", &self.refresh_token_obtained_at)
             .field("principal", &self.principal)
@@ -81,7 +92,11 @@ impl std::fmt::Debug for StoredTokens {
 impl PartialEq for StoredTokens {
     fn eq(&self, other: &Self) -> bool {
         self.access_token.expose_secret() == other.access_token.expose_secret()
-            && self.refresh_token.expose_secret() == other.refresh_token.expose_secret()
+            && self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+                == other
+                    .refresh_token
+                    .as_ref()
+                    .map(ExposeSecret::expose_secret)
             && self.token_type == other.token_type
             && self.expires_at == other.expires_at
             && self.issued_at == other.issued_at
@@ -93,6 +108,7 @@ impl PartialEq for StoredTokens {
             && self.organizer_key == other.organizer_key
             && self.client_id == other.client_id
             && self.token_url == other.token_url
+            && self.obtained_by == other.obtained_by
     }
 }
 
@@ -115,22 +131,52 @@ impl StoredTokens {
         settings: &ClientSettings,
         now: Timestamp,
     ) -> Result<StoredTokens, TokenMergeError> {
-        // The Secret stores whole seconds; what is held in memory must compare equal to what
-        // is read back, or the operator would take its own Secret for a hand edit.
-        let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
+        let mut tokens = Self::from_new_grant(response, previous, settings, now);
+        // A refresh token is new only when it differs from the one stored: its issue time
+        // says how soon a new consent may be needed.
         let (refresh_token, refresh_token_obtained_at) = match (&response.refresh_token, previous) {
             (Some(new), Some(previous))
-                if new.expose_secret() == previous.refresh_token.expose_secret() =>
+                if previous
+                    .refresh_token
+                    .as_ref()
+                    .is_some_and(|old| old.expose_secret() == new.expose_secret()) =>
             {
-                (new.clone(), previous.refresh_token_obtained_at)
+                (Some(new.clone()), previous.refresh_token_obtained_at)
             }
-            (Some(new), _) => (new.clone(), now),
+            (Some(new), _) => (Some(new.clone()), tokens.issued_at),
             (None, Some(previous)) => (
                 previous.refresh_token.clone(),
                 previous.refresh_token_obtained_at,
             ),
             (None, None) => return Err(TokenMergeError::NoRefreshToken),
         };
+        tokens.refresh_token = refresh_token;
+        tokens.refresh_token_obtained_at = refresh_token_obtained_at;
+        Ok(tokens)
+    }
+
+    /// Tokens from a personal access token grant: a new grant like a consent (identity and
+    /// authorization time are its own), with the refresh token only when GoTo returned one.
+    pub fn from_personal_access_token(
+        response: &TokenResponse,
+        settings: &ClientSettings,
+        now: Timestamp,
+    ) -> StoredTokens {
+        let mut tokens = Self::from_new_grant(response, None, settings, now);
+        tokens.obtained_by = TokenGrant::PersonalAccessToken;
+        tokens
+    }
+
+    /// The response's tokens, keeping what `previous` knew that the response leaves out.
+    fn from_new_grant(
+        response: &TokenResponse,
+        previous: Option<&StoredTokens>,
+        settings: &ClientSettings,
+        now: Timestamp,
+    ) -> StoredTokens {
+        // The Secret stores whole seconds; what is held in memory must compare equal to what
+        // is read back, or the operator would take its own Secret for a hand edit.
+        let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
         let expires_in = response.expires_in.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
         let expires_at = now
             .checked_add(jiff::SignedDuration::from_secs(
@@ -146,9 +192,9 @@ impl StoredTokens {
             .principal
             .clone()
             .or_else(|| response.email.clone());
-        Ok(StoredTokens {
+        StoredTokens {
             access_token: response.access_token.clone(),
-            refresh_token,
+            refresh_token: response.refresh_token.clone(),
             token_type: response
                 .token_type
                 .clone()
@@ -157,14 +203,15 @@ impl StoredTokens {
             expires_at,
             issued_at: now,
             authorized_at: previous.map(|p| p.authorized_at).unwrap_or(now),
-            refresh_token_obtained_at,
+            refresh_token_obtained_at: now,
             scope: keep(&response.scope, previous.map(|p| &p.scope)),
             principal: keep(&principal, previous.map(|p| &p.principal)),
             account_key: keep(&response.account_key, previous.map(|p| &p.account_key)),
             organizer_key: keep(&response.organizer_key, previous.map(|p| &p.organizer_key)),
             client_id: settings.client_id.clone(),
             token_url: settings.token_url.to_string(),
-        })
+            obtained_by: previous.map(|p| p.obtained_by).unwrap_or_default(),
+        }
     }
 
     /// Reads tokens back from a Secret the operator wrote; `None` when any required key is
@@ -181,9 +228,19 @@ impl StoredTokens {
         let expires_at = time(text(EXPIRES_AT_KEY).as_ref())?;
         let issued_at = time(annotations.get(ISSUED_AT_ANNOTATION)).unwrap_or(expires_at);
         let authorized_at = time(annotations.get(AUTHORIZED_AT_ANNOTATION)).unwrap_or(issued_at);
+        let obtained_by = annotations
+            .get(OBTAINED_BY_ANNOTATION)
+            .and_then(|v| TokenGrant::parse(v))
+            .unwrap_or_default();
+        let refresh_token = text(REFRESH_TOKEN_KEY).map(SecretString::from);
+        // Only a personal access token grant may lack a refresh token; a consent's tokens
+        // without one were edited by hand.
+        if refresh_token.is_none() && obtained_by != TokenGrant::PersonalAccessToken {
+            return None;
+        }
         Some(StoredTokens {
             access_token: SecretString::from(text(ACCESS_TOKEN_KEY)?),
-            refresh_token: SecretString::from(text(REFRESH_TOKEN_KEY)?),
+            refresh_token,
             token_type: text(TOKEN_TYPE_KEY).unwrap_or_else(|| "Bearer".to_string()),
             expires_at,
             issued_at,
@@ -202,6 +259,7 @@ impl StoredTokens {
                 .get(TOKEN_URL_ANNOTATION)
                 .cloned()
                 .unwrap_or_default(),
+            obtained_by,
         })
     }
 
@@ -236,7 +294,9 @@ pub fn desired_secret(
         data.insert(key.to_string(), ByteString(value.as_bytes().to_vec()));
     };
     put(ACCESS_TOKEN_KEY, tokens.access_token.expose_secret());
-    put(REFRESH_TOKEN_KEY, tokens.refresh_token.expose_secret());
+    if let Some(refresh_token) = &tokens.refresh_token {
+        put(REFRESH_TOKEN_KEY, refresh_token.expose_secret());
+    }
     put(TOKEN_TYPE_KEY, &tokens.token_type);
     put(EXPIRES_AT_KEY, &rfc3339(tokens.expires_at));
     for (key, value) in [
@@ -263,6 +323,10 @@ pub fn desired_secret(
     annotations.insert(
         REFRESH_TOKEN_OBTAINED_AT_ANNOTATION.into(),
         rfc3339(tokens.refresh_token_obtained_at),
+    );
+    annotations.insert(
+        OBTAINED_BY_ANNOTATION.into(),
+        tokens.obtained_by.as_str().into(),
     );
 
     Secret {
@@ -391,7 +455,10 @@ mod tests {
         let later = now + jiff::SignedDuration::from_mins(40);
         let second =
             StoredTokens::from_response(&response(None, None), Some(&first), &s, later).unwrap();
-        assert_eq!(second.refresh_token.expose_secret(), "refresh-1");
+        assert_eq!(
+            second.refresh_token.as_ref().unwrap().expose_secret(),
+            "refresh-1"
+        );
         assert_eq!(second.token_type, "Bearer");
         assert_eq!(second.authorized_at, now);
         assert_eq!(
@@ -413,7 +480,10 @@ mod tests {
             later,
         )
         .unwrap();
-        assert_eq!(third.refresh_token.expose_secret(), "refresh-2");
+        assert_eq!(
+            third.refresh_token.as_ref().unwrap().expose_secret(),
+            "refresh-2"
+        );
         assert_eq!(third.refresh_token_obtained_at, later, "a rotated one");
         assert_eq!(third.authorized_at, now);
         assert_eq!(
@@ -456,6 +526,58 @@ mod tests {
             .remove(REFRESH_TOKEN_OBTAINED_AT_ANNOTATION);
         let old = StoredTokens::from_secret(&secret).unwrap();
         assert_eq!(old.refresh_token_obtained_at, consent);
+    }
+
+    #[test]
+    fn personal_access_token_tokens_may_lack_a_refresh_token() {
+        let c = fixture_client();
+        let s = settings(&c);
+        let now: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let tokens = StoredTokens::from_personal_access_token(&response(None, None), &s, now);
+        assert_eq!(tokens.obtained_by, TokenGrant::PersonalAccessToken);
+        assert!(tokens.refresh_token.is_none());
+        assert_eq!(
+            (tokens.authorized_at, tokens.token_type.as_str()),
+            (now, "Bearer")
+        );
+        let secret = desired_secret(&c, &s, &tokens);
+        assert!(
+            !secret
+                .data
+                .as_ref()
+                .unwrap()
+                .contains_key(REFRESH_TOKEN_KEY)
+        );
+        assert_eq!(
+            secret.annotations()[OBTAINED_BY_ANNOTATION],
+            "PersonalAccessToken"
+        );
+        assert_eq!(StoredTokens::from_secret(&secret).as_ref(), Some(&tokens));
+
+        // A refresh of PAT tokens stays a PAT grant; a consent's tokens without their refresh
+        // token were edited by hand and do not count as tokens.
+        let with_refresh =
+            StoredTokens::from_personal_access_token(&response(Some("r"), None), &s, now);
+        let later = now + jiff::SignedDuration::from_mins(40);
+        let refreshed =
+            StoredTokens::from_response(&response(None, None), Some(&with_refresh), &s, later)
+                .unwrap();
+        assert_eq!(refreshed.obtained_by, TokenGrant::PersonalAccessToken);
+        assert_eq!(refreshed.authorized_at, now);
+        let consent =
+            StoredTokens::from_response(&response(Some("r"), None), None, &s, now).unwrap();
+        assert_eq!(consent.obtained_by, TokenGrant::AuthorizationCode);
+        let mut edited = desired_secret(&c, &s, &consent);
+        edited.data.as_mut().unwrap().remove(REFRESH_TOKEN_KEY);
+        assert!(StoredTokens::from_secret(&edited).is_none());
+        // Secrets written before the annotation existed hold a consent's tokens.
+        let mut old = desired_secret(&c, &s, &consent);
+        old.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(OBTAINED_BY_ANNOTATION);
+        assert_eq!(StoredTokens::from_secret(&old), Some(consent));
     }
 
     #[test]

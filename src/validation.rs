@@ -58,6 +58,15 @@ pub struct ClientSettings {
     pub secret_labels: BTreeMap<String, String>,
     pub secret_annotations: BTreeMap<String, String>,
     pub rollout: RolloutSettings,
+    /// Where the personal access token is, when the spec names one.
+    pub personal_access_token: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the client's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
 }
 
 /// The rollout restarts a client asks for (`spec.rolloutRestart*`).
@@ -151,6 +160,31 @@ pub fn validate(
         );
     }
 
+    let personal_access_token = spec
+        .personal_access_token_ref
+        .as_ref()
+        .map(|r| SecretKeyRef {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        });
+    if let Some(pat) = &personal_access_token {
+        if let Err(e) = check_dns_subdomain(&pat.name) {
+            problems.push(format!("spec.personalAccessTokenRef.name {e}"));
+        }
+        if !is_secret_key(&pat.key) {
+            problems.push(format!(
+                "spec.personalAccessTokenRef.key {:?} is not a valid Secret key (letters, digits, '-', '_', '.')",
+                pat.key
+            ));
+        }
+        if secret_name == pat.name {
+            problems.push(
+                "spec.secretName must differ from spec.personalAccessTokenRef.name (the operator would overwrite the personal access token)"
+                    .to_string(),
+            );
+        }
+    }
+
     let refresh_before = match spec.refresh_before.as_deref() {
         None | Some("") => None,
         Some(raw) => match humantime::parse_duration(raw) {
@@ -216,6 +250,7 @@ pub fn validate(
         secret_labels: template.labels,
         secret_annotations: template.annotations,
         rollout,
+        personal_access_token,
     })
 }
 
@@ -546,6 +581,39 @@ mod tests {
         c.spec.refresh_before = Some("20m".into());
         let s = validate(&c, &defaults()).unwrap();
         assert_eq!(s.refresh_before, Some(Duration::from_secs(1200)));
+    }
+
+    #[test]
+    fn personal_access_token_ref_is_checked() {
+        let ok = validate(
+            &client(
+                serde_json::json!({"clientId": "id", "clientSecretRef": {"name": "creds"},
+                "personalAccessTokenRef": {"name": "goto-pat"}}),
+            ),
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.personal_access_token,
+            Some(SecretKeyRef {
+                name: "goto-pat".into(),
+                key: "personalAccessToken".into()
+            })
+        );
+        let problems = validate(
+            &client(serde_json::json!({"clientId": "id", "clientSecretRef": {"name": "creds"},
+                "secretName": "Bad_Name", "personalAccessTokenRef": {"name": "Bad_Name", "key": "a key"}})),
+            &defaults(),
+        )
+        .unwrap_err()
+        .to_string();
+        for field in [
+            "spec.personalAccessTokenRef.name",
+            "spec.personalAccessTokenRef.key",
+            "must differ from spec.personalAccessTokenRef.name",
+        ] {
+            assert!(problems.contains(field), "{field}: {problems}");
+        }
     }
 
     #[test]

@@ -92,6 +92,9 @@ const CASES: &[(&str, &str, bool)] = &[
     ("clientSecretRef.name", "-creds", false),
     ("clientSecretRef.name", "creds_1", false),
     ("clientSecretRef.name", "", false),
+    ("personalAccessTokenRef.name", "goto-pat", true),
+    ("personalAccessTokenRef.name", "Goto_PAT", false),
+    ("personalAccessTokenRef.name", "", false),
     ("secretName", "demo-token", true),
     ("secretName", "", true), // the operator reads "" as the default name
     ("secretName", "Demo-Token", false),
@@ -287,7 +290,7 @@ fn rules_compile_and_fit_the_cost_budget() {
             rules += 1;
         }
     }
-    assert_eq!(rules, 9, "one rule per checked field");
+    assert_eq!(rules, 10, "one rule per checked field");
 }
 
 /// On a real cluster the API server refuses an invalid client at `kubectl apply`, naming every

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
     conditions::{AUTHORIZED, READY, ROLLOUT_TARGETS_UP_TO_DATE, Reason},
-    resource::{AuthorizationPhase, GoToOAuthClient},
+    resource::{AuthorizationPhase, GoToOAuthClient, TokenGrant},
 };
 
 /// What `status` prints, and whether the client is Ready (the exit code).
@@ -60,6 +60,17 @@ pub(crate) fn render(obj: &GoToOAuthClient, now: Timestamp) -> Summary {
         (None, None) => "none yet".into(),
     };
     line("Account", &account);
+    if let Some(grant) = status.obtained_by {
+        line(
+            "Obtained by",
+            match grant {
+                TokenGrant::AuthorizationCode => "a GoTo admin's consent (authorization code)",
+                TokenGrant::PersonalAccessToken => {
+                    "the personal access token of spec.personalAccessTokenRef"
+                }
+            },
+        );
+    }
     let time = |t: &Option<Time>, none: &str| t.as_ref().map_or(none.to_string(), |t| when(t, now));
     line(
         "Token expires",
@@ -197,6 +208,8 @@ fn needs_consent(obj: &GoToOAuthClient) -> bool {
                         | Reason::AccessDenied
                         | Reason::AuthorizationFailed
                         | Reason::UnexpectedAccount
+                        | Reason::PersonalAccessTokenMissing
+                        | Reason::PersonalAccessTokenRejected
                 )
             })
 }
@@ -272,6 +285,12 @@ fn what_to_do(reason: Reason) -> &'static str {
         }
         Reason::RestartFailed => {
             "Usually nothing: it is retried. If it persists, read the message and the operator log."
+        }
+        Reason::PersonalAccessTokenMissing => {
+            "Store the personal access token in the `personalAccessTokenRef` Secret and key, or send `status.authorizationUrl` to a GoTo admin."
+        }
+        Reason::PersonalAccessTokenRejected => {
+            "Create a new personal access token at GoTo and store it in the `personalAccessTokenRef` Secret (the operator tries again when it changes), or send `status.authorizationUrl` to a GoTo admin."
         }
     }
 }
@@ -504,6 +523,51 @@ mod tests {
         assert!(why.contains("RefreshFailing: GoTo answered 503"), "{why}");
         // The same failure as before the request is not this request's answer yet.
         assert_eq!(refresh_outcome(&failing, "r1", &failing), None);
+    }
+
+    #[test]
+    fn personal_access_token_clients_say_how_and_what_to_do() {
+        let obtained = client(Some(GoToOAuthClientStatus {
+            conditions: vec![
+                condition(READY, true, Reason::Authorized, "valid"),
+                condition(AUTHORIZED, true, Reason::Authorized, "authorized"),
+            ],
+            obtained_by: Some(TokenGrant::PersonalAccessToken),
+            ..Default::default()
+        }));
+        let text = render(&obtained, Timestamp::UNIX_EPOCH).text;
+        assert_lines(
+            &text,
+            &["Obtained by:   the personal access token of spec.personalAccessTokenRef"],
+        );
+        let rejected = client(Some(GoToOAuthClientStatus {
+            conditions: vec![
+                condition(
+                    READY,
+                    false,
+                    Reason::PersonalAccessTokenRejected,
+                    "GoTo rejected the personal access token (invalid_grant)",
+                ),
+                condition(AUTHORIZED, false, Reason::PersonalAccessTokenRejected, "x"),
+            ],
+            authorization: Some(AuthorizationStatus {
+                phase: AuthorizationPhase::AwaitingAuthorization,
+                reason: None,
+                message: None,
+            }),
+            authorization_url: Some("https://op.example/authorize/ns/demo/abc".into()),
+            ..Default::default()
+        }));
+        let summary = render(&rejected, Timestamp::UNIX_EPOCH);
+        assert!(!summary.ready);
+        assert_lines(
+            &summary.text,
+            &[
+                "Ready:         False, PersonalAccessTokenRejected: GoTo rejected",
+                "Link:          https://op.example/authorize/ns/demo/abc",
+                "What to do:    Create a new personal access token at GoTo and store it in the `personalAccessTokenRef` Secret (the operator tries again when it changes), or send the link above to a GoTo admin.",
+            ],
+        );
     }
 
     /// The advice the CLI prints is the README's "Condition reasons" table, word for word.

@@ -291,7 +291,7 @@ mod tests {
         let now = jiff::Timestamp::UNIX_EPOCH;
         StoredTokens {
             access_token: SecretString::from("a"),
-            refresh_token: SecretString::from("r"),
+            refresh_token: Some(SecretString::from("r")),
             token_type: "Bearer".into(),
             expires_at: now,
             issued_at: now,
@@ -303,6 +303,7 @@ mod tests {
             organizer_key: None,
             client_id: "c".into(),
             token_url: "t".into(),
+            obtained_by: Default::default(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Act: carry out a [`Plan`]: write the token Secret, delete the previous one after a rename,
-//! and send the refresh. Every write is conditional on what was read, by server-side apply
+//! and send the token request (a refresh, or a personal access token exchange). Every write is conditional on what was read, by server-side apply
 //! under the operator's one field manager; a refreshed token is held in memory before it is
 //! written, so a failed write never loses a rotated refresh token.
 
@@ -19,7 +19,7 @@ use super::{
     Context,
     memory::HeldTokens,
     observe::Observed,
-    plan::{Plan, RefreshOutcome, SecretWrite},
+    plan::{Plan, RefreshOutcome, SecretWrite, TokenRequest},
     schedule,
 };
 use crate::{
@@ -45,36 +45,57 @@ pub(crate) async fn act(
     let Ok(settings) = &o.settings else {
         return Ok(None);
     };
-    let Some(current) = &plan.tokens else {
-        return Ok(None);
-    };
-    match &plan.write {
-        Some(write) => {
-            if let Err(e) = write_secret(ctx, &o.obj, settings, current, o.target.as_ref()).await {
-                return Err(Error::TokensUnstored(e.to_string()));
+    if let Some(current) = &plan.tokens {
+        match &plan.write {
+            Some(write) => {
+                if let Err(e) =
+                    write_secret(ctx, &o.obj, settings, current, o.target.as_ref()).await
+                {
+                    return Err(Error::TokensUnstored(e.to_string()));
+                }
+                remember_stored(ctx, &o.keys.uid, current);
+                if let SecretWrite::Move { from } = write {
+                    delete_owned_secret(ctx, &o.obj, &o.keys.namespace, from).await?;
+                }
+                info!(?write, "token Secret written");
             }
-            remember_stored(ctx, &o.keys.uid, current);
-            if let SecretWrite::Move { from } = write {
-                delete_owned_secret(ctx, &o.obj, &o.keys.namespace, from).await?;
-            }
-            info!(?write, "token Secret written");
+            None if !o.conflict => remember_stored(ctx, &o.keys.uid, current),
+            None => {}
         }
-        None if !o.conflict => remember_stored(ctx, &o.keys.uid, current),
-        None => {}
     }
-    let (Some(_), Some(Ok(credentials))) = (plan.refresh, &o.credentials) else {
+    let (Some(planned), Some(Ok(credentials))) = (plan.refresh, &o.credentials) else {
         return Ok(None);
     };
-    refresh(
+    let pat = match &o.personal_access_token {
+        Some(Ok(pat)) => Some(pat.value.expose_secret()),
+        _ => None,
+    };
+    let request = Request {
         ctx,
         o,
         settings,
         credentials,
-        current,
-        plan.refresh_request.clone(),
-    )
-    .await
-    .map(Some)
+        refresh_request: plan.refresh_request.clone(),
+    };
+    match (planned.request, &plan.tokens, pat) {
+        (TokenRequest::Refresh { then_pat }, Some(current), _) => {
+            match (request.refresh(current).await?, then_pat, pat) {
+                (RefreshOutcome::Rejected { error }, true, Some(pat)) => {
+                    info!("refresh token rejected; exchanging the personal access token instead");
+                    let then = request.exchange_personal_access_token(pat).await?;
+                    Ok(Some(RefreshOutcome::AfterRejection {
+                        error,
+                        then: Box::new(then),
+                    }))
+                }
+                (outcome, _, _) => Ok(Some(outcome)),
+            }
+        }
+        (TokenRequest::PersonalAccessToken, _, Some(pat)) => {
+            request.exchange_personal_access_token(pat).await.map(Some)
+        }
+        _ => Ok(None),
+    }
 }
 
 fn remember_stored(ctx: &Context, uid: &str, tokens: &StoredTokens) {
@@ -161,117 +182,215 @@ async fn delete_owned_secret(
     Ok(())
 }
 
-/// One refresh: bounded in concurrency, rate-limited, sent only while this replica leads, and
-/// storing a rotated refresh token before anything else can happen to it.
-async fn refresh(
-    ctx: &Context,
-    o: &Observed,
-    settings: &ClientSettings,
-    credentials: &ClientCredentials,
-    current: &StoredTokens,
+/// One token request for one client, with what every grant needs.
+struct Request<'a> {
+    ctx: &'a Context,
+    o: &'a Observed,
+    settings: &'a ClientSettings,
+    credentials: &'a ClientCredentials,
     refresh_request: Option<String>,
-) -> Result<RefreshOutcome> {
-    let keys = &o.keys;
-    let _slot = ctx
-        .refresh_slots
-        .acquire()
-        .await
-        .map_err(|_| Error::TokensUnstored("shutting down".into()))?;
-    let permit = ctx.goto.permit().await;
-    if !ctx.leadership.confirm().await? {
-        warn!("not holding the leader Lease; refresh not sent");
-        return Ok(RefreshOutcome::NotLeader);
+}
+
+impl Request<'_> {
+    /// Sends one request: bounded in concurrency, rate-limited, and only while this replica
+    /// leads. `None`: this replica does not hold the Lease, nothing was sent.
+    async fn send<F, Fut>(
+        &self,
+        send: F,
+    ) -> Result<Option<Result<crate::goto::TokenResponse, OAuthError>>>
+    where
+        F: FnOnce(crate::goto::Permit) -> Fut,
+        Fut: std::future::Future<Output = Result<crate::goto::TokenResponse, OAuthError>>,
+    {
+        let _slot = self
+            .ctx
+            .refresh_slots
+            .acquire()
+            .await
+            .map_err(|_| Error::TokensUnstored("shutting down".into()))?;
+        let permit = self.ctx.goto.permit().await;
+        if !self.ctx.leadership.confirm().await? {
+            warn!("not holding the leader Lease; token request not sent");
+            return Ok(None);
+        }
+        Ok(Some(send(permit).await))
     }
-    let response = ctx
-        .goto
-        .refresh(
-            permit,
-            settings.token_url.as_str(),
-            credentials,
-            current.refresh_token.expose_secret(),
-        )
-        .await;
-    let now = ctx.clock.now();
-    let count = |result| {
-        ctx.metrics
-            .count_refresh(&keys.namespace, &keys.name, result)
-    };
-    match response {
-        Ok(response) => {
-            let new = StoredTokens::from_response(&response, Some(current), settings, now)
-                .map_err(|e| Error::TokensUnstored(e.to_string()))?;
-            // Held in memory first: if the write fails, the next reconcile writes it again and
-            // sends no second refresh.
-            ctx.memory.with(&keys.uid, |m| {
-                m.held = Some(HeldTokens {
-                    tokens: new.clone(),
-                    stored: false,
-                });
-                m.answered_refresh_request = refresh_request;
-                m.backoff.refresh_failures = 0;
-                m.backoff.not_before = None;
-                m.backoff.last_failure = None;
+
+    fn count(&self, result: RefreshResult) {
+        let keys = &self.o.keys;
+        self.ctx
+            .metrics
+            .count_refresh(&keys.namespace, &keys.name, result);
+    }
+
+    /// One refresh, storing a rotated refresh token before anything else can happen to it.
+    async fn refresh(&self, current: &StoredTokens) -> Result<RefreshOutcome> {
+        let Some(refresh_token) = &current.refresh_token else {
+            return Ok(RefreshOutcome::Rejected {
+                error: "no refresh token is stored".into(),
             });
-            count(RefreshResult::Success);
-            match store_refreshed(ctx, &o.obj, settings, &new, o.target.as_ref()).await {
-                Ok(()) => {
-                    ctx.memory.with(&keys.uid, |m| {
-                        if let Some(held) = &mut m.held {
-                            held.stored = true;
-                        }
-                    });
+        };
+        let (ctx, settings) = (self.ctx, self.settings);
+        let sent = self
+            .send(|permit| {
+                ctx.goto.refresh(
+                    permit,
+                    settings.token_url.as_str(),
+                    self.credentials,
+                    refresh_token.expose_secret(),
+                )
+            })
+            .await?;
+        let Some(response) = sent else {
+            return Ok(RefreshOutcome::NotLeader);
+        };
+        let now = ctx.clock.now();
+        match response {
+            Ok(response) => {
+                let new = StoredTokens::from_response(&response, Some(current), settings, now)
+                    .map_err(|e| Error::TokensUnstored(e.to_string()))?;
+                self.store(new).await.map(|new| {
                     info!(expires_at = %new.expires_at, "access token refreshed");
-                    Ok(RefreshOutcome::Refreshed(Box::new(new)))
-                }
-                Err(e) => {
-                    warn!(error = %e, "refreshed tokens not stored yet; retrying the write");
-                    Err(Error::TokensUnstored(e.to_string()))
-                }
+                    RefreshOutcome::Refreshed(Box::new(new))
+                })
+            }
+            Err(e) if e.needs_reauthorization() => {
+                self.rejected(&e);
+                warn!(error = %e, "refresh token rejected; a new authorization is required");
+                Ok(RefreshOutcome::Rejected {
+                    error: e.to_string(),
+                })
+            }
+            Err(e) => Ok(self.failed(e, current.expires_at.duration_since(now), now)),
+        }
+    }
+
+    /// One personal access token exchange: new tokens, stored like a refresh's.
+    async fn exchange_personal_access_token(&self, pat: &str) -> Result<RefreshOutcome> {
+        let (ctx, settings) = (self.ctx, self.settings);
+        let sent = self
+            .send(|permit| {
+                ctx.goto.exchange_personal_access_token(
+                    permit,
+                    settings.token_url.as_str(),
+                    self.credentials,
+                    pat,
+                )
+            })
+            .await?;
+        let Some(response) = sent else {
+            return Ok(RefreshOutcome::NotLeader);
+        };
+        let now = ctx.clock.now();
+        match response {
+            Ok(response) => {
+                let new = StoredTokens::from_personal_access_token(&response, settings, now);
+                self.store(new).await.map(|new| {
+                    info!(
+                        expires_at = %new.expires_at,
+                        refresh_token = new.refresh_token.is_some(),
+                        "tokens obtained with the personal access token"
+                    );
+                    RefreshOutcome::Obtained(Box::new(new))
+                })
+            }
+            Err(e) if e.needs_reauthorization() => {
+                self.rejected(&e);
+                warn!(error = %e, "personal access token rejected; waiting for it or the spec to change");
+                Ok(RefreshOutcome::PatRejected {
+                    error: e.to_string(),
+                })
+            }
+            // Without tokens there is no lifetime to cap the backoff with.
+            Err(e) => {
+                let left = self
+                    .o
+                    .stored
+                    .as_ref()
+                    .map(|t| t.expires_at.duration_since(now))
+                    .unwrap_or(jiff::SignedDuration::from_hours(1));
+                Ok(self.failed(e, left, now))
             }
         }
-        Err(e) if e.needs_reauthorization() => {
-            count(match e {
-                OAuthError::InvalidClient { .. } => RefreshResult::InvalidClient,
-                _ => RefreshResult::InvalidGrant,
+    }
+
+    /// Holds new tokens in memory first, then writes them: if the write fails, the next
+    /// reconcile writes them again and sends no second request.
+    async fn store(&self, new: StoredTokens) -> Result<StoredTokens> {
+        let (ctx, keys) = (self.ctx, &self.o.keys);
+        ctx.memory.with(&keys.uid, |m| {
+            m.held = Some(HeldTokens {
+                tokens: new.clone(),
+                stored: false,
             });
-            ctx.memory.with(&keys.uid, |m| {
-                m.answered_refresh_request = refresh_request;
-                m.backoff.refresh_failures = 0;
-                m.backoff.not_before = None;
-                m.backoff.last_failure = None;
-            });
-            warn!(error = %e, "refresh token rejected; a new authorization is required");
-            Ok(RefreshOutcome::Rejected {
-                error: e.to_string(),
-            })
+            m.answered_refresh_request = self.refresh_request.clone();
+            m.backoff.refresh_failures = 0;
+            m.backoff.not_before = None;
+            m.backoff.last_failure = None;
+        });
+        self.count(RefreshResult::Success);
+        match store_refreshed(
+            ctx,
+            &self.o.obj,
+            self.settings,
+            &new,
+            self.o.target.as_ref(),
+        )
+        .await
+        {
+            Ok(()) => {
+                ctx.memory.with(&keys.uid, |m| {
+                    if let Some(held) = &mut m.held {
+                        held.stored = true;
+                    }
+                });
+                Ok(new)
+            }
+            Err(e) => {
+                warn!(error = %e, "new tokens not stored yet; retrying the write");
+                Err(Error::TokensUnstored(e.to_string()))
+            }
         }
-        Err(e) => {
-            let retry_after = match &e {
-                OAuthError::RateLimited { retry_after } => *retry_after,
-                _ => None,
-            };
-            count(if matches!(e, OAuthError::RateLimited { .. }) {
-                RefreshResult::RateLimited
-            } else {
-                RefreshResult::TransientError
-            });
-            let (attempt, retry_at) = ctx.memory.with(&keys.uid, |m| {
-                m.backoff.refresh_failures += 1;
-                let delay = schedule::backoff(
-                    m.backoff.refresh_failures,
-                    retry_after,
-                    current.expires_at.duration_since(now),
-                );
-                let at: Timestamp = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
-                m.backoff.not_before = Some(at);
-                m.backoff.last_failure = Some(e.to_string());
-                (m.backoff.refresh_failures, at)
-            });
-            warn!(error = %e, attempt, retry_at = %retry_at, "refresh failed; will retry");
-            Ok(RefreshOutcome::Failed {
-                message: e.to_string(),
-                retry_at,
-            })
+    }
+
+    /// Records a grant GoTo rejected: no backoff (nothing is retried until a change).
+    fn rejected(&self, e: &OAuthError) {
+        self.count(match e {
+            OAuthError::InvalidClient { .. } => RefreshResult::InvalidClient,
+            _ => RefreshResult::InvalidGrant,
+        });
+        self.ctx.memory.with(&self.o.keys.uid, |m| {
+            m.answered_refresh_request = self.refresh_request.clone();
+            m.backoff.refresh_failures = 0;
+            m.backoff.not_before = None;
+            m.backoff.last_failure = None;
+        });
+    }
+
+    /// Records a transient failure and when to try again; `left` is the current token's
+    /// remaining life, which caps the backoff.
+    fn failed(&self, e: OAuthError, left: jiff::SignedDuration, now: Timestamp) -> RefreshOutcome {
+        let retry_after = match &e {
+            OAuthError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        };
+        self.count(if matches!(e, OAuthError::RateLimited { .. }) {
+            RefreshResult::RateLimited
+        } else {
+            RefreshResult::TransientError
+        });
+        let (attempt, retry_at) = self.ctx.memory.with(&self.o.keys.uid, |m| {
+            m.backoff.refresh_failures += 1;
+            let delay = schedule::backoff(m.backoff.refresh_failures, retry_after, left);
+            let at: Timestamp = now + jiff::SignedDuration::try_from(delay).unwrap_or_default();
+            m.backoff.not_before = Some(at);
+            m.backoff.last_failure = Some(e.to_string());
+            (m.backoff.refresh_failures, at)
+        });
+        warn!(error = %e, attempt, retry_at = %retry_at, "token request failed; will retry");
+        RefreshOutcome::Failed {
+            message: e.to_string(),
+            retry_at,
         }
     }
 }

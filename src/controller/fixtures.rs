@@ -13,7 +13,7 @@ pub(crate) fn at(s: &str) -> Timestamp {
 pub(crate) fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTokens {
     StoredTokens {
         access_token: SecretString::from(format!("access-{issued}")),
-        refresh_token: SecretString::from(refresh.to_string()),
+        refresh_token: Some(SecretString::from(refresh.to_string())),
         token_type: "Bearer".into(),
         expires_at: at(issued) + SignedDuration::from_hours(1),
         issued_at: at(issued),
@@ -25,6 +25,7 @@ pub(crate) fn tokens(issued: &str, authorized: &str, refresh: &str) -> StoredTok
         organizer_key: None,
         client_id: "client".into(),
         token_url: "https://auth.example/oauth/token".into(),
+        obtained_by: Default::default(),
     }
 }
 
@@ -49,5 +50,6 @@ pub(crate) fn settings() -> ClientSettings {
                 .collect(),
             min_interval: crate::validation::DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL,
         },
+        personal_access_token: None,
     }
 }

@@ -2,23 +2,41 @@
 //!
 //! Reads are the client (from the watch cache, or fresh when this replica's own last status
 //! write is not in the cache yet), the token Secret, the previous token Secret after a
-//! `secretName` change, and the client secret. No decision is taken here; `plan` does that.
+//! `secretName` change, the client secret and, when the spec names one, the personal access
+//! token. No decision is taken here; `plan` does that.
 
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
 use secrecy::SecretString;
+use std::fmt;
 
 use super::{Context, memory::ClientMemory};
 use crate::{
     Error, Result,
-    conditions::ClientSecretProblem,
+    conditions::{ClientSecretProblem, PersonalAccessTokenProblem},
     goto::ClientCredentials,
     resource::GoToOAuthClient,
     secret::{StoredTokens, is_owned_by},
-    validation::{ClientSettings, InvalidSpec, validate},
+    validation::{ClientSettings, InvalidSpec, SecretKeyRef, validate},
 };
+
+/// The personal access token as read, and the version of the Secret it was read from.
+#[derive(Clone)]
+pub(crate) struct PersonalAccessToken {
+    pub(crate) value: SecretString,
+    pub(crate) resource_version: Option<String>,
+}
+
+impl fmt::Debug for PersonalAccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PersonalAccessToken")
+            .field("value", &"<redacted>")
+            .field("resource_version", &self.resource_version)
+            .finish()
+    }
+}
 
 /// Names of an object the API server always sets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +74,11 @@ pub(crate) struct Observed {
     pub(crate) settings: Result<ClientSettings, InvalidSpec>,
     /// `None` when the spec is invalid (the reference cannot be trusted).
     pub(crate) credentials: Option<Result<ClientCredentials, ClientSecretProblem>>,
+    /// The resourceVersion of the client-secret Secret, when it exists.
+    pub(crate) client_secret_version: Option<String>,
+    /// `None` when the spec names no personal access token or is invalid.
+    pub(crate) personal_access_token:
+        Option<Result<PersonalAccessToken, PersonalAccessTokenProblem>>,
     /// The Secret at the target name, whoever owns it.
     pub(crate) target: Option<Secret>,
     /// The target Secret exists and is not this client's.
@@ -145,15 +168,38 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
         });
 
     let settings = validate(&obj, &ctx.settings.defaults);
-    let credentials = match &settings {
-        Ok(settings) => Some(read_credentials(ctx, &keys.namespace, settings).await?),
-        Err(_) => None,
+    let (credentials, client_secret_version) = match &settings {
+        Ok(settings) => {
+            let secret = secrets.get_opt(&settings.client_secret_name).await?;
+            (
+                Some(credentials_in(secret.as_ref(), &keys.namespace, settings)),
+                secret.and_then(|s| s.metadata.resource_version),
+            )
+        }
+        Err(_) => (None, None),
+    };
+    let personal_access_token = match settings
+        .as_ref()
+        .ok()
+        .and_then(|s| s.personal_access_token.as_ref())
+    {
+        Some(pat_ref) => {
+            let secret = secrets.get_opt(&pat_ref.name).await?;
+            Some(personal_access_token_in(
+                secret.as_ref(),
+                &keys.namespace,
+                pat_ref,
+            ))
+        }
+        None => None,
     };
     Ok(Snapshot::Current(Box::new(Observed {
         obj,
         keys,
         settings,
         credentials,
+        client_secret_version,
+        personal_access_token,
         target,
         conflict,
         previous_secret_name: previous.map(|(name, _)| name),
@@ -169,13 +215,52 @@ pub(crate) async fn read_credentials(
     settings: &ClientSettings,
 ) -> Result<Result<ClientCredentials, ClientSecretProblem>> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(&settings.client_secret_name).await? else {
-        return Ok(Err(ClientSecretProblem::SecretNotFound {
+    let secret = secrets.get_opt(&settings.client_secret_name).await?;
+    Ok(credentials_in(secret.as_ref(), namespace, settings))
+}
+
+/// The credentials in the client-secret Secret, if it was found.
+fn credentials_in(
+    secret: Option<&Secret>,
+    namespace: &str,
+    settings: &ClientSettings,
+) -> Result<ClientCredentials, ClientSecretProblem> {
+    match secret {
+        Some(secret) => credentials_from(secret, namespace, settings),
+        None => Err(ClientSecretProblem::SecretNotFound {
             namespace: namespace.to_string(),
             name: settings.client_secret_name.clone(),
-        }));
+        }),
+    }
+}
+
+/// The personal access token in its Secret, if it was found (pure: tested without a cluster).
+fn personal_access_token_in(
+    secret: Option<&Secret>,
+    namespace: &str,
+    pat_ref: &SecretKeyRef,
+) -> Result<PersonalAccessToken, PersonalAccessTokenProblem> {
+    let Some(secret) = secret else {
+        return Err(PersonalAccessTokenProblem::SecretNotFound {
+            namespace: namespace.to_string(),
+            name: pat_ref.name.clone(),
+        });
     };
-    Ok(credentials_from(&secret, namespace, settings))
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&pat_ref.key))
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .map(|value| PersonalAccessToken {
+            value: SecretString::from(value),
+            resource_version: secret.metadata.resource_version.clone(),
+        })
+        .ok_or_else(|| PersonalAccessTokenProblem::KeyMissing {
+            namespace: namespace.to_string(),
+            name: pat_ref.name.clone(),
+            key: pat_ref.key.clone(),
+        })
 }
 
 /// The credentials in a client-secret Secret (pure, so it is tested without a cluster).
@@ -224,5 +309,40 @@ mod tests {
                 key: "clientSecret".into()
             }
         );
+    }
+
+    #[test]
+    fn personal_access_token_is_read_trimmed_with_its_version() {
+        let pat_ref = SecretKeyRef {
+            name: "pat".into(),
+            key: "personalAccessToken".into(),
+        };
+        let mut secret = Secret {
+            data: Some(
+                [(
+                    "personalAccessToken".to_string(),
+                    ByteString(" pat-value\n".into()),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        secret.metadata.resource_version = Some("7".into());
+        let pat = personal_access_token_in(Some(&secret), "ns", &pat_ref).unwrap();
+        assert_eq!(pat.value.expose_secret(), "pat-value");
+        assert_eq!(pat.resource_version.as_deref(), Some("7"));
+        assert!(!format!("{pat:?}").contains("pat-value"));
+        assert_eq!(
+            personal_access_token_in(None, "ns", &pat_ref).unwrap_err(),
+            PersonalAccessTokenProblem::SecretNotFound {
+                namespace: "ns".into(),
+                name: "pat".into()
+            }
+        );
+        secret.data = None;
+        assert!(matches!(
+            personal_access_token_in(Some(&secret), "ns", &pat_ref),
+            Err(PersonalAccessTokenProblem::KeyMissing { .. })
+        ));
     }
 }

@@ -2,7 +2,8 @@
 //! time, [`plan`] decides which tokens are current, whether the Secret must be written (stored
 //! tokens held in memory, a restore, a move to a new `secretName`), whether to refresh now, what
 //! blocks the client, where it stands with GoTo, what happens to the link, and when to look
-//! again. [`Plan::settle`] folds in what the refresh did; the result is what the status is
+//! again, and which grant a token request uses (the refresh token, or the personal access
+//! token when there is no usable refresh token). [`Plan::settle`] folds in what the request did; the result is what the status is
 //! computed from. No client, no clock, no randomness: every decision is table-tested below.
 
 use std::time::Duration;
@@ -14,7 +15,7 @@ use crate::{
     conditions::{Authorization, Blocker, Reauthorization},
     resource::{
         ConsumedState, FORCE_REFRESH_ANNOTATION, GoToOAuthClient, GoToOAuthClientStatus,
-        ROTATE_LINK_ANNOTATION, RolloutRestartStatus,
+        ROTATE_LINK_ANNOTATION, RejectedPersonalAccessToken, RolloutRestartStatus,
     },
     secret::StoredTokens,
     validation::ClientSettings,
@@ -31,12 +32,32 @@ pub(crate) enum SecretWrite {
     Move { from: String },
 }
 
-/// Why a refresh is sent now.
+/// Why a token request is sent now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RefreshTrigger {
     Due,
     /// The refresh-requested annotation changed.
     Requested,
+    /// No tokens the refresh token can renew: none stored, or GoTo rejected the refresh token,
+    /// or they were issued to another client. The personal access token replaces them.
+    NoUsableTokens,
+}
+
+/// Which grant a token request uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TokenRequest {
+    /// The stored refresh token. When GoTo rejects it and `then_pat`, the personal access
+    /// token is exchanged right after, in the same reconcile: no consent is needed.
+    Refresh { then_pat: bool },
+    /// Exchange the personal access token.
+    PersonalAccessToken,
+}
+
+/// A token request to send now, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Refresh {
+    pub(crate) trigger: RefreshTrigger,
+    pub(crate) request: TokenRequest,
 }
 
 /// What happens to the authorization link.
@@ -67,7 +88,7 @@ pub(crate) struct Plan {
     /// The tokens that are current once `write` is done.
     pub(crate) tokens: Option<StoredTokens>,
     pub(crate) write: Option<SecretWrite>,
-    pub(crate) refresh: Option<RefreshTrigger>,
+    pub(crate) refresh: Option<Refresh>,
     pub(crate) blocker: Option<Blocker>,
     pub(crate) authorization: Authorization,
     /// When the consent was given whose refresh token GoTo rejected, while those tokens stay.
@@ -85,6 +106,11 @@ pub(crate) struct Plan {
     pub(crate) consumed_states: Vec<ConsumedState>,
     /// `status.rolloutRestart` as it stands; the reconcile's rollout step replaces it.
     pub(crate) rollout: Option<RolloutRestartStatus>,
+    /// The personal access token GoTo rejected, while nothing it was sent with changed.
+    pub(crate) rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
+    /// What a personal access token sent now is sent with (spec generation, PAT Secret and
+    /// client-secret Secret versions), to recognise it after a rejection.
+    pub(crate) pat_sent_with: Option<String>,
 }
 
 /// What the refresh that [`Plan::refresh`] asked for did.
@@ -97,8 +123,19 @@ pub(crate) enum RefreshOutcome {
         message: String,
         retry_at: Timestamp,
     },
-    /// GoTo rejected the refresh token: only a new consent helps.
+    /// GoTo rejected the refresh token: only a new consent (or personal access token) helps.
     Rejected { error: String },
+    /// New tokens from the personal access token grant, already stored: a new grant, like a
+    /// consent.
+    Obtained(Box<StoredTokens>),
+    /// GoTo rejected the personal access token.
+    PatRejected { error: String },
+    /// GoTo rejected the refresh token, then the personal access token was exchanged: `then`
+    /// is what that did.
+    AfterRejection {
+        error: String,
+        then: Box<RefreshOutcome>,
+    },
     /// This replica no longer holds the Lease: nothing was sent.
     NotLeader,
 }
@@ -148,27 +185,77 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         handled_refresh_request = refresh_request.clone();
     }
 
-    // Refresh only what can be refreshed: our tokens, a working consent, a client secret.
-    let refreshable =
-        can_store && authorization.is_authorized() && matches!(o.credentials, Some(Ok(_)));
-    let (mut refresh, mut next_refresh) = (None, None);
-    if let (Some(current), Some(settings), true) = (&tokens, settings, refreshable) {
-        let due = schedule::next_refresh_at(current, settings.refresh_before, &o.keys.uid);
-        let not_before = o.memory.backoff.not_before.unwrap_or(now);
-        let requested = refresh_request.is_some() && refresh_request != handled_refresh_request;
-        let when = if requested {
-            not_before
-        } else {
-            due.max(not_before)
+    // The personal access token, and whether GoTo rejected it as it is now.
+    let pat_sent_with = match (&o.personal_access_token, settings) {
+        (Some(Ok(pat)), Some(_)) => Some(format!(
+            "{}/{}/{}",
+            obj.metadata.generation.unwrap_or_default(),
+            pat.resource_version.as_deref().unwrap_or_default(),
+            o.client_secret_version.as_deref().unwrap_or_default(),
+        )),
+        _ => None,
+    };
+    let rejected_personal_access_token = status
+        .rejected_personal_access_token
+        .clone()
+        .filter(|r| Some(&r.sent_with) == pat_sent_with.as_ref());
+    let pat_usable = pat_sent_with.is_some() && rejected_personal_access_token.is_none();
+
+    // Token requests need our tokens (or none yet) and a client secret.
+    let can_request = can_store && matches!(o.credentials, Some(Ok(_)));
+    // Tokens the refresh token cannot renew: the personal access token must replace them.
+    let needs_pat = match &tokens {
+        None => true,
+        Some(t) => t.refresh_token.is_none() || !authorization.is_authorized(),
+    };
+    let mut blocker = blocker;
+    if blocker.is_none() && can_request && needs_pat && !pat_usable {
+        blocker = match (&o.personal_access_token, &rejected_personal_access_token) {
+            (Some(Err(problem)), _) => Some(Blocker::PersonalAccessTokenMissing(problem.clone())),
+            (_, Some(rejected)) => Some(Blocker::PersonalAccessTokenRejected {
+                error: rejected.error.clone(),
+            }),
+            _ => None,
         };
-        if when <= now {
-            refresh = Some(if requested {
-                RefreshTrigger::Requested
+    }
+
+    let (mut refresh, mut next_refresh) = (None, None);
+    let not_before = o.memory.backoff.not_before.unwrap_or(now);
+    let requested = refresh_request.is_some() && refresh_request != handled_refresh_request;
+    match (&tokens, settings) {
+        (Some(current), Some(settings)) if can_request && authorization.is_authorized() => {
+            let request = match (&current.refresh_token, pat_usable) {
+                (Some(_), then_pat) => Some(TokenRequest::Refresh { then_pat }),
+                (None, true) => Some(TokenRequest::PersonalAccessToken),
+                (None, false) => None,
+            };
+            let due = schedule::next_refresh_at(current, settings.refresh_before, &o.keys.uid);
+            let when = if requested {
+                not_before
             } else {
-                RefreshTrigger::Due
-            });
+                due.max(not_before)
+            };
+            if let Some(request) = request {
+                if when <= now {
+                    let trigger = match requested {
+                        true => RefreshTrigger::Requested,
+                        false => RefreshTrigger::Due,
+                    };
+                    refresh = Some(Refresh { trigger, request });
+                }
+                next_refresh = Some(when);
+            }
         }
-        next_refresh = Some(when);
+        _ if can_request && needs_pat && pat_usable => {
+            if not_before <= now {
+                refresh = Some(Refresh {
+                    trigger: RefreshTrigger::NoUsableTokens,
+                    request: TokenRequest::PersonalAccessToken,
+                });
+            }
+            next_refresh = Some(not_before);
+        }
+        _ => {}
     }
 
     let mut handled_link_rotation = status.handled_link_rotation.clone();
@@ -180,7 +267,7 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         link = Link::Replace;
         handled_link_rotation = rotate_request;
     }
-    if blocker.is_some() {
+    if blocker.as_ref().is_some_and(Blocker::withdraws_link) {
         link = Link::Withdraw;
     }
 
@@ -205,6 +292,8 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         secret_name,
         consumed_states: status.consumed_states.clone(),
         rollout: status.rollout_restart.clone(),
+        rejected_personal_access_token,
+        pat_sent_with,
     }
 }
 
@@ -315,6 +404,35 @@ impl Plan {
                 self.refresh_failure = Some(message);
                 self.next_refresh = Some(retry_at);
             }
+            Some(RefreshOutcome::Obtained(new)) => {
+                self.next_refresh =
+                    settings.map(|s| schedule::next_refresh_at(&new, s.refresh_before, uid));
+                self.authorization = Authorization::Authorized {
+                    principal: new.principal.clone(),
+                };
+                self.tokens = Some(*new);
+                self.refresh_failure = None;
+                self.rejected_authorization = None;
+                self.rejected_personal_access_token = None;
+                self.handled_refresh_request = self.refresh_request.clone();
+            }
+            Some(RefreshOutcome::PatRejected { error }) => {
+                self.blocker = Some(Blocker::PersonalAccessTokenRejected {
+                    error: error.clone(),
+                });
+                self.rejected_personal_access_token = self
+                    .pat_sent_with
+                    .clone()
+                    .map(|sent_with| RejectedPersonalAccessToken { sent_with, error });
+                self.refresh_failure = None;
+                self.handled_refresh_request = self.refresh_request.clone();
+                self.next_refresh = None;
+            }
+            Some(RefreshOutcome::AfterRejection { error, then }) => {
+                return self
+                    .settle(Some(RefreshOutcome::Rejected { error }), settings, uid, now)
+                    .settle(Some(*then), settings, uid, now);
+            }
             Some(RefreshOutcome::Rejected { error }) => {
                 self.authorization =
                     Authorization::ReauthorizationRequired(Reauthorization::RefreshTokenRejected {
@@ -367,6 +485,8 @@ impl Plan {
             refresh_request,
             refresh_failure: None,
             secret_name: Some(settings.secret_name.clone()),
+            rejected_personal_access_token: status.rejected_personal_access_token,
+            pat_sent_with: None,
             consumed_states: status.consumed_states,
             rollout: status.rollout_restart,
         }
@@ -397,6 +517,8 @@ impl Plan {
             secret_name: None,
             consumed_states: status.consumed_states.clone(),
             rollout: status.rollout_restart.clone(),
+            rejected_personal_access_token: status.rejected_personal_access_token.clone(),
+            pat_sent_with: None,
         }
     }
 
@@ -441,17 +563,18 @@ mod tests {
 
     use super::*;
     use crate::{
-        conditions::ClientSecretProblem,
+        conditions::{ClientSecretProblem, PersonalAccessTokenProblem, Reason},
         controller::{
             fixtures::{at, settings, tokens},
             memory::{Backoff, ClientMemory, HeldTokens},
-            observe::ObjectKeys,
+            observe::{ObjectKeys, PersonalAccessToken},
         },
         goto::ClientCredentials,
         resource::{
             AuthorizationPhase, AuthorizationReason, AuthorizationStatus, GoToOAuthClientSpec,
+            PersonalAccessTokenRef, TokenGrant,
         },
-        validation::InvalidSpec,
+        validation::{InvalidSpec, SecretKeyRef},
     };
 
     const NOW: &str = "2026-11-23T10:00:00Z";
@@ -484,6 +607,8 @@ mod tests {
                 client_id: "client".into(),
                 client_secret: SecretString::from("secret"),
             })),
+            client_secret_version: Some("5".into()),
+            personal_access_token: None,
             target: None,
             conflict: false,
             previous_secret_name: None,
@@ -708,7 +833,7 @@ mod tests {
             ),
         ];
         for (what, o, want) in cases {
-            assert_eq!(plan(&o, at(NOW)).refresh, want, "{what}");
+            assert_eq!(plan(&o, at(NOW)).refresh.map(|r| r.trigger), want, "{what}");
         }
     }
 
@@ -856,5 +981,299 @@ mod tests {
         );
         assert_eq!(failed.refresh_failure.as_deref(), Some("timeout"));
         assert_eq!(failed.next_refresh, Some(at("2026-11-23T10:00:10Z")));
+    }
+
+    /// A client whose spec names a personal access token, readable at Secret version `pat_rv`.
+    fn with_pat(mut o: Observed, pat_rv: &str) -> Observed {
+        o.personal_access_token = Some(Ok(PersonalAccessToken {
+            value: SecretString::from("pat-value"),
+            resource_version: Some(pat_rv.into()),
+        }));
+        let obj = Arc::make_mut(&mut o.obj);
+        obj.metadata.generation = Some(3);
+        obj.spec.personal_access_token_ref = Some(PersonalAccessTokenRef {
+            name: "pat".into(),
+            key: "personalAccessToken".into(),
+        });
+        if let Ok(settings) = &mut o.settings {
+            settings.personal_access_token = Some(SecretKeyRef {
+                name: "pat".into(),
+                key: "personalAccessToken".into(),
+            });
+        }
+        o
+    }
+
+    fn pat_tokens(issued: &str, refresh: Option<&str>) -> StoredTokens {
+        StoredTokens {
+            refresh_token: refresh.map(SecretString::from),
+            obtained_by: TokenGrant::PersonalAccessToken,
+            ..tokens(issued, issued, "unused")
+        }
+    }
+
+    fn rejected_pat(sent_with: &str) -> RejectedPersonalAccessToken {
+        RejectedPersonalAccessToken {
+            sent_with: sent_with.into(),
+            error: "GoTo rejected the grant (invalid_grant)".into(),
+        }
+    }
+
+    #[test]
+    fn personal_access_token_decisions() {
+        let due_pat_only = pat_tokens("2026-11-23T09:15:00Z", None);
+        let fresh_pat_only = pat_tokens("2026-11-23T09:50:00Z", None);
+        let due_with_refresh = pat_tokens("2026-11-23T09:15:00Z", Some("r"));
+        let consent_due = tokens("2026-11-23T09:15:00Z", "2026-11-01T00:00:00Z", "r");
+        let pat = TokenRequest::PersonalAccessToken;
+        let no_tokens = RefreshTrigger::NoUsableTokens;
+        // (what, observed) → (token request, blocker reason)
+        type Case = (
+            &'static str,
+            Observed,
+            Option<(RefreshTrigger, TokenRequest)>,
+            Option<Reason>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "no tokens and a PAT: exchange it",
+                with_pat(observed(None), "7"),
+                Some((no_tokens, pat)),
+                None,
+            ),
+            (
+                "no tokens and no PAT: wait for a consent",
+                observed(None),
+                None,
+                None,
+            ),
+            (
+                "a refresh token is stored: refresh, the PAT as fallback",
+                with_pat(observed(Some(due_with_refresh.clone())), "7"),
+                Some((
+                    RefreshTrigger::Due,
+                    TokenRequest::Refresh { then_pat: true },
+                )),
+                None,
+            ),
+            (
+                "no refresh token stored and due: the PAT again",
+                with_pat(observed(Some(due_pat_only.clone())), "7"),
+                Some((RefreshTrigger::Due, pat)),
+                None,
+            ),
+            (
+                "no refresh token stored, not due yet",
+                with_pat(observed(Some(fresh_pat_only.clone())), "7"),
+                None,
+                None,
+            ),
+            (
+                "refresh token rejected: the PAT replaces it",
+                with_pat(
+                    with_status(observed(Some(consent_due.clone())), |s| {
+                        s.rejected_authorization = Some(Time(consent_due.authorized_at))
+                    }),
+                    "7",
+                ),
+                Some((no_tokens, pat)),
+                None,
+            ),
+            (
+                "PAT rejected as it is: blocked, nothing sent",
+                with_pat(
+                    with_status(observed(None), |s| {
+                        s.rejected_personal_access_token = Some(rejected_pat("3/7/5"))
+                    }),
+                    "7",
+                ),
+                None,
+                Some(Reason::PersonalAccessTokenRejected),
+            ),
+            (
+                "PAT rejected, then its Secret changed: exchange again",
+                with_pat(
+                    with_status(observed(None), |s| {
+                        s.rejected_personal_access_token = Some(rejected_pat("3/7/5"))
+                    }),
+                    "8",
+                ),
+                Some((no_tokens, pat)),
+                None,
+            ),
+            (
+                "PAT rejected, refresh token stored: refresh without fallback",
+                with_pat(
+                    with_status(observed(Some(due_with_refresh.clone())), |s| {
+                        s.rejected_personal_access_token = Some(rejected_pat("3/7/5"))
+                    }),
+                    "7",
+                ),
+                Some((
+                    RefreshTrigger::Due,
+                    TokenRequest::Refresh { then_pat: false },
+                )),
+                None,
+            ),
+            (
+                "PAT rejected, no refresh token: blocked although tokens live",
+                with_pat(
+                    with_status(observed(Some(due_pat_only.clone())), |s| {
+                        s.rejected_personal_access_token = Some(rejected_pat("3/7/5"))
+                    }),
+                    "7",
+                ),
+                None,
+                Some(Reason::PersonalAccessTokenRejected),
+            ),
+            (
+                "PAT Secret missing and no tokens",
+                {
+                    let mut o = with_pat(observed(None), "7");
+                    o.personal_access_token =
+                        Some(Err(PersonalAccessTokenProblem::SecretNotFound {
+                            namespace: "ns".into(),
+                            name: "pat".into(),
+                        }));
+                    o
+                },
+                None,
+                Some(Reason::PersonalAccessTokenMissing),
+            ),
+            (
+                "PAT Secret missing but the refresh token works: not needed",
+                {
+                    let mut o = with_pat(observed(Some(due_with_refresh.clone())), "7");
+                    o.personal_access_token =
+                        Some(Err(PersonalAccessTokenProblem::SecretNotFound {
+                            namespace: "ns".into(),
+                            name: "pat".into(),
+                        }));
+                    o
+                },
+                Some((
+                    RefreshTrigger::Due,
+                    TokenRequest::Refresh { then_pat: false },
+                )),
+                None,
+            ),
+            (
+                "backing off after a failed exchange",
+                {
+                    let mut o = with_pat(observed(None), "7");
+                    o.memory.backoff.not_before = Some(at("2026-11-23T10:00:05Z"));
+                    o
+                },
+                None,
+                None,
+            ),
+            (
+                "no client secret: nothing is sent",
+                {
+                    let mut o = with_pat(observed(None), "7");
+                    o.credentials = Some(Err(ClientSecretProblem::SecretNotFound {
+                        namespace: "ns".into(),
+                        name: "creds".into(),
+                    }));
+                    o
+                },
+                None,
+                Some(Reason::ClientSecretMissing),
+            ),
+        ];
+        for (what, o, want, want_blocker) in cases {
+            let p = plan(&o, at(NOW));
+            assert_eq!(
+                p.refresh.map(|r| (r.trigger, r.request)),
+                want,
+                "{what}: request"
+            );
+            assert_eq!(
+                p.blocker.as_ref().map(Blocker::reason),
+                want_blocker,
+                "{what}: blocker"
+            );
+            // The link stays for a consent unless the consent could not work either.
+            if want_blocker.is_some_and(|r| r != Reason::ClientSecretMissing) {
+                assert_eq!(p.link, Link::Keep(LINK.into()), "{what}: link");
+            }
+        }
+    }
+
+    #[test]
+    fn settling_personal_access_token_outcomes() {
+        let o = with_pat(observed(None), "7");
+        let p = plan(&o, at(NOW));
+        assert_eq!(p.pat_sent_with.as_deref(), Some("3/7/5"));
+        let new = pat_tokens(NOW, None);
+        let obtained = p.clone().settle(
+            Some(RefreshOutcome::Obtained(Box::new(new.clone()))),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert_eq!(obtained.tokens.as_ref(), Some(&new));
+        assert!(obtained.authorization.is_authorized());
+        assert!(obtained.next_refresh.is_some_and(|t| t > at(NOW)));
+        assert_eq!(
+            obtained.link,
+            Link::Keep(LINK.into()),
+            "the link was not used"
+        );
+
+        let rejected = p.clone().settle(
+            Some(RefreshOutcome::PatRejected {
+                error: "GoTo rejected the grant (invalid_grant)".into(),
+            }),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert_eq!(
+            rejected.rejected_personal_access_token,
+            Some(rejected_pat("3/7/5"))
+        );
+        assert!(matches!(
+            rejected.blocker,
+            Some(Blocker::PersonalAccessTokenRejected { .. })
+        ));
+        assert_eq!(
+            (rejected.next_refresh, rejected.requeue_after(at(NOW))),
+            (None, None)
+        );
+
+        // A rejected refresh token recovered by the PAT: authorized, no rejection left.
+        let consent = tokens("2026-11-23T09:15:00Z", "2026-11-01T00:00:00Z", "r");
+        let p = plan(&with_pat(observed(Some(consent)), "7"), at(NOW));
+        let recovered = p.clone().settle(
+            Some(RefreshOutcome::AfterRejection {
+                error: "invalid_grant".into(),
+                then: Box::new(RefreshOutcome::Obtained(Box::new(new.clone()))),
+            }),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert!(recovered.authorization.is_authorized());
+        assert_eq!(recovered.rejected_authorization, None);
+        assert_eq!(
+            recovered.tokens.map(|t| t.obtained_by),
+            Some(TokenGrant::PersonalAccessToken)
+        );
+        // Both rejected: reauthorization required, and the PAT blocked.
+        let both = p.settle(
+            Some(RefreshOutcome::AfterRejection {
+                error: "invalid_grant".into(),
+                then: Box::new(RefreshOutcome::PatRejected {
+                    error: "invalid_grant".into(),
+                }),
+            }),
+            Some(&settings()),
+            "uid-1",
+            at(NOW),
+        );
+        assert!(!both.authorization.is_authorized());
+        assert!(both.rejected_authorization.is_some());
+        assert!(both.rejected_personal_access_token.is_some());
     }
 }

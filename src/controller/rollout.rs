@@ -11,7 +11,7 @@
 //! Only the leader's reconcile restarts (after the refreshed tokens are stored); the consent
 //! callback, which any unauthenticated browser can reach, never does: it only carries the record.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
@@ -30,7 +30,7 @@ use crate::{
     conditions::{DesiredCondition, ROLLOUT_TARGETS_UP_TO_DATE, Reason, cond},
     resource::{
         FailedRestartTarget, GoToOAuthClient, MANAGER, RestartProblem, RolloutRestartStatus,
-        RolloutRestartTarget, RolloutRestartTrigger, WorkloadKind,
+        RolloutRestartTarget, RolloutRestartTrigger, TokenGrant, WorkloadKind,
     },
     secret::StoredTokens,
     validation::RolloutSettings,
@@ -43,22 +43,44 @@ pub const RESTARTED_AT_ANNOTATION: &str = "goto-oauth.dev/restartedAt";
 /// The newest change of the stored tokens among the kinds `on` names, and its kind. A consent
 /// also issues a refresh and an access token; it counts as `Authorization` when that is asked
 /// for, so one change is reported once, by its most specific kind.
+///
+/// Tokens of a personal access token grant that came without a refresh token are renewed by
+/// exchanging the PAT again, about hourly: each exchange is a new grant, but to a consumer it
+/// is only a new access token, so it counts as `AccessToken` (and never as a rotation).
 pub(crate) fn latest_change(
     tokens: &StoredTokens,
-    on: &std::collections::BTreeSet<RolloutRestartTrigger>,
+    on: &BTreeSet<RolloutRestartTrigger>,
 ) -> Option<(Timestamp, RolloutRestartTrigger)> {
+    let renewed_by_pat =
+        tokens.obtained_by == TokenGrant::PersonalAccessToken && tokens.refresh_token.is_none();
+    let authorization =
+        (!renewed_by_pat).then_some((tokens.authorized_at, RolloutRestartTrigger::Authorization));
+    let rotation = tokens.refresh_token.is_some().then_some((
+        tokens.refresh_token_obtained_at,
+        RolloutRestartTrigger::RefreshTokenRotation,
+    ));
     [
-        (tokens.authorized_at, RolloutRestartTrigger::Authorization),
-        (
-            tokens.refresh_token_obtained_at,
-            RolloutRestartTrigger::RefreshTokenRotation,
-        ),
-        (tokens.issued_at, RolloutRestartTrigger::AccessToken),
+        authorization,
+        rotation,
+        Some((tokens.issued_at, RolloutRestartTrigger::AccessToken)),
     ]
     .into_iter()
+    .flatten()
     .filter(|(_, trigger)| on.contains(trigger))
     // Later times win; at equal times the earlier entry (the more specific kind) wins.
     .reduce(|best, next| if next.0 > best.0 { next } else { best })
+}
+
+/// Every kind of change: the first tokens restart the targets whatever `on` says, since
+/// pods started before them had none.
+fn any_change(tokens: &StoredTokens) -> Option<(Timestamp, RolloutRestartTrigger)> {
+    let every: BTreeSet<_> = [
+        RolloutRestartTrigger::Authorization,
+        RolloutRestartTrigger::RefreshTokenRotation,
+        RolloutRestartTrigger::AccessToken,
+    ]
+    .into();
+    latest_change(tokens, &every).map(|(at, _)| (at, RolloutRestartTrigger::Authorization))
 }
 
 /// What to do about the targets in this reconcile.
@@ -105,10 +127,11 @@ pub(crate) fn decide(
             .any(|t| t.kind == f.kind && t.name == f.name)
     });
     let handled = record.handled_change_time.as_ref().map(|t| t.0);
-    let Some((change, trigger)) = stored
-        .and_then(change_of)
-        .filter(|(at, _)| handled.is_none_or(|h| *at > h))
-    else {
+    let change = match handled {
+        Some(h) => stored.and_then(change_of).filter(|(at, _)| *at > h),
+        None => stored.and_then(any_change),
+    };
+    let Some((change, trigger)) = change else {
         record.pending_restart_time = None;
         return Decision::UpToDate(record);
     };
@@ -403,8 +426,6 @@ fn time(ts: Timestamp) -> Time {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
     use crate::controller::fixtures::{at, tokens};
 
@@ -556,6 +577,39 @@ mod tests {
             ),
             Decision::UpToDate(_)
         ));
+    }
+
+    /// A personal access token renewed by exchanging it again (no refresh token) is a new
+    /// access token to its consumers, not a new authorization: no hourly restart by default.
+    /// Its very first tokens restart the targets like a consent's.
+    #[test]
+    fn pat_renewals_count_as_access_tokens() {
+        let first = "2026-11-23T08:00:00Z";
+        let mut renewed = tokens("2026-11-23T09:40:00Z", "2026-11-23T09:40:00Z", "r");
+        renewed.refresh_token = None;
+        renewed.obtained_by = TokenGrant::PersonalAccessToken;
+        renewed.refresh_token_obtained_at = at("2026-11-23T09:40:00Z");
+        let handled = record(Some(first), Some(first));
+        assert!(matches!(
+            decide(&default_on(), Some(&handled), None, Some(&renewed), at(NOW)),
+            Decision::UpToDate(_)
+        ));
+        let every = settings(&[RolloutRestartTrigger::AccessToken]);
+        assert_eq!(
+            decide(&every, Some(&handled), None, Some(&renewed), at(NOW)),
+            Decision::Restart {
+                change: at("2026-11-23T09:40:00Z"),
+                trigger: RolloutRestartTrigger::AccessToken
+            }
+        );
+        assert_eq!(
+            decide(&default_on(), None, None, Some(&renewed), at(NOW)),
+            Decision::Restart {
+                change: at("2026-11-23T09:40:00Z"),
+                trigger: RolloutRestartTrigger::Authorization
+            },
+            "the first tokens"
+        );
     }
 
     /// Changes inside the minimum interval wait for its end and restart once, for the newest.

@@ -77,7 +77,7 @@ mod tests {
         let issued_at: Timestamp = issued.parse().unwrap();
         StoredTokens {
             access_token: SecretString::from("a"),
-            refresh_token: SecretString::from("r"),
+            refresh_token: Some(SecretString::from("r")),
             token_type: "Bearer".into(),
             expires_at: issued_at + SignedDuration::from_secs(lifetime_secs),
             issued_at,
@@ -89,6 +89,7 @@ mod tests {
             organizer_key: None,
             client_id: "c".into(),
             token_url: "t".into(),
+            obtained_by: Default::default(),
         }
     }
 

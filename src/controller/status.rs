@@ -67,6 +67,8 @@ pub(crate) fn desired_status(
         account_key: tokens.and_then(|t| t.account_key.clone()),
         organizer_key: tokens.and_then(|t| t.organizer_key.clone()),
         secret_name: plan.secret_name.clone(),
+        obtained_by: tokens.map(|t| t.obtained_by),
+        rejected_personal_access_token: plan.rejected_personal_access_token.clone(),
         handled_link_rotation: plan.handled_link_rotation.clone(),
         handled_refresh_request: plan.handled_refresh_request.clone(),
         rejected_authorization: plan.rejected_authorization.map(time),

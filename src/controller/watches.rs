@@ -1,6 +1,6 @@
 //! What the controller watches and how it runs: the clients (cached without managedFields),
-//! Secrets as metadata only (a change to a client secret or a token Secret triggers the clients
-//! that reference it), and the manual clock's ticks in tests. One controller per watched
+//! Secrets as metadata only (a change to a client secret, a personal access token Secret or a
+//! token Secret triggers the clients that reference it), and the manual clock's ticks in tests. One controller per watched
 //! namespace, or one for all.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
@@ -27,7 +27,8 @@ const CONCURRENCY: u16 = 16;
 /// How often memory of deleted clients is dropped (the controller is not called for them).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The clients that reference a Secret, as client secret or as token Secret.
+/// The clients that reference a Secret, as client secret, personal access token or token
+/// Secret.
 fn referencing_clients(
     store: &Store<GoToOAuthClient>,
     secret: &PartialObjectMeta<Secret>,
@@ -44,6 +45,10 @@ fn referencing_clients(
         .filter(|c| c.metadata.namespace.as_deref() == Some(namespace))
         .filter(|c| {
             c.spec.client_secret_ref.name == name
+                || c.spec
+                    .personal_access_token_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
                 || c.target_secret_name() == name
                 || c.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(name)
         })

@@ -21,7 +21,8 @@ pub use protocol::{ClientCredentials, OAuthError, TokenResponse};
 #[must_use]
 pub(crate) struct Permit(());
 
-/// The token-endpoint client every refresh and code exchange goes through.
+/// The token-endpoint client every refresh, code exchange and personal access token exchange
+/// goes through.
 pub(crate) struct GoTo {
     http: protocol::TokenClient,
     limiter: RateLimiter,
@@ -83,6 +84,23 @@ impl GoTo {
         let started = std::time::Instant::now();
         let response = self.http.refresh(token_url, creds, refresh_token).await;
         self.observe(GrantType::RefreshToken, &response, started);
+        response
+    }
+
+    /// Exchanges a personal access token for tokens (GoTo's grant without a browser).
+    pub(crate) async fn exchange_personal_access_token(
+        &self,
+        _permit: Permit,
+        token_url: &str,
+        creds: &ClientCredentials,
+        pat: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        let started = std::time::Instant::now();
+        let response = self
+            .http
+            .exchange_personal_access_token(token_url, creds, pat)
+            .await;
+        self.observe(GrantType::PersonalAccessToken, &response, started);
         response
     }
 

@@ -1,4 +1,5 @@
-//! GoTo's OAuth protocol on the wire: the consent URL, the code exchange and the refresh grant.
+//! GoTo's OAuth protocol on the wire: the consent URL, the code exchange, the refresh grant and
+//! the personal access token grant.
 //!
 //! Written by hand instead of with a general OAuth library because GoTo's documents differ from RFC 6749 where it matters: the Basic
 //! header is the plain base64 of `clientId:clientSecret` (no URL-encoding first; real secrets
@@ -403,6 +404,21 @@ impl TokenClient {
             encode_component(refresh_token)
         );
         self.post(token_url, creds, body, &[refresh_token]).await
+    }
+
+    /// Exchanges a personal access token (`grant_type=personal_access_token&pat=…`, GoTo's
+    /// grant without a browser). Whether the response has a `refresh_token` is undocumented.
+    pub async fn exchange_personal_access_token(
+        &self,
+        token_url: &str,
+        creds: &ClientCredentials,
+        pat: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        let body = format!(
+            "grant_type=personal_access_token&pat={}",
+            encode_component(pat)
+        );
+        self.post(token_url, creds, body, &[pat]).await
     }
 
     /// One POST to the token endpoint. `grant_secrets` are the values in the body that must
@@ -830,6 +846,38 @@ mod tests {
             seen.headers["authorization"],
             "Basic YTIwYWJjNGYtODY4YS00MzM5LTkzNGYtNGRhMmQ3ODhkMGFhOjNuYU8xMElBMmFnY3ZHKzlJOVRHRVE9PQ=="
         );
+    }
+
+    #[tokio::test]
+    async fn personal_access_token_grant_sends_the_pat_with_the_basic_header() {
+        let (url, seen) = server(json(200, r#"{"access_token":"a","expires_in":3600}"#)).await;
+        let pat = "pat+with/odd=chars";
+        let response = client()
+            .exchange_personal_access_token(&url, &creds(), pat)
+            .await
+            .unwrap();
+        assert!(response.refresh_token.is_none());
+        let first = seen.lock().unwrap()[0].clone();
+        assert_eq!(
+            first.body,
+            "grant_type=personal_access_token&pat=pat%2Bwith%2Fodd%3Dchars"
+        );
+        assert_eq!(
+            first.headers["authorization"],
+            basic_authorization(CLIENT_ID, CLIENT_SECRET).as_str()
+        );
+        // A description echoing the PAT is redacted like a code.
+        let (url, _) = server(json(
+            400,
+            r#"{"error":"invalid_grant","error_description":"pat pat+with/odd=chars is revoked"}"#,
+        ))
+        .await;
+        let error = client()
+            .exchange_personal_access_token(&url, &creds(), pat)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, OAuthError::InvalidGrant { .. }));
+        assert!(!error.to_string().contains(pat), "{error}");
     }
 
     #[test]

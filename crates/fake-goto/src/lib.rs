@@ -18,7 +18,11 @@
 //!   `token_type` field: the old refresh token stays valid. [`RefreshTokenRotation::Always`] models
 //!   the stricter "valid for one use only" reading, where a returned refresh token replaces the
 //!   old one at once;
-//! * the token endpoint is rate limited (10 requests per second by default) with HTTP 429.
+//! * the token endpoint is rate limited (10 requests per second by default) with HTTP 429;
+//! * the personal access token grant (`grant_type=personal_access_token&pat=…`, same Basic header)
+//!   accepts the PATs registered with [`FakeGoTo::register_personal_access_token`] for their client
+//!   and answers any other with `invalid_grant`. GoTo does not document whether its response
+//!   carries a refresh token, so [`PatRefreshToken`] chooses.
 //!
 //! Error paths are driven by fault injection ([`FakeGoTo::push_token_fault`],
 //! [`FakeGoTo::set_random_faults`]). A faulted request is **not processed**: it consumes no
@@ -92,6 +96,17 @@ pub enum RefreshTokenRotation {
     Always,
 }
 
+/// Whether a personal access token grant's response carries a `refresh_token` (GoTo does not
+/// document it, so the operator must handle both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PatRefreshToken {
+    /// A refresh token comes with the access token, as after a consent.
+    #[default]
+    Issue,
+    /// Only an access token: the client exchanges the PAT again when it is due.
+    Omit,
+}
+
 /// Which identity fields accompany the tokens in a token response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ResponseStyle {
@@ -117,6 +132,8 @@ pub struct FakeGoToConfig {
     pub rate_limit_per_second: Option<u32>,
     /// Length of generated access and refresh tokens.
     pub token_len: usize,
+    /// Whether a personal access token grant returns a refresh token.
+    pub pat_refresh_token: PatRefreshToken,
 }
 
 impl Default for FakeGoToConfig {
@@ -128,6 +145,7 @@ impl Default for FakeGoToConfig {
             response_style: ResponseStyle::Both,
             rate_limit_per_second: Some(10),
             token_len: 1024,
+            pat_refresh_token: PatRefreshToken::Issue,
         }
     }
 }
@@ -390,6 +408,14 @@ pub fn sample_client_secret() -> String {
     )
 }
 
+/// A random personal access token, shaped like an opaque GoTo credential.
+pub fn sample_personal_access_token() -> String {
+    format!(
+        "pat-{}",
+        random_string(&mut rand::rng(), URL_SAFE_ALPHABET, 48)
+    )
+}
+
 /// A random client id shaped like GoTo's (a UUID).
 #[cfg(test)] // only the unit tests use it
 pub(crate) fn random_client_id() -> String {
@@ -498,6 +524,29 @@ impl FakeGoTo {
     /// Signs another account in on the consent page (and into the token responses).
     pub fn set_account(&self, account: Account) {
         self.state().account = account;
+    }
+
+    /// Makes `pat` a valid personal access token of the client (or valid again).
+    pub fn register_personal_access_token(&self, client_id: &str, pat: &str) {
+        self.state().pats.insert(
+            pat.to_owned(),
+            PatGrant {
+                client_id: client_id.to_owned(),
+                valid: true,
+            },
+        );
+    }
+
+    /// Revokes a personal access token: the next grant with it gets `invalid_grant`.
+    pub fn revoke_personal_access_token(&self, pat: &str) {
+        if let Some(grant) = self.state().pats.get_mut(pat) {
+            grant.valid = false;
+        }
+    }
+
+    /// Whether a personal access token grant returns a refresh token from now on.
+    pub fn set_pat_refresh_token(&self, mode: PatRefreshToken) {
+        self.state().config.pat_refresh_token = mode;
     }
 
     pub fn set_rotation(&self, rotation: RefreshTokenRotation) {
@@ -745,6 +794,11 @@ struct RefreshGrant {
     seq: u64,
 }
 
+struct PatGrant {
+    client_id: String,
+    valid: bool,
+}
+
 struct AccessGrant {
     client_id: String,
     expires_at: Instant,
@@ -763,6 +817,7 @@ struct ProviderState {
     codes: HashMap<String, CodeGrant>,
     refresh_tokens: HashMap<String, RefreshGrant>,
     access_tokens: HashMap<String, AccessGrant>,
+    pats: HashMap<String, PatGrant>,
     seq: u64,
     faults: VecDeque<TokenFault>,
     random_faults: Option<RandomFaults>,
@@ -781,6 +836,7 @@ impl ProviderState {
             codes: HashMap::new(),
             refresh_tokens: HashMap::new(),
             access_tokens: HashMap::new(),
+            pats: HashMap::new(),
             seq: 0,
             faults: VecDeque::new(),
             random_faults: None,
@@ -908,6 +964,7 @@ impl ProviderState {
         match grant_type.as_str() {
             "authorization_code" => self.exchange_code(client_id, params, now),
             "refresh_token" => self.refresh(client_id, params, now),
+            "personal_access_token" => self.exchange_pat(client_id, params, now),
             _ => Err(ProviderError::new(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
@@ -963,6 +1020,41 @@ impl ProviderState {
         body.insert("access_token".into(), json!(access_token));
         body.insert("token_type".into(), json!("Bearer"));
         body.insert("refresh_token".into(), json!(refresh_token));
+        body.insert("expires_in".into(), json!(self.config.expires_in));
+        self.add_identity_fields(&mut body, &scopes);
+        Ok(Value::Object(body))
+    }
+
+    /// The personal access token grant: the client's registered scopes, and a refresh token
+    /// only in [`PatRefreshToken::Issue`] mode.
+    fn exchange_pat(
+        &mut self,
+        client_id: &str,
+        params: &HashMap<String, String>,
+        now: Instant,
+    ) -> Result<Value, ProviderError> {
+        let pat = params
+            .get("pat")
+            .ok_or_else(|| ProviderError::invalid_request("pat is missing"))?;
+        self.pats
+            .get(pat)
+            .filter(|grant| grant.valid && grant.client_id == client_id)
+            .ok_or_else(|| {
+                ProviderError::invalid_grant("the personal access token is invalid or revoked")
+            })?;
+        let scopes = self
+            .clients
+            .get(client_id)
+            .map(|c| c.scopes.clone())
+            .unwrap_or_default();
+        let access_token = self.issue_access_token(client_id, now);
+        let mut body = Map::new();
+        body.insert("access_token".into(), json!(access_token));
+        body.insert("token_type".into(), json!("Bearer"));
+        if self.config.pat_refresh_token == PatRefreshToken::Issue {
+            let refresh_token = self.issue_refresh_token(client_id, &scopes);
+            body.insert("refresh_token".into(), json!(refresh_token));
+        }
         body.insert("expires_in".into(), json!(self.config.expires_in));
         self.add_identity_fields(&mut body, &scopes);
         Ok(Value::Object(body))
@@ -2727,5 +2819,99 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    async fn pat_grant(fake: &FakeGoTo, client: &ClientRegistration, pat: &str) -> Answer {
+        post_token(
+            fake,
+            Some(plain_basic(&client.client_id, &client.client_secret)),
+            &[("grant_type", "personal_access_token"), ("pat", pat)],
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn personal_access_token_grant_issues_tokens_with_or_without_a_refresh_token() {
+        let (fake, client) = setup(no_limit()).await;
+        let pat = sample_personal_access_token();
+        fake.register_personal_access_token(&client.client_id, &pat);
+
+        let answer = pat_grant(&fake, &client, &pat).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        let body = answer.json();
+        let access = body["access_token"].as_str().unwrap();
+        assert!(fake.is_access_token_live(access));
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 3600);
+        assert_eq!(body["scope"], client.scopes.join(" "));
+        let refresh_token = body["refresh_token"].as_str().unwrap().to_owned();
+        assert!(fake.is_refresh_token_valid(&refresh_token));
+        // The refresh token works like one from a consent.
+        assert_eq!(refresh(&fake, &client, &refresh_token).await.status, 200);
+
+        fake.set_pat_refresh_token(PatRefreshToken::Omit);
+        let answer = pat_grant(&fake, &client, &pat).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert!(answer.json().get("refresh_token").is_none());
+        assert!(answer.json()["access_token"].is_string());
+        // A PAT is not used up: it works again.
+        assert_eq!(pat_grant(&fake, &client, &pat).await.status, 200);
+        let records = fake.token_requests();
+        assert!(
+            records
+                .iter()
+                .filter(|r| r.grant_type.as_deref() == Some("personal_access_token"))
+                .all(|r| r.basic_header_well_formed && !r.secret_in_body)
+        );
+        // The records never hold the PAT.
+        assert!(!format!("{records:?}").contains(&pat));
+    }
+
+    #[tokio::test]
+    async fn unknown_revoked_or_foreign_personal_access_tokens_are_invalid_grant() {
+        let (fake, client) = setup(no_limit()).await;
+        let other = ClientRegistration::sample(CALLBACK);
+        fake.register_client(other.clone());
+        let pat = sample_personal_access_token();
+        fake.register_personal_access_token(&client.client_id, &pat);
+
+        let unknown = pat_grant(&fake, &client, &sample_personal_access_token()).await;
+        assert_eq!(
+            (unknown.status, unknown.error()),
+            (400, "invalid_grant".into())
+        );
+        // Another client's PAT is not this client's.
+        let foreign = pat_grant(&fake, &other, &pat).await;
+        assert_eq!(
+            (foreign.status, foreign.error()),
+            (400, "invalid_grant".into())
+        );
+        // Without the pat parameter.
+        let missing = post_token(
+            &fake,
+            Some(plain_basic(&client.client_id, &client.client_secret)),
+            &[("grant_type", "personal_access_token")],
+        )
+        .await;
+        assert_eq!(missing.error(), "invalid_request");
+        // The client secret is checked first, as for every grant.
+        let wrong = post_token(
+            &fake,
+            Some(plain_basic(&client.client_id, "wrong")),
+            &[("grant_type", "personal_access_token"), ("pat", &pat)],
+        )
+        .await;
+        assert_eq!(wrong.error(), "invalid_client");
+
+        assert_eq!(pat_grant(&fake, &client, &pat).await.status, 200);
+        fake.revoke_personal_access_token(&pat);
+        let revoked = pat_grant(&fake, &client, &pat).await;
+        assert_eq!(
+            (revoked.status, revoked.error()),
+            (400, "invalid_grant".into())
+        );
+        // Registered again (rotated back), it works.
+        fake.register_personal_access_token(&client.client_id, &pat);
+        assert_eq!(pat_grant(&fake, &client, &pat).await.status, 200);
     }
 }
