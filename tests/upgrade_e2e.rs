@@ -836,10 +836,26 @@ fn helm_bin() -> PathBuf {
     let path = repo_root().join(".tools/bin/helm");
     assert!(
         path.is_file(),
-        "{} is missing: run scripts/install-test-deps.sh",
+        "{} is missing: run scripts/install-test-deps.sh (or set GOTO_OAUTH_SKIP_TOOL_TESTS=1 to skip)",
         path.display()
     );
     path
+}
+
+/// Whether `test` may run: helm is installed, or it is missing and GOTO_OAUTH_SKIP_TOOL_TESTS=1
+/// skips the test with a visible notice (as `tool()` in tests/manifests.rs does). Missing without
+/// the opt-out fails, in [`helm_bin`].
+fn helm_or_skip(test: &str) -> bool {
+    let path = repo_root().join(".tools/bin/helm");
+    if path.is_file() || std::env::var("GOTO_OAUTH_SKIP_TOOL_TESTS").as_deref() != Ok("1") {
+        return true;
+    }
+    let notice = format!(
+        "SKIPPED {test}: {} not installed and GOTO_OAUTH_SKIP_TOOL_TESTS=1\n",
+        path.display()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), notice.as_bytes());
+    false
 }
 
 /// `helm template` of the chart at `chart`, as JSON values.
@@ -886,6 +902,9 @@ fn kind_names(docs: &[serde_json::Value]) -> std::collections::BTreeSet<(String,
 
 #[test]
 fn helm_upgrade_from_the_previous_chart() {
+    if !helm_or_skip("helm_upgrade_from_the_previous_chart") {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     extract_previous_release(&[CHART], &dir.path().join("chart.tar"), dir.path())
         .unwrap_or_else(|e| panic!("{e}"));
