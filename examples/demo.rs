@@ -994,7 +994,7 @@ mod tests {
     /// `--interactive` with a browser that reaches the demo only through the two printed ports of
     /// 127.0.0.1, as one on another machine does through `ssh -L`: every URL it is sent to is on
     /// one of them, the consent completes, and the demo goes on to the end (refresh and stop).
-    /// The only test of the whole demo; about 50 s, most of it waiting for the refresh.
+    /// The only test of the whole demo; about 40 s, most of it waiting for the refresh.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn interactive_consent_through_the_printed_ports() {
         let (p, q) = two_free_ports();
