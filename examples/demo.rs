@@ -3,12 +3,16 @@
 //! refresh) in under a minute, with no cluster and no GoTo account.
 //!
 //! Run it with `bash scripts/demo.sh` (which builds the operator binary first). `--interactive`
-//! lets you click Allow on the fake GoTo page in your own browser; `--verbose` shows the
-//! operator's log. Tokens are never printed: only a prefix, the length and a short fingerprint,
-//! which is enough to see that a refresh replaced the access token.
+//! lets you click Allow on the fake GoTo page in your own browser, on this machine or on another
+//! one through an SSH port forward: the operator and the fake GoTo then listen on fixed ports of
+//! 127.0.0.1 ([`DEFAULT_PORT`], [`DEFAULT_GOTO_PORT`]; `--port`, `--goto-port`), which the demo
+//! prints with the forwarding command. `--verbose` shows the operator's log. Tokens are never
+//! printed: only a prefix, the length and a short fingerprint, which is enough to see that a
+//! refresh replaced the access token.
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     sync::{Arc, Mutex, PoisonError},
@@ -30,6 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     process::{Child, Command},
+    sync::oneshot,
 };
 
 const NAMESPACE: &str = "demo";
@@ -49,6 +54,11 @@ const POLL: Duration = Duration::from_millis(250);
 const TOKEN_KEYS: [&str; 2] = ["access_token", "refresh_token"];
 /// Operator log lines kept to print when the demo fails.
 const LOG_TAIL: usize = 40;
+/// The operator's authorize/callback port with `--interactive` (without it: a free port). Fixed,
+/// so that it can be forwarded to a browser on another machine.
+const DEFAULT_PORT: u16 = 18080;
+/// The fake GoTo's port with `--interactive` (without it: a free port).
+const DEFAULT_GOTO_PORT: u16 = 18081;
 
 /// Local demo of goto-oauth-operator: no cluster, no GoTo account.
 #[derive(Parser, Debug)]
@@ -61,6 +71,14 @@ struct Args {
     /// Show the operator's log lines (prefixed `operator |`).
     #[arg(long)]
     verbose: bool,
+    /// Port of 127.0.0.1 for the operator's link and /callback [default: 18080 with
+    /// --interactive, otherwise a free port].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Port of 127.0.0.1 for the fake GoTo's consent page and token endpoint [default: 18081 with
+    /// --interactive, otherwise a free port].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    goto_port: Option<u16>,
     /// The operator binary (default: `goto-oauth-operator` next to this demo's build directory).
     #[arg(long)]
     operator_bin: Option<PathBuf>,
@@ -70,7 +88,7 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let log = OperatorLog::new(args.verbose);
-    match run(&args, log.clone()).await {
+    match run(&args, log.clone(), None).await {
         Ok(()) => {
             println!("\nDemo finished.");
             ExitCode::SUCCESS
@@ -91,8 +109,16 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: &Args, log: OperatorLog) -> anyhow::Result<()> {
+/// Runs the demo. `remote_browser` is for the tests: with `--interactive`, the link is also sent
+/// there, to a scripted browser that reaches the demo only through the printed ports.
+async fn run(
+    args: &Args,
+    log: OperatorLog,
+    remote_browser: Option<oneshot::Sender<String>>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
+    // First, so that a taken port fails at once, naming the option that picks another.
+    let ports = Ports::choose(args)?;
     let operator_bin = match &args.operator_bin {
         Some(path) => path.clone(),
         None => default_operator_bin()?,
@@ -118,14 +144,18 @@ async fn run(args: &Args, log: OperatorLog) -> anyhow::Result<()> {
     ));
 
     step(2, "Starting the fake GoTo OAuth provider");
-    let port = free_port()?;
+    let port = ports.operator;
     let metrics_port = free_port()?;
     let public_url = format!("http://127.0.0.1:{port}");
-    let goto = FakeGoTo::start(FakeGoToConfig {
-        expires_in: TOKEN_LIFETIME_SECS,
-        ..Default::default()
-    })
-    .await;
+    let goto = FakeGoTo::start_on(
+        SocketAddr::from(([127, 0, 0, 1], ports.goto)),
+        FakeGoToConfig {
+            expires_in: TOKEN_LIFETIME_SECS,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| port_error(ports.goto, "the fake GoTo", "--goto-port", &e))?;
     // What an admin does once in GoTo's developer portal: register the client, its redirect URI
     // (byte for byte what the operator sends) and the scopes it may ask for.
     let client_secret = sample_client_secret();
@@ -215,17 +245,26 @@ async fn run(args: &Args, log: OperatorLog) -> anyhow::Result<()> {
         .await
         .context("read the GoToOAuthClient")?;
     print_status(&obj);
+    if args.interactive {
+        print_forwarding(&ports);
+    }
     println!("\n  Link for the GoTo admin:\n    {link}\n");
 
     if args.interactive {
         step(6, "Waiting for you to authorize in a browser");
-        println!("  1. Open the link above in a browser on this machine.");
+        println!(
+            "  1. Open the link above, exactly as printed, in a browser on this machine or on"
+        );
+        println!("     the machine that forwards the two ports (see above).");
         println!("  2. The operator sends you on to the fake GoTo consent page; click \"Allow\".");
         println!("  3. GoTo sends you back to the operator's /callback, which stores the tokens.");
         println!(
             "  Waiting up to {} minutes (Ctrl-C to stop)…",
             INTERACTIVE_DEADLINE.as_secs() / 60
         );
+        if let Some(browser) = remote_browser {
+            let _ = browser.send(link.clone());
+        }
         wait_interactive(&mut operator, &clients).await?;
     } else {
         step(6, "Authorizing as the GoTo admin's browser would");
@@ -339,6 +378,94 @@ fn default_operator_bin() -> anyhow::Result<PathBuf> {
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
     Ok(listener.local_addr().context("find a free port")?.port())
+}
+
+/// The two ports a browser needs: the operator's (link and /callback) and the fake GoTo's
+/// (consent page). Both on 127.0.0.1 only.
+#[derive(Debug, PartialEq, Eq)]
+struct Ports {
+    operator: u16,
+    goto: u16,
+}
+
+impl Ports {
+    /// `--port`/`--goto-port`, else the fixed defaults with `--interactive`, else free ports.
+    /// Fails when a port is taken, or both are the same.
+    fn choose(args: &Args) -> anyhow::Result<Ports> {
+        let pick = |given: Option<u16>, default: u16| match given {
+            Some(port) => Ok(port),
+            None if args.interactive => Ok(default),
+            None => free_port(),
+        };
+        let ports = Ports {
+            operator: pick(args.port, DEFAULT_PORT)?,
+            goto: pick(args.goto_port, DEFAULT_GOTO_PORT)?,
+        };
+        if ports.operator == ports.goto {
+            bail!(
+                "--port and --goto-port are both {}: the operator and the fake GoTo need a port each",
+                ports.operator
+            );
+        }
+        // The operator binds its port itself, later; find out now that it would fail. (The fake
+        // GoTo's port is bound for good in step 2 and checked here only to fail before any work.)
+        ensure_free(ports.operator, "the operator", "--port")?;
+        ensure_free(ports.goto, "the fake GoTo", "--goto-port")?;
+        Ok(ports)
+    }
+}
+
+fn ensure_free(port: u16, who: &str, flag: &str) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .map(drop)
+        .map_err(|e| port_error(port, who, flag, &e))
+}
+
+fn port_error(port: u16, who: &str, flag: &str, error: &std::io::Error) -> anyhow::Error {
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow!(
+            "port {port} of 127.0.0.1, for {who}, is in use (by another program or another demo); \
+             choose another with {flag} PORT"
+        )
+    } else {
+        anyhow!(
+            "cannot listen on 127.0.0.1:{port} for {who} ({error}); choose another with {flag} PORT"
+        )
+    }
+}
+
+/// What a browser on another machine needs: both ports forwarded to the same ports of its own
+/// 127.0.0.1, and the link used as printed.
+fn print_forwarding(ports: &Ports) {
+    let Ports { operator, goto } = ports;
+    let user = std::env::var("USER").unwrap_or_else(|_| "you".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this-machine".into());
+    println!(
+        "\n  A browser needs two ports of 127.0.0.1 on this machine (nothing listens elsewhere):"
+    );
+    println!("    {operator:<5}  the operator: the link and /callback      (change with --port)");
+    println!("    {goto:<5}  the fake GoTo: the consent page            (change with --goto-port)");
+    println!(
+        "  Browser on another machine? Forward both, to the same port numbers, from that machine:"
+    );
+    println!(
+        "    ssh -N -L {operator}:127.0.0.1:{operator} -L {goto}:127.0.0.1:{goto} {user}@{host}"
+    );
+    println!("  (with the name or address you reach this machine by), then open the link there");
+    println!(
+        "  exactly as printed: http://127.0.0.1 and these port numbers, not localhost or another"
+    );
+    println!(
+        "  name. The operator and the fake GoTo send the browser on to these exact URLs (GoTo"
+    );
+    println!(
+        "  compares the registered redirect URI byte for byte), and the cookie that binds the"
+    );
+    println!("  attempt to your browser only comes back to the host it was set for.");
 }
 
 fn step(n: u32, what: &str) {
@@ -772,5 +899,187 @@ impl Operator {
             .await
             .map_err(|_| anyhow!("the operator did not exit within 20s of SIGTERM"))?
             .context("wait for the operator")
+    }
+}
+
+// `cargo test --all-targets` (CI's command) runs these; alone: `cargo build --bin
+// goto-oauth-operator && cargo test --example demo`. Every port here is a free one, never the
+// fixed defaults, so that the tests do not collide with a demo someone is running.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("demo").chain(extra.iter().copied()))
+            .expect("valid arguments")
+    }
+
+    fn port_arg(port: u16) -> String {
+        port.to_string()
+    }
+
+    /// Two distinct free ports (both held while choosing, so they differ).
+    fn two_free_ports() -> (u16, u16) {
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    }
+
+    #[test]
+    fn interactive_ports_are_fixed_by_default_and_overridable() {
+        let a = args(&["--interactive"]);
+        assert_eq!((a.port, a.goto_port), (None, None));
+        // The defaults themselves may be taken on a shared machine: check the choice, not the bind.
+        let pick = |a: &Args| {
+            (
+                a.port.unwrap_or(DEFAULT_PORT),
+                a.goto_port.unwrap_or(DEFAULT_GOTO_PORT),
+            )
+        };
+        assert_eq!(pick(&a), (18080, 18081));
+        let (p, q) = two_free_ports();
+        let a = args(&[
+            "--interactive",
+            "--port",
+            &port_arg(p),
+            "--goto-port",
+            &port_arg(q),
+        ]);
+        assert_eq!(
+            Ports::choose(&a).unwrap(),
+            Ports {
+                operator: p,
+                goto: q
+            }
+        );
+        assert!(Args::try_parse_from(["demo", "--port", "0"]).is_err());
+        assert!(Args::try_parse_from(["demo", "--goto-port", "65536"]).is_err());
+    }
+
+    #[test]
+    fn without_interactive_the_ports_are_free_ones() {
+        let ports = Ports::choose(&args(&[])).unwrap();
+        assert_ne!(ports.operator, ports.goto);
+    }
+
+    #[test]
+    fn same_port_twice_is_refused() {
+        let p = port_arg(free_port().unwrap());
+        let e = Ports::choose(&args(&["--port", &p, "--goto-port", &p])).unwrap_err();
+        assert!(
+            format!("{e}").contains("--port and --goto-port are both"),
+            "{e}"
+        );
+    }
+
+    /// A taken port fails before the demo starts anything, with the option that picks another.
+    #[tokio::test]
+    async fn a_taken_port_fails_naming_its_option() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = port_arg(taken.local_addr().unwrap().port());
+        let free = port_arg(free_port().unwrap());
+        for (flag, other) in [("--port", "--goto-port"), ("--goto-port", "--port")] {
+            let a = args(&["--interactive", flag, &taken_port, other, &free]);
+            let error = run(&a, OperatorLog::new(false), None)
+                .await
+                .expect_err("a taken port fails the demo");
+            let text = format!("{error:#}");
+            assert!(
+                text.contains(&format!("port {taken_port} of 127.0.0.1"))
+                    && text.contains("is in use")
+                    && text.contains(&format!("choose another with {flag} PORT")),
+                "{text}"
+            );
+        }
+    }
+
+    /// `--interactive` with a browser that reaches the demo only through the two printed ports of
+    /// 127.0.0.1, as one on another machine does through `ssh -L`: every URL it is sent to is on
+    /// one of them, the consent completes, and the demo goes on to the end (refresh and stop).
+    /// The only test of the whole demo; about 40 s, most of it waiting for the refresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interactive_consent_through_the_printed_ports() {
+        let (p, q) = two_free_ports();
+        let a = args(&[
+            "--interactive",
+            "--port",
+            &port_arg(p),
+            "--goto-port",
+            &port_arg(q),
+        ]);
+        let (link_tx, link_rx) = oneshot::channel();
+        let log = OperatorLog::new(false);
+        let demo = run(&a, log.clone(), Some(link_tx));
+        let browser = remote_browser(link_rx, p, q);
+        let (outcome, browsed) = tokio::time::timeout(Duration::from_secs(180), async {
+            tokio::join!(demo, browser)
+        })
+        .await
+        .expect("the demo finishes within 180 s");
+        let log = log.tail().join("\n");
+        if let Err(e) = browsed {
+            panic!("browser: {e}; demo: {outcome:?}; operator log:\n{log}");
+        }
+        if let Err(e) = outcome {
+            panic!("the demo failed after the consent: {e:#}; operator log:\n{log}");
+        }
+    }
+
+    /// The admin's browser, given only the link: open it, Allow at GoTo, follow the redirect
+    /// back with the binding cookie. Checks that it is never sent off the two ports.
+    async fn remote_browser(
+        link: oneshot::Receiver<String>,
+        operator_port: u16,
+        goto_port: u16,
+    ) -> Result<(), String> {
+        let link = link.await.map_err(|_| "the demo printed no link")?;
+        let operator = format!("http://127.0.0.1:{operator_port}/");
+        let goto = format!("http://127.0.0.1:{goto_port}/");
+        let on = |url: &str, base: &str| {
+            if url.starts_with(base) {
+                Ok(())
+            } else {
+                Err(format!("sent to {url}, not under {base}"))
+            }
+        };
+        on(&link, &operator)?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let opened = http.get(&link).send().await.map_err(|e| e.to_string())?;
+        if opened.status() != reqwest::StatusCode::FOUND {
+            return Err(format!("the link answered {}", opened.status()));
+        }
+        let cookies: Vec<String> = opened
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
+            .collect();
+        let at_goto = header(&opened, reqwest::header::LOCATION).ok_or("no Location")?;
+        on(&at_goto, &goto)?;
+        let callback = fake_goto::consent(&at_goto, Decision::Allow).await?;
+        on(&callback, &format!("{operator}callback?"))?;
+        let done = http
+            .get(&callback)
+            .header(reqwest::header::COOKIE, cookies.join("; "))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = done.status();
+        let body = done.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(format!(
+                "/callback answered {status}: {}",
+                page_title(&body)
+            ));
+        }
+        Ok(())
     }
 }

@@ -460,7 +460,10 @@ impl FakeGoTo {
             .expect("bind the fake GoTo provider on 127.0.0.1")
     }
 
-    async fn start_on(addr: SocketAddr, config: FakeGoToConfig) -> io::Result<FakeGoTo> {
+    /// Starts on `addr`, e.g. a fixed port of 127.0.0.1 that a user forwards to a browser on
+    /// another machine (the demo's `--interactive`). Fails, rather than panicking, when it cannot
+    /// bind (the port is taken), so the caller can say which option picks another one.
+    pub async fn start_on(addr: SocketAddr, config: FakeGoToConfig) -> io::Result<FakeGoTo> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -709,49 +712,55 @@ impl FakeGoTo {
     /// page, and returns the `Location` the provider redirects to. If the authorize request itself is
     /// answered with a redirect (e.g. `unsupported_response_type`), that `Location` is returned.
     pub async fn consent(&self, authorize_url: &str, decision: Decision) -> Result<String, String> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| format!("build HTTP client: {e}"))?;
-        let page = client
-            .get(authorize_url)
-            .send()
-            .await
-            .map_err(|e| format!("GET authorize page: {e}"))?;
-        if page.status() == reqwest::StatusCode::FOUND {
-            return location_of(&page);
-        }
-        if page.status() != reqwest::StatusCode::OK {
-            let status = page.status();
-            let text = page.text().await.unwrap_or_default();
-            return Err(format!("authorize page answered {status}: {text}"));
-        }
-        let page_url = page.url().clone();
-        let html = page
-            .text()
-            .await
-            .map_err(|e| format!("read authorize page: {e}"))?;
-        let form = parse_consent_form(&html)?;
-        let action = page_url
-            .join(&form.action)
-            .map_err(|e| format!("form action {}: {e}", form.action))?;
-        let mut fields = form.hidden;
-        fields.push(("decision".to_owned(), decision.as_str().to_owned()));
-        let answer = client
-            .post(action)
-            .form(&fields)
-            .send()
-            .await
-            .map_err(|e| format!("POST decision: {e}"))?;
-        if answer.status() != reqwest::StatusCode::FOUND {
-            let status = answer.status();
-            let text = answer.text().await.unwrap_or_default();
-            return Err(format!("decision answered {status}: {text}"));
-        }
-        location_of(&answer)
+        consent(authorize_url, decision).await
     }
+}
+
+/// [`FakeGoTo::consent`] for a caller that has only the URL, like a browser that is not in the
+/// process that started the provider: everything it does goes over HTTP to `authorize_url`.
+pub async fn consent(authorize_url: &str, decision: Decision) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("build HTTP client: {e}"))?;
+    let page = client
+        .get(authorize_url)
+        .send()
+        .await
+        .map_err(|e| format!("GET authorize page: {e}"))?;
+    if page.status() == reqwest::StatusCode::FOUND {
+        return location_of(&page);
+    }
+    if page.status() != reqwest::StatusCode::OK {
+        let status = page.status();
+        let text = page.text().await.unwrap_or_default();
+        return Err(format!("authorize page answered {status}: {text}"));
+    }
+    let page_url = page.url().clone();
+    let html = page
+        .text()
+        .await
+        .map_err(|e| format!("read authorize page: {e}"))?;
+    let form = parse_consent_form(&html)?;
+    let action = page_url
+        .join(&form.action)
+        .map_err(|e| format!("form action {}: {e}", form.action))?;
+    let mut fields = form.hidden;
+    fields.push(("decision".to_owned(), decision.as_str().to_owned()));
+    let answer = client
+        .post(action)
+        .form(&fields)
+        .send()
+        .await
+        .map_err(|e| format!("POST decision: {e}"))?;
+    if answer.status() != reqwest::StatusCode::FOUND {
+        let status = answer.status();
+        let text = answer.text().await.unwrap_or_default();
+        return Err(format!("decision answered {status}: {text}"));
+    }
+    location_of(&answer)
 }
 
 fn location_of(response: &reqwest::Response) -> Result<String, String> {
