@@ -3,7 +3,31 @@
 use jiff::{SignedDuration, Timestamp};
 use secrecy::SecretString;
 
-use crate::{secret::StoredTokens, validation::ClientSettings};
+use super::observe::ObjectKeys;
+use crate::{
+    resource::{GoToOAuthClient, GoToOAuthClientSpec},
+    secret::StoredTokens,
+    validation::ClientSettings,
+};
+
+/// The client `ns/demo` (uid `uid-1`) with a minimal spec and no status, and its keys.
+pub(crate) fn demo_client() -> (GoToOAuthClient, ObjectKeys) {
+    let mut obj = GoToOAuthClient::new(
+        "demo",
+        serde_json::from_value::<GoToOAuthClientSpec>(serde_json::json!({
+            "clientId": "client", "clientSecretRef": {"name": "creds"}
+        }))
+        .unwrap(),
+    );
+    obj.metadata.namespace = Some("ns".into());
+    obj.metadata.uid = Some("uid-1".into());
+    let keys = ObjectKeys {
+        namespace: "ns".into(),
+        name: "demo".into(),
+        uid: "uid-1".into(),
+    };
+    (obj, keys)
+}
 
 pub(crate) fn at(s: &str) -> Timestamp {
     s.parse().unwrap()

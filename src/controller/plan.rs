@@ -567,12 +567,12 @@ mod tests {
         controller::{
             fixtures::{at, settings, tokens},
             memory::{Backoff, ClientMemory, HeldTokens},
-            observe::{ObjectKeys, PersonalAccessToken},
+            observe::PersonalAccessToken,
         },
         goto::ClientCredentials,
         resource::{
-            AuthorizationPhase, AuthorizationReason, AuthorizationStatus, GoToOAuthClientSpec,
-            PersonalAccessTokenRef, TokenGrant,
+            AuthorizationPhase, AuthorizationReason, AuthorizationStatus, PersonalAccessTokenRef,
+            TokenGrant,
         },
         validation::{InvalidSpec, SecretKeyRef},
     };
@@ -582,26 +582,14 @@ mod tests {
 
     /// An authorized client with a link, its tokens in the Secret, nothing in memory.
     fn observed(stored: Option<StoredTokens>) -> Observed {
-        let mut obj = GoToOAuthClient::new(
-            "demo",
-            serde_json::from_value::<GoToOAuthClientSpec>(serde_json::json!({
-                "clientId": "client", "clientSecretRef": {"name": "creds"}
-            }))
-            .unwrap(),
-        );
-        obj.metadata.namespace = Some("ns".into());
-        obj.metadata.uid = Some("uid-1".into());
+        let (mut obj, keys) = crate::controller::fixtures::demo_client();
         obj.status = Some(GoToOAuthClientStatus {
             authorization_url: Some(format!("https://op.example/authorize/ns/demo/{LINK}")),
             ..Default::default()
         });
         Observed {
             obj: Arc::new(obj),
-            keys: ObjectKeys {
-                namespace: "ns".into(),
-                name: "demo".into(),
-                uid: "uid-1".into(),
-            },
+            keys,
             settings: Ok(settings()),
             credentials: Some(Ok(ClientCredentials {
                 client_id: "client".into(),

@@ -285,7 +285,6 @@ mod tests {
         },
         goto::TokenResponse,
         metrics::Metrics,
-        resource::GoToOAuthClientSpec,
         secret::StoredTokens,
     };
 
@@ -311,20 +310,7 @@ mod tests {
     }
 
     fn client() -> (GoToOAuthClient, ObjectKeys, Defaults) {
-        let mut obj = GoToOAuthClient::new(
-            "demo",
-            serde_json::from_value::<GoToOAuthClientSpec>(serde_json::json!({
-                "clientId": "client", "clientSecretRef": {"name": "creds"}
-            }))
-            .unwrap(),
-        );
-        obj.metadata.namespace = Some("ns".into());
-        obj.metadata.uid = Some("uid-1".into());
-        let keys = ObjectKeys {
-            namespace: "ns".into(),
-            name: "demo".into(),
-            uid: "uid-1".into(),
-        };
+        let (obj, keys) = crate::controller::fixtures::demo_client();
         let defaults = Defaults {
             public_url: "https://op.example".parse().unwrap(),
             authorize_url: "https://auth.example/oauth/authorize".parse().unwrap(),
