@@ -2,7 +2,7 @@
 # Release image of goto-oauth-operator: a static musl binary on distroless/static (CA
 # certificates, tzdata, /etc/passwd with nonroot=65532; no shell, no package manager).
 #
-#   docker build -t goto-oauth-operator:0.2.0 .
+#   docker build -t goto-oauth-operator:0.3.0 .
 
 # ---- build ------------------------------------------------------------------------------------
 FROM rust:1.95-bookworm AS build
@@ -61,7 +61,7 @@ LABEL org.opencontainers.image.title="goto-oauth-operator" \
       org.opencontainers.image.description="Kubernetes operator that keeps GoTo (LogMeIn) OAuth tokens alive as Secrets" \
       org.opencontainers.image.source="https://github.com/goto-oauth-operator/goto-oauth-operator" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="0.2.0"
+      org.opencontainers.image.version="0.3.0"
 
 COPY --from=build /goto-oauth-operator /goto-oauth-operator
 

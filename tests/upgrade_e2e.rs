@@ -916,10 +916,10 @@ fn helm_upgrade_from_the_previous_chart() {
         (v["version"].clone(), v["appVersion"].clone())
     };
     assert_eq!(chart_version(&old_chart), (json!("0.1.0"), json!("0.1.0")));
-    assert_eq!(chart_version(&new_chart), (json!("0.2.0"), json!("0.2.0")));
+    assert_eq!(chart_version(&new_chart), (json!("0.3.0"), json!("0.3.0")));
     assert_eq!(
         toml_version(),
-        "0.2.0",
+        "0.3.0",
         "Cargo.toml and the chart's appVersion agree"
     );
 
@@ -993,7 +993,7 @@ fn helm_upgrade_from_the_previous_chart() {
             .unwrap_or("")
             .to_string()
     };
-    assert!(image(&new).ends_with(":0.2.0"), "{}", image(&new));
+    assert!(image(&new).ends_with(":0.3.0"), "{}", image(&new));
 
     if real_cluster() {
         server_side_dry_run(&new);
