@@ -54,8 +54,7 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct LeaseTiming {
     pub name: String,
-    pub duration: Duration,
-    pub grace: Duration,
+    pub timing: leader::Timing,
 }
 
 /// Sockets to serve on, bound by the caller (so tests can bind port 0 and know the port).
@@ -105,8 +104,7 @@ impl Operator {
             namespace: config.operator_namespace.clone(),
             name: timing.name.clone(),
             identity: config.identity.clone(),
-            duration: timing.duration,
-            grace: timing.grace,
+            timing: timing.timing,
         });
         let leadership = match &lease {
             Some(lease) => Leadership::elected(client.clone(), lease.clone()),
@@ -242,7 +240,9 @@ async fn api_probe(
 }
 
 /// Runs the controller while this replica holds the Lease, stopping it as soon as leadership
-/// is lost, until shutdown. The Lease is released on shutdown so a successor takes over at once.
+/// is lost, until shutdown. On shutdown the controller stops first (in-flight reconciles
+/// finish, so a refreshed token is stored), then the Lease is released so a successor takes
+/// over within its retry period instead of after the lease duration.
 async fn lead_when_elected(
     client: Client,
     ctx: Arc<Context>,

@@ -31,6 +31,7 @@ use fake_goto::{FakeGoToConfig, RefreshTokenRotation};
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
+    leader::Timing,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
 };
 use k8s_openapi::api::coordination::v1::Lease;
@@ -87,6 +88,11 @@ struct Ha {
 /// Starts the cluster, the provider (with both replicas' callbacks registered) and two replicas
 /// electing a leader, started at the same moment as two pods of a Deployment are.
 async fn start() -> Ha {
+    start_with(None).await
+}
+
+/// [`start`] with these Lease timings instead of the harness's test-sized ones.
+async fn start_with(timing: Option<Timing>) -> Ha {
     let cluster = Cluster::start().await;
     let (la, callback_a) = bind_callback().await;
     let (lb, callback_b) = bind_callback().await;
@@ -99,9 +105,13 @@ async fn start() -> Ha {
 
     let clock = Clock::manual("2026-11-23T10:00:00Z".parse().unwrap());
     let identities = ["replica-a", "replica-b"];
-    let options = |identity: &str| Options {
-        leader_identity: Some(identity.to_string()),
-        ..provider.operator_options(&cluster, clock.clone())
+    let options = |identity: &str| {
+        let defaults = provider.operator_options(&cluster, clock.clone());
+        Options {
+            leader_identity: Some(identity.to_string()),
+            lease_timing: timing.unwrap_or(defaults.lease_timing),
+            ..defaults
+        }
     };
     let (a, b) = tokio::join!(
         InProcessOperator::start(cluster.client.clone(), la, options(identities[0])),
@@ -387,8 +397,8 @@ async fn stopping_the_leader_hands_over_within_the_lease_duration() {
         "a stopped replica does not claim leadership"
     );
 
-    // The Lease was released. The follower sleeps until the Lease it last saw would expire (at
-    // most one lease duration), then finds it free; 1 s of slack for scheduling on 2 cores.
+    // The Lease was released; the follower finds it free at its next look (retry period 500 ms),
+    // well within the lease duration; 1 s of slack for scheduling on 2 cores.
     eventually("follower takes over", || async {
         ha.replicas[follower].leads().then_some(())
     })
@@ -620,4 +630,130 @@ async fn a_leader_that_lost_its_lease_sends_no_refresh() {
     .await;
     assert_eq!(ha.expires_at("solo").await, before);
     ha.stop_all().await;
+}
+
+/// A rolling update stops the leader gracefully: it stops reconciling, releases the Lease, and
+/// the other replica takes it at its next look (the retry period), not after the lease
+/// duration, which is long here so that waiting it out would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_over_at_once_not_after_the_lease_duration() {
+    let timing = Timing::new(
+        Duration::from_secs(15),
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let mut ha = start_with(Some(timing)).await;
+    let (leader, follower) = ha.roles().await;
+    let leases: Api<Lease> = Api::namespaced(ha.cluster.client.clone(), &ha.cluster.namespace);
+    let stored = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(stored.lease_duration_seconds, Some(15));
+
+    let stopped = Instant::now();
+    ha.replicas[leader].op.take().unwrap().stop().await;
+    let stop_took = stopped.elapsed();
+    eventually("follower takes over", || async {
+        ha.replicas[follower].leads().then_some(())
+    })
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("graceful stop took {stop_took:?}; hand-over {took:?} after stop() began");
+    assert!(
+        took < Duration::from_secs(2),
+        "hand-over took {took:?} after a graceful stop; the lease duration is 15 s"
+    );
+    ha.wait_lease_holder(follower).await;
+    ha.replicas[follower].op.take().unwrap().stop().await;
+}
+
+/// The binary's leader metric, read from its /metrics.
+async fn binary_leads(op: &common::Operator) -> bool {
+    leader_sample(&op.metrics().await) == Some(1)
+}
+
+/// The Lease flags reach the Lease and set the fail-over time after a crash: a leader killed
+/// with SIGKILL releases nothing, so the other replica takes over once the Lease expires, within
+/// `--lease-duration` (3 s here) of the leader's last renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_the_lease_duration_flag_bounds_the_fail_over() {
+    let cluster = Cluster::start().await;
+    let provider = Provider::start(FakeGoToConfig::default(), "http://127.0.0.1:1/callback").await;
+    let flags = |identity: &'static str| {
+        [
+            "--leader-election=true",
+            "--pod-name",
+            identity,
+            "--lease-duration",
+            "3s",
+            "--lease-renew-before",
+            "1s",
+            "--lease-retry-period",
+            "500ms",
+        ]
+    };
+    let mut ops = vec![
+        common::Operator::start(&cluster, &provider, &flags("bin-a")).await,
+        common::Operator::start(&cluster, &provider, &flags("bin-b")).await,
+    ];
+    let leader = eventually("a binary leads", || async {
+        for (i, op) in ops.iter().enumerate() {
+            if binary_leads(op).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let spec = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(spec.lease_duration_seconds, Some(3), "--lease-duration");
+
+    let mut killed = ops.remove(leader);
+    let at = Instant::now();
+    killed.child.start_kill().expect("SIGKILL");
+    let _ = killed.child.wait().await;
+    let follower = &ops[0];
+    eventually("the other binary takes over", || async {
+        binary_leads(follower).await.then_some(())
+    })
+    .await;
+    let took = at.elapsed();
+    eprintln!("fail-over after SIGKILL: {took:?} (lease duration 3 s)");
+    // The killed leader renewed at most 2 s before (every duration - renew-before), so its
+    // Lease had 1-3 s left; kube-lease-manager waits up to 1 s more after clearing an expired
+    // holder; 1 s of slack for 2 shared cores.
+    assert!(
+        took <= Duration::from_secs(5),
+        "fail-over took {took:?}, lease duration 3 s"
+    );
+    let holder = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(
+        holder.holder_identity.as_deref(),
+        Some(["bin-a", "bin-b"][1 - leader])
+    );
+    ops.remove(0).stop().await;
+}
+
+/// Timings that cannot work together stop the binary at start with a message naming the flags.
+#[test]
+fn impossible_lease_timings_are_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"))
+        .args([
+            "run",
+            "--public-url",
+            "http://127.0.0.1:8080",
+            "--lease-duration",
+            "5s",
+            "--lease-renew-before",
+            "5s",
+        ])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--lease-renew-before (5s) must be shorter than --lease-duration (5s)"),
+        "{stderr}"
+    );
 }
