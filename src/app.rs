@@ -13,8 +13,9 @@ use tracing::{info, warn};
 use url::Url;
 
 use crate::{
+    client_cache::{self, ClientView},
     clock::Clock,
-    consent::{self, StateKeyError, load_or_create_key},
+    consent::{StateKeyError, load_or_create_key},
     controller::{self, Context, Settings},
     goto::OAuthError,
     leader::{self, Leadership, LeaseSettings},
@@ -98,7 +99,7 @@ impl Operator {
             &config.state_key_secret,
         )
         .await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.clock.clone()));
         metrics.set_api_reachable(true);
         let lease = config.lease.as_ref().map(|timing| LeaseSettings {
             namespace: config.operator_namespace.clone(),
@@ -132,16 +133,18 @@ impl Operator {
             leadership,
         )?;
 
-        // Every replica indexes the published links: any of them may serve a link.
-        let index = consent::index::maintain(
+        // Every replica watches the clients, leader or not: any of them may serve a link, and
+        // every one exports the per-client series from what it sees.
+        let views: Vec<Arc<dyn ClientView>> = vec![ctx.links.clone(), metrics.clone()];
+        let index = client_cache::maintain(
             client.clone(),
             config.namespaces.clone(),
-            ctx.links.clone(),
+            views,
             signalled(shutdown.clone(), true),
         );
         let mut tasks = vec![
             (
-                "link index",
+                "client watch",
                 tokio::spawn(async move {
                     index.await;
                     Ok(())

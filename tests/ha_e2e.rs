@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Cluster, Provider, bind_callback, eventually,
-    metrics::metric_sum,
+    metrics::{metric, metric_sum},
     operator::{InProcessOperator, Options},
     secret_field,
 };
@@ -756,4 +756,158 @@ fn impossible_lease_timings_are_refused_at_start() {
         stderr.contains("--lease-renew-before (5s) must be shorter than --lease-duration (5s)"),
         "{stderr}"
     );
+}
+
+/// `goto_oauth_client_ready` and the token expiry of client `name` in one replica's metrics.
+fn client_series(rendered: &str, namespace: &str, name: &str) -> (Option<f64>, Option<f64>) {
+    let labels = [("namespace", namespace), ("name", name)];
+    (
+        metric(rendered, "goto_oauth_client_ready", &labels),
+        metric(
+            rendered,
+            "goto_oauth_token_expiry_timestamp_seconds",
+            &labels,
+        ),
+    )
+}
+
+/// Status and metrics tell the truth without a leader. While no replica leads (another holder
+/// has the Lease) the access token expires: nobody may write, so the status still claims Ready,
+/// but every replica's /metrics says not ready from its own watch. When a replica wins the Lease
+/// its first write for the client corrects the status (Ready=False, TokenExpired) before the
+/// refresh that makes it Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_leader_metrics_tell_the_truth_and_a_new_leader_corrects_the_status_first() {
+    use futures::StreamExt;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let ha = start().await;
+    let leader = ha.leader().await;
+    ha.authorize("stale", leader).await;
+    let ns = ha.cluster.namespace.clone();
+    // Every replica exports the client's series, the follower from its own watch.
+    let expiry = eventually("both replicas export the client as ready", || async {
+        let series: Vec<_> = ha
+            .replicas
+            .iter()
+            .map(|r| client_series(&r.metrics(), &ns, "stale"))
+            .collect();
+        (series[0] == series[1] && series[0].0 == Some(1.0))
+            .then_some(series[0].1)
+            .flatten()
+    })
+    .await;
+
+    // A holder elsewhere takes the Lease for an hour: the leader loses it at its next renewal.
+    let leases: Api<Lease> = Api::namespaced(ha.cluster.client.clone(), &ns);
+    let mut lease = leases.get(LEASE_NAME).await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("replica-elsewhere".into());
+    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+    spec.lease_duration_seconds = Some(3600);
+    leases
+        .replace(LEASE_NAME, &Default::default(), &lease)
+        .await
+        .unwrap();
+    eventually("no replica leads", || async {
+        ha.replicas.iter().all(|r| !r.leads()).then_some(())
+    })
+    .await;
+
+    // The token expires (60 min) with nobody to refresh it.
+    ha.clock.advance(Duration::from_secs(61 * 60));
+    for r in &ha.replicas {
+        let series = eventually(&format!("{} reports not ready", r.identity), || async {
+            let series = client_series(&r.metrics(), &ns, "stale");
+            (series.0 == Some(0.0)).then_some(series)
+        })
+        .await;
+        assert_eq!(series.1, Some(expiry), "the expiry is the stored token's");
+    }
+    let obj = ha.cluster.clients().get("stale").await.unwrap();
+    assert_eq!(
+        obj.condition("Ready").map(|c| c.status.as_str()),
+        Some("True"),
+        "nobody leads, so nobody writes: the status still lies"
+    );
+    assert_eq!(ha.provider.refresh_requests(), 0);
+
+    // Record every status the client goes through from here on.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let recorder = {
+        let seen = seen.clone();
+        let clients = ha.cluster.clients();
+        tokio::spawn(async move {
+            let mut objs = watcher(clients, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(obj)) = objs.next().await {
+                if obj.metadata.name.as_deref() != Some("stale") {
+                    continue;
+                }
+                let ready = obj
+                    .condition("Ready")
+                    .map(|c| format!("{}/{}", c.status, c.reason))
+                    .unwrap_or_default();
+                let expires = obj
+                    .status
+                    .and_then(|s| s.access_token_expires_at)
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default();
+                let mut seen = seen.lock().unwrap();
+                if seen.last() != Some(&(ready.clone(), expires.clone())) {
+                    seen.push((ready, expires));
+                }
+            }
+        })
+    };
+    eventually("the recorder saw the stale status", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+
+    // The Lease is released: a replica takes it and reconciles.
+    let mut lease = leases.get(LEASE_NAME).await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    spec.acquire_time = None;
+    spec.lease_duration_seconds = None;
+    leases
+        .replace(LEASE_NAME, &Default::default(), &lease)
+        .await
+        .unwrap();
+    ha.cluster
+        .wait_condition("stale", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    eventually("refreshed once", || async {
+        (ha.provider.refresh_requests() == 1).then_some(())
+    })
+    .await;
+    let ready_true = || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(ready, _)| ready == "True/Authorized")
+    };
+    eventually("the recorder saw the refreshed status", || async {
+        ready_true().then_some(())
+    })
+    .await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("statuses after the Lease was released: {seen:?}");
+    let readiness: Vec<&str> = seen.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        readiness,
+        ["True/Authorized", "False/TokenExpired", "True/Authorized"],
+        "stale status, corrected status, refreshed status"
+    );
+    assert_eq!(
+        seen[0].1, seen[1].1,
+        "the correction names the expired token"
+    );
+    assert_ne!(seen[1].1, seen[2].1, "then a new token");
+    ha.stop_all().await;
 }
