@@ -6,8 +6,11 @@
 //!   token, one refresh request — a second refresh of a rotating refresh token would lose it);
 //! - any replica can finish a consent (the callback writes through the API; the leader picks it
 //!   up);
-//! - stopping the leader releases the Lease and the other replica takes over within the lease
-//!   duration, while the stopped one sends nothing more;
+//! - stopping the leader releases the Lease and the other replica takes it at its next look (the
+//!   retry period), far inside the lease duration, while the stopped one sends nothing more; a
+//!   leader killed with SIGKILL is replaced once its Lease expires (`--lease-duration`);
+//! - while no replica leads, every replica's metrics report a client whose token expired as not
+//!   ready, and the next leader corrects the stale status before it refreshes;
 //! - leadership is never held by both replicas at the same moment, even when they start together,
 //!   which needs each replica to take the Lease under its own server-side-apply field manager;
 //! - a leader stopped while a rotated refresh token is still waiting to be written does not take
@@ -15,7 +18,7 @@
 //!
 //! Time for the refresh schedule comes from one manual clock shared by both replicas, so "the
 //! token is due" is a clock advance, not a 40-minute wait. The Lease itself runs on wall time
-//! (4 s duration, 1 s grace, see `common::operator`).
+//! (4 s duration, renewed 1 s before expiry, 500 ms retry period, see `common::operator`).
 
 mod common;
 
