@@ -13,8 +13,9 @@ use tracing::{info, warn};
 use url::Url;
 
 use crate::{
+    client_cache::{self, ClientView},
     clock::Clock,
-    consent::{self, StateKeyError, load_or_create_key},
+    consent::{StateKeyError, load_or_create_key},
     controller::{self, Context, Settings},
     goto::OAuthError,
     leader::{self, Leadership, LeaseSettings},
@@ -54,8 +55,7 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct LeaseTiming {
     pub name: String,
-    pub duration: Duration,
-    pub grace: Duration,
+    pub timing: leader::Timing,
 }
 
 /// Sockets to serve on, bound by the caller (so tests can bind port 0 and know the port).
@@ -99,14 +99,13 @@ impl Operator {
             &config.state_key_secret,
         )
         .await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.clock.clone()));
         metrics.set_api_reachable(true);
         let lease = config.lease.as_ref().map(|timing| LeaseSettings {
             namespace: config.operator_namespace.clone(),
             name: timing.name.clone(),
             identity: config.identity.clone(),
-            duration: timing.duration,
-            grace: timing.grace,
+            timing: timing.timing,
         });
         let leadership = match &lease {
             Some(lease) => Leadership::elected(client.clone(), lease.clone()),
@@ -134,16 +133,18 @@ impl Operator {
             leadership,
         )?;
 
-        // Every replica indexes the published links: any of them may serve a link.
-        let index = consent::index::maintain(
+        // Every replica watches the clients, leader or not: any of them may serve a link, and
+        // every one exports the per-client series from what it sees.
+        let views: Vec<Arc<dyn ClientView>> = vec![ctx.links.clone(), metrics.clone()];
+        let index = client_cache::maintain(
             client.clone(),
             config.namespaces.clone(),
-            ctx.links.clone(),
+            views,
             signalled(shutdown.clone(), true),
         );
         let mut tasks = vec![
             (
-                "link index",
+                "client watch",
                 tokio::spawn(async move {
                     index.await;
                     Ok(())
@@ -242,7 +243,9 @@ async fn api_probe(
 }
 
 /// Runs the controller while this replica holds the Lease, stopping it as soon as leadership
-/// is lost, until shutdown. The Lease is released on shutdown so a successor takes over at once.
+/// is lost, until shutdown. On shutdown the controller stops first (in-flight reconciles
+/// finish, so a refreshed token is stored), then the Lease is released so a successor takes
+/// over within its retry period instead of after the lease duration.
 async fn lead_when_elected(
     client: Client,
     ctx: Arc<Context>,

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod cli;
+pub(crate) mod client_cache;
 pub mod clock;
 pub mod conditions;
 pub mod consent;

@@ -1,7 +1,7 @@
 //! Entry point: parses flags, starts telemetry and the operator, waits for a signal. No logic
 //! of its own.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use goto_oauth_operator::{
     app::{Config, LeaseTiming, Listeners, Operator},
@@ -42,6 +42,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
+    let lease_timing = args.lease_timing().map_err(|e| e.to_string())?;
     let client = kube::Client::try_default().await.map_err(|e| {
         format!("cannot configure a Kubernetes client (KUBECONFIG or in-cluster): {e}")
     })?;
@@ -70,10 +71,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         operator_namespace: args.operator_namespace.clone(),
         state_key_secret: args.state_key_secret.clone(),
         identity,
-        lease: args.leader_election.then(|| LeaseTiming {
-            name: args.lease_name,
-            duration: Duration::from_secs(15),
-            grace: Duration::from_secs(5),
+        lease: args.leader_election.then_some(LeaseTiming {
+            name: args.lease_name.clone(),
+            timing: lease_timing,
         }),
         token_rate_limit: args.token_rate_limit,
         max_concurrent_refreshes: args.max_concurrent_refreshes,

@@ -3,13 +3,28 @@
 //! Labels are only namespace, name, result and reason values from fixed sets: nothing
 //! token-grade, and no unbounded label values besides the clients themselves (whose series are
 //! removed when a client is deleted).
+//!
+//! The per-client series (readiness, authorization phase, access token expiry, refresh token
+//! issue time) are every replica's, leader or not: each keeps [`ClientFacts`] from its own watch
+//! of the clients ([`crate::client_cache`]), so the alerts keep working through a fail-over and
+//! while no replica leads. `goto_oauth_client_ready` is worked out at scrape time, so it turns 0
+//! when the access token expires even though no leader wrote the status.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
-use crate::resource::AuthorizationPhase;
+use jiff::Timestamp;
+
+use crate::{
+    clock::Clock,
+    conditions,
+    resource::{AuthorizationPhase, GoToOAuthClient, GoToOAuthClientStatus},
+};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -17,7 +32,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct ClientLabels {
     pub namespace: String,
     pub name: String,
@@ -113,6 +128,43 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// What a client's per-client series are derived from: its status as this replica last saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ClientFacts {
+    /// The `Ready` condition is True.
+    ready_condition: bool,
+    access_token_expires_at: Option<Timestamp>,
+    refresh_token_obtained_at: Option<Timestamp>,
+    phase: Option<AuthorizationPhase>,
+}
+
+impl ClientFacts {
+    pub(crate) fn of(status: Option<&GoToOAuthClientStatus>) -> ClientFacts {
+        let Some(status) = status else {
+            return ClientFacts::default();
+        };
+        ClientFacts {
+            ready_condition: status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == conditions::READY && c.status == "True"),
+            access_token_expires_at: status.access_token_expires_at.as_ref().map(|t| t.0),
+            refresh_token_obtained_at: status.refresh_token_obtained_at.as_ref().map(|t| t.0),
+            phase: status.authorization.as_ref().map(|a| a.phase),
+        }
+    }
+
+    /// Ready at `now`: the status says so and the access token it names has not expired. A
+    /// status nobody rewrote (no leader, or a leader that has not reached the client yet) does
+    /// not keep an expired token ready.
+    pub(crate) fn ready_at(&self, now: Timestamp) -> bool {
+        self.ready_condition
+            && self
+                .access_token_expires_at
+                .is_none_or(|expires| expires > now)
+    }
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -127,6 +179,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Set once the API server has answered; cleared when it stops answering.
     api_reachable: AtomicBool,
+    /// The per-client series' source, by client.
+    clients: Mutex<HashMap<ClientLabels, ClientFacts>>,
+    /// Whose "now" decides whether an access token has expired.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -137,6 +193,13 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(Clock::system())
+    }
+}
+
+impl Metrics {
+    /// The metrics, with `clock` deciding when an access token has expired.
+    pub fn new(clock: Clock) -> Self {
         let mut registry = Registry::with_prefix("goto_oauth");
         let token_expiry = Family::<ClientLabels, Gauge>::default();
         registry.register(
@@ -147,7 +210,7 @@ impl Default for Metrics {
         let client_ready = Family::<ClientLabels, Gauge>::default();
         registry.register(
             "client_ready",
-            "1 when the client's Ready condition is True, else 0",
+            "1 when the client's Ready condition is True and its access token has not expired, else 0",
             client_ready.clone(),
         );
         let refresh_token_obtained = Family::<ClientLabels, Gauge>::default();
@@ -208,13 +271,14 @@ impl Default for Metrics {
             reconcile_errors,
             leader,
             api_reachable: AtomicBool::new(false),
+            clients: Mutex::default(),
+            clock,
         }
     }
-}
 
-impl Metrics {
-    /// The text exposition format.
+    /// The text exposition format; `goto_oauth_client_ready` as of now.
     pub fn render(&self) -> String {
+        self.update_readiness(self.clock.now());
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -264,9 +328,89 @@ impl Metrics {
             .inc();
     }
 
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ClientLabels, ClientFacts>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the client's series from its status (`None`: it has none yet).
+    pub(crate) fn observe_client(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: Option<&GoToOAuthClientStatus>,
+    ) {
+        let labels = Self::client(namespace, name);
+        let facts = ClientFacts::of(status);
+        self.client_ready
+            .get_or_create(&labels)
+            .set(i64::from(facts.ready_at(self.clock.now())));
+        self.set_authorization_phase(namespace, name, facts.phase);
+        for (family, at) in [
+            (&self.token_expiry, facts.access_token_expires_at),
+            (
+                &self.refresh_token_obtained,
+                facts.refresh_token_obtained_at,
+            ),
+        ] {
+            match at {
+                Some(t) => {
+                    family.get_or_create(&labels).set(t.as_second());
+                }
+                None => {
+                    family.remove(&labels);
+                }
+            }
+        }
+        self.clients().insert(labels, facts);
+    }
+
+    /// [`Metrics::observe_client`] for a client as the watch delivers it.
+    pub(crate) fn observe(&self, obj: &GoToOAuthClient) {
+        if let (Some(namespace), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) {
+            self.observe_client(namespace, name, obj.status.as_ref());
+        }
+    }
+
+    /// After a relist of `scope` (all namespaces when `None`): `current` are the clients there
+    /// now; the series of the others in `scope` go.
+    pub(crate) fn observe_all(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
+        let alive: std::collections::HashSet<(&str, &str)> = current
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.metadata.namespace.as_deref()?,
+                    c.metadata.name.as_deref()?,
+                ))
+            })
+            .collect();
+        let gone: Vec<ClientLabels> = self
+            .clients()
+            .keys()
+            .filter(|l| scope.is_none_or(|ns| ns == l.namespace))
+            .filter(|l| !alive.contains(&(l.namespace.as_str(), l.name.as_str())))
+            .cloned()
+            .collect();
+        for labels in gone {
+            self.forget_client(&labels.namespace, &labels.name);
+        }
+        for obj in current {
+            self.observe(obj);
+        }
+    }
+
+    /// Sets every client's `goto_oauth_client_ready` as of `now`.
+    fn update_readiness(&self, now: Timestamp) {
+        for (labels, facts) in self.clients().iter() {
+            self.client_ready
+                .get_or_create(labels)
+                .set(i64::from(facts.ready_at(now)));
+        }
+    }
+
     /// Drops a deleted client's series so dashboards do not show ghosts.
     pub fn forget_client(&self, namespace: &str, name: &str) {
         let labels = Self::client(namespace, name);
+        self.clients().remove(&labels);
         self.token_expiry.remove(&labels);
         self.client_ready.remove(&labels);
         self.refresh_token_obtained.remove(&labels);
@@ -375,5 +519,76 @@ mod tests {
         }
         m.forget_client("ns", "a");
         assert!(!m.render().contains("name=\"a\""));
+    }
+
+    fn ready_status(expires: &str) -> GoToOAuthClientStatus {
+        serde_json::from_value(serde_json::json!({
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "Authorized", "message": "",
+                "lastTransitionTime": "2026-11-23T09:00:00Z"
+            }],
+            "accessTokenExpiresAt": expires,
+            "refreshTokenObtainedAt": "2026-11-23T09:00:00Z",
+            "authorization": {"phase": "Authorized"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ready_needs_the_condition_and_an_unexpired_token() {
+        let at = |t: &str| t.parse::<Timestamp>().unwrap();
+        let facts = ClientFacts::of(Some(&ready_status("2026-11-23T10:00:00Z")));
+        assert!(facts.ready_at(at("2026-11-23T09:59:59Z")));
+        assert!(!facts.ready_at(at("2026-11-23T10:00:00Z")), "expired");
+        assert!(!ClientFacts::of(None).ready_at(at("2026-11-23T09:00:00Z")));
+        let mut not_ready = ready_status("2026-11-23T10:00:00Z");
+        not_ready.conditions[0].status = "False".into();
+        assert!(!ClientFacts::of(Some(&not_ready)).ready_at(at("2026-11-23T09:00:00Z")));
+    }
+
+    #[test]
+    fn readiness_follows_the_clock_at_scrape_time_without_a_status_write() {
+        let clock = Clock::manual("2026-11-23T09:30:00Z".parse().unwrap());
+        let m = Metrics::new(clock.clone());
+        m.observe_client("ns", "a", Some(&ready_status("2026-11-23T10:00:00Z")));
+        let ready = "goto_oauth_client_ready{namespace=\"ns\",name=\"a\"}";
+        assert!(m.render().contains(&format!("{ready} 1")));
+        clock.advance(std::time::Duration::from_secs(31 * 60));
+        assert!(
+            m.render().contains(&format!("{ready} 0")),
+            "expired: not ready"
+        );
+        assert!(
+            m.render().contains(
+                "goto_oauth_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1795428000"
+            ),
+            "{}",
+            m.render()
+        );
+    }
+
+    #[test]
+    fn a_relist_drops_the_series_of_clients_gone_from_its_scope_only() {
+        let m = Metrics::default();
+        let client = |ns: &str, name: &str| {
+            let mut obj = GoToOAuthClient::new(
+                name,
+                serde_json::from_value(serde_json::json!({
+                    "clientId": "c", "clientSecretRef": {"name": "creds"}
+                }))
+                .unwrap(),
+            );
+            obj.metadata.namespace = Some(ns.into());
+            obj.status = Some(ready_status("2099-01-01T00:00:00Z"));
+            obj
+        };
+        m.observe(&client("a", "x"));
+        m.observe(&client("a", "y"));
+        m.observe(&client("b", "z"));
+        m.observe_all(Some("a"), &[client("a", "y")]);
+        let text = m.render();
+        assert!(!text.contains("name=\"x\""), "deleted while not watched");
+        assert!(text.contains("name=\"y\""));
+        assert!(text.contains("name=\"z\""), "another scope's client stays");
     }
 }

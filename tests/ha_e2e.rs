@@ -6,8 +6,11 @@
 //!   token, one refresh request — a second refresh of a rotating refresh token would lose it);
 //! - any replica can finish a consent (the callback writes through the API; the leader picks it
 //!   up);
-//! - stopping the leader releases the Lease and the other replica takes over within the lease
-//!   duration, while the stopped one sends nothing more;
+//! - stopping the leader releases the Lease and the other replica takes it at its next look (the
+//!   retry period), far inside the lease duration, while the stopped one sends nothing more; a
+//!   leader killed with SIGKILL is replaced once its Lease expires (`--lease-duration`);
+//! - while no replica leads, every replica's metrics report a client whose token expired as not
+//!   ready, and the next leader corrects the stale status before it refreshes;
 //! - leadership is never held by both replicas at the same moment, even when they start together,
 //!   which needs each replica to take the Lease under its own server-side-apply field manager;
 //! - a leader stopped while a rotated refresh token is still waiting to be written does not take
@@ -15,7 +18,7 @@
 //!
 //! Time for the refresh schedule comes from one manual clock shared by both replicas, so "the
 //! token is due" is a clock advance, not a 40-minute wait. The Lease itself runs on wall time
-//! (4 s duration, 1 s grace, see `common::operator`).
+//! (4 s duration, renewed 1 s before expiry, 500 ms retry period, see `common::operator`).
 
 mod common;
 
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Cluster, Provider, bind_callback, eventually,
-    metrics::metric_sum,
+    metrics::{metric, metric_sum},
     operator::{InProcessOperator, Options},
     secret_field,
 };
@@ -31,6 +34,7 @@ use fake_goto::{FakeGoToConfig, RefreshTokenRotation};
 use goto_oauth_operator::{
     clock::Clock,
     conditions::reason,
+    leader::Timing,
     secret::{EXPIRES_AT_KEY, REFRESH_TOKEN_KEY},
 };
 use k8s_openapi::api::coordination::v1::Lease;
@@ -87,6 +91,11 @@ struct Ha {
 /// Starts the cluster, the provider (with both replicas' callbacks registered) and two replicas
 /// electing a leader, started at the same moment as two pods of a Deployment are.
 async fn start() -> Ha {
+    start_with(None).await
+}
+
+/// [`start`] with these Lease timings instead of the harness's test-sized ones.
+async fn start_with(timing: Option<Timing>) -> Ha {
     let cluster = Cluster::start().await;
     let (la, callback_a) = bind_callback().await;
     let (lb, callback_b) = bind_callback().await;
@@ -99,9 +108,13 @@ async fn start() -> Ha {
 
     let clock = Clock::manual("2026-11-23T10:00:00Z".parse().unwrap());
     let identities = ["replica-a", "replica-b"];
-    let options = |identity: &str| Options {
-        leader_identity: Some(identity.to_string()),
-        ..provider.operator_options(&cluster, clock.clone())
+    let options = |identity: &str| {
+        let defaults = provider.operator_options(&cluster, clock.clone());
+        Options {
+            leader_identity: Some(identity.to_string()),
+            lease_timing: timing.unwrap_or(defaults.lease_timing),
+            ..defaults
+        }
     };
     let (a, b) = tokio::join!(
         InProcessOperator::start(cluster.client.clone(), la, options(identities[0])),
@@ -387,8 +400,8 @@ async fn stopping_the_leader_hands_over_within_the_lease_duration() {
         "a stopped replica does not claim leadership"
     );
 
-    // The Lease was released. The follower sleeps until the Lease it last saw would expire (at
-    // most one lease duration), then finds it free; 1 s of slack for scheduling on 2 cores.
+    // The Lease was released; the follower finds it free at its next look (retry period 500 ms),
+    // well within the lease duration; 1 s of slack for scheduling on 2 cores.
     eventually("follower takes over", || async {
         ha.replicas[follower].leads().then_some(())
     })
@@ -619,5 +632,285 @@ async fn a_leader_that_lost_its_lease_sends_no_refresh() {
     )
     .await;
     assert_eq!(ha.expires_at("solo").await, before);
+    ha.stop_all().await;
+}
+
+/// A rolling update stops the leader gracefully: it stops reconciling, releases the Lease, and
+/// the other replica takes it at its next look (the retry period), not after the lease
+/// duration, which is long here so that waiting it out would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_over_at_once_not_after_the_lease_duration() {
+    let timing = Timing::new(
+        Duration::from_secs(15),
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let mut ha = start_with(Some(timing)).await;
+    let (leader, follower) = ha.roles().await;
+    let leases: Api<Lease> = Api::namespaced(ha.cluster.client.clone(), &ha.cluster.namespace);
+    let stored = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(stored.lease_duration_seconds, Some(15));
+
+    let stopped = Instant::now();
+    ha.replicas[leader].op.take().unwrap().stop().await;
+    let stop_took = stopped.elapsed();
+    eventually("follower takes over", || async {
+        ha.replicas[follower].leads().then_some(())
+    })
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("graceful stop took {stop_took:?}; hand-over {took:?} after stop() began");
+    assert!(
+        took < Duration::from_secs(2),
+        "hand-over took {took:?} after a graceful stop; the lease duration is 15 s"
+    );
+    ha.wait_lease_holder(follower).await;
+    ha.replicas[follower].op.take().unwrap().stop().await;
+}
+
+/// The binary's leader metric, read from its /metrics.
+async fn binary_leads(op: &common::Operator) -> bool {
+    leader_sample(&op.metrics().await) == Some(1)
+}
+
+/// The Lease flags reach the Lease and set the fail-over time after a crash: a leader killed
+/// with SIGKILL releases nothing, so the other replica takes over once the Lease expires, within
+/// `--lease-duration` (3 s here) of the leader's last renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_the_lease_duration_flag_bounds_the_fail_over() {
+    let cluster = Cluster::start().await;
+    let provider = Provider::start(FakeGoToConfig::default(), "http://127.0.0.1:1/callback").await;
+    let flags = |identity: &'static str| {
+        [
+            "--leader-election=true",
+            "--pod-name",
+            identity,
+            "--lease-duration",
+            "3s",
+            "--lease-renew-before",
+            "1s",
+            "--lease-retry-period",
+            "500ms",
+        ]
+    };
+    let mut ops = vec![
+        common::Operator::start(&cluster, &provider, &flags("bin-a")).await,
+        common::Operator::start(&cluster, &provider, &flags("bin-b")).await,
+    ];
+    let leader = eventually("a binary leads", || async {
+        for (i, op) in ops.iter().enumerate() {
+            if binary_leads(op).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let spec = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(spec.lease_duration_seconds, Some(3), "--lease-duration");
+
+    let mut killed = ops.remove(leader);
+    let at = Instant::now();
+    killed.child.start_kill().expect("SIGKILL");
+    let _ = killed.child.wait().await;
+    let follower = &ops[0];
+    eventually("the other binary takes over", || async {
+        binary_leads(follower).await.then_some(())
+    })
+    .await;
+    let took = at.elapsed();
+    eprintln!("fail-over after SIGKILL: {took:?} (lease duration 3 s)");
+    // The killed leader renewed at most 2 s before (every duration - renew-before), so its
+    // Lease had 1-3 s left; kube-lease-manager waits up to 1 s more after clearing an expired
+    // holder; 1 s of slack for 2 shared cores.
+    assert!(
+        took <= Duration::from_secs(5),
+        "fail-over took {took:?}, lease duration 3 s"
+    );
+    let holder = leases.get(LEASE_NAME).await.unwrap().spec.unwrap();
+    assert_eq!(
+        holder.holder_identity.as_deref(),
+        Some(["bin-a", "bin-b"][1 - leader])
+    );
+    ops.remove(0).stop().await;
+}
+
+/// Timings that cannot work together stop the binary at start with a message naming the flags.
+#[test]
+fn impossible_lease_timings_are_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"))
+        .args([
+            "run",
+            "--public-url",
+            "http://127.0.0.1:8080",
+            "--lease-duration",
+            "5s",
+            "--lease-renew-before",
+            "5s",
+        ])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--lease-renew-before (5s) must be shorter than --lease-duration (5s)"),
+        "{stderr}"
+    );
+}
+
+/// `goto_oauth_client_ready` and the token expiry of client `name` in one replica's metrics.
+fn client_series(rendered: &str, namespace: &str, name: &str) -> (Option<f64>, Option<f64>) {
+    let labels = [("namespace", namespace), ("name", name)];
+    (
+        metric(rendered, "goto_oauth_client_ready", &labels),
+        metric(
+            rendered,
+            "goto_oauth_token_expiry_timestamp_seconds",
+            &labels,
+        ),
+    )
+}
+
+/// Status and metrics tell the truth without a leader. While no replica leads (another holder
+/// has the Lease) the access token expires: nobody may write, so the status still claims Ready,
+/// but every replica's /metrics says not ready from its own watch. When a replica wins the Lease
+/// its first write for the client corrects the status (Ready=False, TokenExpired) before the
+/// refresh that makes it Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_leader_metrics_tell_the_truth_and_a_new_leader_corrects_the_status_first() {
+    use futures::StreamExt;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let ha = start().await;
+    let leader = ha.leader().await;
+    ha.authorize("stale", leader).await;
+    let ns = ha.cluster.namespace.clone();
+    // Every replica exports the client's series, the follower from its own watch.
+    let expiry = eventually("both replicas export the client as ready", || async {
+        let series: Vec<_> = ha
+            .replicas
+            .iter()
+            .map(|r| client_series(&r.metrics(), &ns, "stale"))
+            .collect();
+        (series[0] == series[1] && series[0].0 == Some(1.0))
+            .then_some(series[0].1)
+            .flatten()
+    })
+    .await;
+
+    // A holder elsewhere takes the Lease for an hour: the leader loses it at its next renewal.
+    let leases: Api<Lease> = Api::namespaced(ha.cluster.client.clone(), &ns);
+    let mut lease = leases.get(LEASE_NAME).await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("replica-elsewhere".into());
+    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+    spec.lease_duration_seconds = Some(3600);
+    leases
+        .replace(LEASE_NAME, &Default::default(), &lease)
+        .await
+        .unwrap();
+    eventually("no replica leads", || async {
+        ha.replicas.iter().all(|r| !r.leads()).then_some(())
+    })
+    .await;
+
+    // The token expires (60 min) with nobody to refresh it.
+    ha.clock.advance(Duration::from_secs(61 * 60));
+    for r in &ha.replicas {
+        let series = eventually(&format!("{} reports not ready", r.identity), || async {
+            let series = client_series(&r.metrics(), &ns, "stale");
+            (series.0 == Some(0.0)).then_some(series)
+        })
+        .await;
+        assert_eq!(series.1, Some(expiry), "the expiry is the stored token's");
+    }
+    let obj = ha.cluster.clients().get("stale").await.unwrap();
+    assert_eq!(
+        obj.condition("Ready").map(|c| c.status.as_str()),
+        Some("True"),
+        "nobody leads, so nobody writes: the status still lies"
+    );
+    assert_eq!(ha.provider.refresh_requests(), 0);
+
+    // Record every status the client goes through from here on.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let recorder = {
+        let seen = seen.clone();
+        let clients = ha.cluster.clients();
+        tokio::spawn(async move {
+            let mut objs = watcher(clients, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(obj)) = objs.next().await {
+                if obj.metadata.name.as_deref() != Some("stale") {
+                    continue;
+                }
+                let ready = obj
+                    .condition("Ready")
+                    .map(|c| format!("{}/{}", c.status, c.reason))
+                    .unwrap_or_default();
+                let expires = obj
+                    .status
+                    .and_then(|s| s.access_token_expires_at)
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default();
+                let mut seen = seen.lock().unwrap();
+                if seen.last() != Some(&(ready.clone(), expires.clone())) {
+                    seen.push((ready, expires));
+                }
+            }
+        })
+    };
+    eventually("the recorder saw the stale status", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+
+    // The Lease is released: a replica takes it and reconciles.
+    let mut lease = leases.get(LEASE_NAME).await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    spec.acquire_time = None;
+    spec.lease_duration_seconds = None;
+    leases
+        .replace(LEASE_NAME, &Default::default(), &lease)
+        .await
+        .unwrap();
+    ha.cluster
+        .wait_condition("stale", "Ready", "True", reason::AUTHORIZED)
+        .await;
+    eventually("refreshed once", || async {
+        (ha.provider.refresh_requests() == 1).then_some(())
+    })
+    .await;
+    let ready_true = || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(ready, _)| ready == "True/Authorized")
+    };
+    eventually("the recorder saw the refreshed status", || async {
+        ready_true().then_some(())
+    })
+    .await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("statuses after the Lease was released: {seen:?}");
+    let readiness: Vec<&str> = seen.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        readiness,
+        ["True/Authorized", "False/TokenExpired", "True/Authorized"],
+        "stale status, corrected status, refreshed status"
+    );
+    assert_eq!(
+        seen[0].1, seen[1].1,
+        "the correction names the expired token"
+    );
+    assert_ne!(seen[1].1, seen[2].1, "then a new token");
     ha.stop_all().await;
 }

@@ -25,6 +25,7 @@ use std::{
 };
 
 use goto_oauth_operator::{
+    leader::Timing,
     resource::GoToOAuthClient,
     validation::{AllowedHost, Defaults, validate},
 };
@@ -2023,4 +2024,88 @@ fn helm_renders_alerts_and_dashboard_only_when_enabled_with_their_labels() {
     let labels = dashboard.metadata.labels.unwrap_or_default();
     assert_eq!(labels.get("dashboards").map(String::as_str), Some("goto"));
     assert!(!labels.contains_key("grafana_dashboard"));
+}
+
+/// The Lease timings: the chart's defaults are the binary's, the values reach the operator's
+/// environment in the form its flags parse, and combinations the operator would refuse at start
+/// are refused at install.
+#[test]
+fn helm_lease_timings_reach_the_operator_and_impossible_ones_are_refused() {
+    let Some(helm_bin) = tool(
+        "helm",
+        "helm_lease_timings_reach_the_operator_and_impossible_ones_are_refused",
+    ) else {
+        return;
+    };
+    let timing_env = |docs: &[Doc]| {
+        let deployment: Deployment = one(docs, "Deployment", RELEASE);
+        let c = &deployment.spec.template.spec.expect("pod spec").containers[0];
+        let parse = |name: &str| {
+            let raw = env_value(c, name).unwrap_or_else(|| panic!("{name} set"));
+            humantime::parse_duration(&raw).unwrap_or_else(|e| panic!("{name}={raw}: {e}"))
+        };
+        Timing::new(
+            parse("GOTO_OAUTH_LEASE_DURATION"),
+            parse("GOTO_OAUTH_LEASE_RENEW_BEFORE"),
+            parse("GOTO_OAUTH_LEASE_RETRY_PERIOD"),
+        )
+    };
+    let public_url = format!("publicUrl={PUBLIC_URL}");
+    let docs = helm_template(&helm_bin, &["--set", &public_url]);
+    assert_eq!(
+        timing_env(&docs),
+        Ok(Timing::DEFAULT),
+        "chart defaults = flag defaults"
+    );
+    let docs = helm_template(
+        &helm_bin,
+        &[
+            "--set",
+            &public_url,
+            "--set",
+            "leaderElection.leaseDuration=30s",
+            "--set",
+            "leaderElection.renewBefore=10s",
+            "--set",
+            "leaderElection.retryPeriod=500ms",
+        ],
+    );
+    assert_eq!(
+        timing_env(&docs),
+        Timing::new(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(500)
+        )
+    );
+
+    let base = ["template", RELEASE, CHART, "--namespace", OPERATOR_NS];
+    for (value, why) in [
+        ("leaderElection.renewBefore=15s", "must be shorter than"),
+        ("leaderElection.leaseDuration=1500ms", "leaseDuration"),
+        ("leaderElection.leaseDuration=15", "leaseDuration"),
+        ("leaderElection.retryPeriod=fast", "retryPeriod"),
+    ] {
+        let (ok, _, stderr) = helm(
+            &helm_bin,
+            &[&base[..], &["--set", &public_url, "--set", value]].concat(),
+        );
+        assert!(!ok && stderr.contains(why), "{value} refused:\n{stderr}");
+    }
+}
+
+/// The plain manifest documents the Lease timing variables next to the Lease name.
+#[test]
+fn deploy_manifest_documents_the_lease_timings() {
+    let text = std::fs::read_to_string(root().join("deploy/30-deployment.yaml")).unwrap();
+    for name in [
+        "GOTO_OAUTH_LEASE_DURATION",
+        "GOTO_OAUTH_LEASE_RENEW_BEFORE",
+        "GOTO_OAUTH_LEASE_RETRY_PERIOD",
+    ] {
+        assert!(
+            text.contains(&format!("# - name: {name}")),
+            "{name} documented in deploy/30-deployment.yaml"
+        );
+    }
 }

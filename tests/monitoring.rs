@@ -501,4 +501,27 @@ async fn alerts_and_dashboard_use_only_exposed_metrics_and_labels() {
     ] {
         assert!(used.contains(name), "{name} is used by no alert or panel");
     }
+    // Every replica exports the per-client gauges from its own watch, leader or not: a query
+    // combines them across replicas (a lagging one must not raise or hide an alert) and does
+    // not pick the leader's, which would leave no data while no replica leads.
+    for (source, expr) in &exprs {
+        let per_client = [
+            "goto_oauth_client_ready",
+            "goto_oauth_client_authorization_phase",
+            "goto_oauth_token_expiry_timestamp_seconds",
+            "goto_oauth_refresh_token_obtained_timestamp_seconds",
+        ];
+        // A template variable's `label_values(...)` lists values and needs no combining.
+        if per_client.iter().any(|m| expr.contains(m)) && !expr.starts_with("label_values(") {
+            assert!(
+                expr.contains("max by (namespace, name)")
+                    || expr.contains("min by (namespace, name)"),
+                "{source}: per-client gauges are combined across replicas: {expr}"
+            );
+            assert!(
+                !expr.contains("goto_oauth_leader"),
+                "{source}: per-client gauges come from every replica, not only the leader: {expr}"
+            );
+        }
+    }
 }

@@ -13,6 +13,7 @@ use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::leader::{Timing, TimingError};
 use crate::validation::AllowedHost;
 use crate::web::server::WebLimits;
 
@@ -167,6 +168,24 @@ pub struct RunArgs {
     )]
     pub lease_name: String,
 
+    /// How long the Lease stays valid after its holder last renewed it: a leader killed without
+    /// releasing it (kill -9, node loss) is replaced after at most this long. Whole seconds.
+    /// Shorter fails over faster but writes the Lease more often and makes a slow API server
+    /// more likely to cost the leader its Lease.
+    #[arg(long, env = "GOTO_OAUTH_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long before the Lease expires its holder renews it (so it renews every
+    /// duration − this); also the clock skew between nodes tolerated. Whole seconds, shorter
+    /// than --lease-duration.
+    #[arg(long, env = "GOTO_OAUTH_LEASE_RENEW_BEFORE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_renew_before: Duration,
+
+    /// How often a replica that does not lead reads the Lease to find it released: after a
+    /// graceful stop of the leader, the hand-over takes at most this long.
+    #[arg(long, env = "GOTO_OAUTH_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_retry_period: Duration,
+
     /// Secret (in the operator namespace) holding the key that signs `state`; created once.
     #[arg(
         long,
@@ -194,6 +213,17 @@ pub struct RunArgs {
     /// Time a client has to send a request's headers (and longest wait between kept-alive requests).
     #[arg(long, env = "GOTO_OAUTH_HEADER_READ_TIMEOUT", default_value_t = WebLimits::default().header_read_timeout.into())]
     pub header_read_timeout: humantime::Duration,
+}
+
+impl RunArgs {
+    /// The Lease timings of the flags, checked against each other.
+    pub fn lease_timing(&self) -> Result<Timing, TimingError> {
+        Timing::new(
+            self.lease_duration,
+            self.lease_renew_before,
+            self.lease_retry_period,
+        )
+    }
 }
 
 fn parse_public_url(raw: &str) -> Result<Url, String> {
@@ -322,6 +352,35 @@ mod tests {
                 AllowedHost::parse("api.getgo.com").unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn lease_timings_default_and_are_checked_together() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", "--public-url", "https://x.example"];
+            args.extend_from_slice(extra);
+            match parse(&args).unwrap().command {
+                Command::Run(args) => args,
+                _ => panic!("expected run"),
+            }
+        };
+        assert_eq!(run(&[]).lease_timing(), Ok(Timing::DEFAULT));
+        let short = run(&[
+            "--lease-duration",
+            "4s",
+            "--lease-renew-before",
+            "1s",
+            "--lease-retry-period",
+            "500ms",
+        ]);
+        assert_eq!(
+            short.lease_timing().map(|t| t.retry_period),
+            Ok(Duration::from_millis(500))
+        );
+        let err = run(&["--lease-duration", "5s", "--lease-renew-before", "5s"])
+            .lease_timing()
+            .unwrap_err();
+        assert!(matches!(err, TimingError::RenewAfterExpiry { .. }), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Every replica's in-memory index of the authorization links its watched namespaces publish,
-//! fed by a watch of `GoToOAuthClient`s that runs on every replica (leader or not).
+//! fed by the watch of `GoToOAuthClient`s that runs on every replica, leader or not
+//! ([`crate::client_cache`]).
 //!
 //! `/authorize/...` is the one unauthenticated entry point: it must cost no API request for a
 //! wrong link, and must not tell by its timing whether a namespace/name exists. A link is
@@ -7,20 +8,10 @@
 //! there is none); a miss is answered only at a fixed deadline, during which a link that was
 //! published a moment ago (the index follows the watch) still gets through.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::RwLock, time::Duration};
 
-use futures::StreamExt;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, watcher},
-};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
-use tracing::warn;
 
 use super::link_token;
 use crate::resource::GoToOAuthClient;
@@ -132,54 +123,21 @@ impl LinkIndex {
     }
 }
 
-/// Keeps `index` in step with the clients of `namespaces` (all when empty) until `stop`.
-pub(crate) async fn maintain(
-    client: Client,
-    namespaces: Vec<String>,
-    index: Arc<LinkIndex>,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
-        vec![None]
-    } else {
-        namespaces.into_iter().map(Some).collect()
-    };
-    let runs = scopes.into_iter().map(|scope| {
-        let index = index.clone();
-        let api: Api<GoToOAuthClient> = match &scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        async move {
-            let mut buffer = HashMap::new();
-            let mut events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::Init) => buffer.clear(),
-                    Ok(watcher::Event::InitApply(obj)) => {
-                        if let (Some(key), Some(entry)) =
-                            (LinkIndex::key(&obj), LinkIndex::entry(&obj))
-                        {
-                            buffer.insert(key, entry);
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        index.replace(scope.as_deref(), std::mem::take(&mut buffer));
-                    }
-                    Ok(watcher::Event::Apply(obj)) => index.apply(&obj),
-                    Ok(watcher::Event::Delete(obj)) => index.delete(&obj),
-                    Err(e) => {
-                        warn!(error = %e, "watching clients for the link index failed; retrying")
-                    }
-                }
-            }
-        }
-    });
-    tokio::select! {
-        _ = futures::future::join_all(runs) => {}
-        _ = stop => {}
+impl crate::client_cache::ClientView for LinkIndex {
+    fn apply(&self, obj: &GoToOAuthClient) {
+        LinkIndex::apply(self, obj);
+    }
+
+    fn delete(&self, obj: &GoToOAuthClient) {
+        LinkIndex::delete(self, obj);
+    }
+
+    fn replace(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
+        let fresh = current
+            .iter()
+            .filter_map(|obj| Some((LinkIndex::key(obj)?, LinkIndex::entry(obj)?)))
+            .collect();
+        LinkIndex::replace(self, scope, fresh);
     }
 }
 
@@ -236,7 +194,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_miss_waits_for_the_deadline_and_a_late_link_gets_through() {
-        let index = Arc::new(LinkIndex::default());
+        let index = std::sync::Arc::new(LinkIndex::default());
         let started = tokio::time::Instant::now();
         assert_eq!(index.resolve("a", "demo", LINK).await, None);
         assert_eq!(

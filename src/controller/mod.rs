@@ -28,7 +28,7 @@ use kube::{
     },
 };
 use tokio::sync::Semaphore;
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 pub use observe::ObjectKeys;
 pub use watches::run;
@@ -142,6 +142,11 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     };
     let now = ctx.clock.now();
     let planned = plan::plan(&observed, now);
+    if planned.refresh.is_some()
+        && let Some(action) = correct_stale_status(&ctx, &observed, &keys, &planned, now).await?
+    {
+        return Ok(action);
+    }
     let outcome = act::act(&ctx, &observed, &planned).await?;
     let refreshed = outcome.is_some();
     let observed_tokens = planned.tokens.clone();
@@ -200,6 +205,41 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
         Some(delay) => Action::requeue(delay),
         None => Action::await_change(),
     })
+}
+
+/// How soon a client whose stale status was corrected is reconciled again (to refresh); the
+/// watch event of the write usually comes first.
+const AFTER_CORRECTION: Duration = Duration::from_millis(500);
+
+/// Writes the status as it stands before the planned refresh when the stored one claims Ready
+/// wrongly (see [`status::claims_false_readiness`]); the refresh follows in the next reconcile.
+/// `None`: the status tells the truth, go on.
+async fn correct_stale_status(
+    ctx: &Context,
+    observed: &observe::Observed,
+    keys: &ObjectKeys,
+    planned: &plan::Plan,
+    now: jiff::Timestamp,
+) -> Result<Option<Action>> {
+    let link = planned.link.resolve(|| random_token(32));
+    let truthful = status::desired_status(
+        &observed.obj,
+        keys,
+        planned,
+        link.as_deref(),
+        &ctx.settings.defaults,
+        now,
+    );
+    if !status::claims_false_readiness(observed.obj.status.as_ref(), &truthful) {
+        return Ok(None);
+    }
+    info!("the status claims Ready for an expired access token; correcting it before refreshing");
+    let events = status::Events::OnTransition(status::EventAction::Reconcile);
+    match status::apply_status(ctx, &observed.obj, keys, truthful, events).await {
+        Ok(_) => Ok(Some(Action::requeue(AFTER_CORRECTION))),
+        Err(e) if e.is_conflict() => Ok(Some(Action::requeue(Duration::from_secs(1)))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Backs off per object: a bad spec or missing Secret waits for a change; transient errors

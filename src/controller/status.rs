@@ -83,6 +83,23 @@ pub(crate) fn desired_status(
     }
 }
 
+/// Whether `current` claims `Ready=True` where the truthful `desired` status says `Ready=False`:
+/// typically an access token that expired while no leader kept the status. Such a status is
+/// written before a refresh is sent, because the refresh may wait for a rate-limit slot, run
+/// into the token timeout or fail, and the status would lie all that time.
+pub(crate) fn claims_false_readiness(
+    current: Option<&GoToOAuthClientStatus>,
+    desired: &GoToOAuthClientStatus,
+) -> bool {
+    let ready = |s: &GoToOAuthClientStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .map(|c| c.status == "True")
+    };
+    current.and_then(ready) == Some(true) && ready(desired) == Some(false)
+}
+
 /// What an Event is about. The event recorder folds repeats of one (type, reason, action)
 /// into a series that keeps the first note, so distinct causes get distinct actions: a failed
 /// consent, a failed code exchange and a failed refresh never merge into one Event.
@@ -189,40 +206,10 @@ pub(crate) async fn apply_status(
 }
 
 /// The per-client series: Ready, the authorization phase, the access token's expiry and the
-/// refresh token's issue time. Set on every reconcile, not only when the status changes, so
-/// they exist right after a restart or fail-over; all come from the status, which comes from
-/// what is stored.
+/// refresh token's issue time, from the status the leader writes (at once, before the watch
+/// brings it back). Every replica also sets them from its own watch (`client_cache`).
 fn record_metrics(metrics: &Metrics, keys: &ObjectKeys, status: &GoToOAuthClientStatus) {
-    let ready = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == conditions::READY && c.status == "True");
-    let labels = Metrics::client(&keys.namespace, &keys.name);
-    metrics
-        .client_ready
-        .get_or_create(&labels)
-        .set(i64::from(ready));
-    metrics.set_authorization_phase(
-        &keys.namespace,
-        &keys.name,
-        status.authorization.as_ref().map(|a| a.phase),
-    );
-    for (family, at) in [
-        (&metrics.token_expiry, &status.access_token_expires_at),
-        (
-            &metrics.refresh_token_obtained,
-            &status.refresh_token_obtained_at,
-        ),
-    ] {
-        match at {
-            Some(t) => {
-                family.get_or_create(&labels).set(t.0.as_second());
-            }
-            None => {
-                family.remove(&labels);
-            }
-        }
-    }
+    metrics.observe_client(&keys.namespace, &keys.name, Some(status));
 }
 
 /// Publishes an Event; failures are logged, never fatal (events are best effort).
@@ -318,6 +305,47 @@ mod tests {
             allowed_hosts: Vec::new(),
         };
         (obj, keys, defaults)
+    }
+
+    /// A status written while the token was valid claims Ready falsely once the token expired
+    /// (no leader rewrote it); the status of the same tokens at that time says TokenExpired.
+    #[test]
+    fn a_ready_status_for_an_expired_token_is_stale() {
+        let (mut obj, keys, defaults) = client();
+        let s = settings();
+        let consent = at("2026-11-01T10:00:00Z");
+        let tokens = StoredTokens::from_response(&response(Some("r1")), None, &s, consent).unwrap();
+        let plan = Plan::after_consent(&obj, &s, tokens, "uid-1");
+        let written = desired_status(&obj, &keys, &plan, None, &defaults, consent);
+        obj.status = Some(written.clone());
+
+        let later = |mins| {
+            let now = consent + SignedDuration::from_mins(mins);
+            desired_status(&obj, &keys, &plan, None, &defaults, now)
+        };
+        assert!(
+            !claims_false_readiness(Some(&written), &later(30)),
+            "still valid"
+        );
+        let expired = later(61);
+        let ready = expired
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "TokenExpired")
+        );
+        assert!(claims_false_readiness(Some(&written), &expired));
+        assert!(
+            !claims_false_readiness(Some(&expired), &expired),
+            "corrected"
+        );
+        assert!(
+            !claims_false_readiness(None, &expired),
+            "no status: nothing claimed"
+        );
     }
 
     /// `refreshTokenObtainedAt` is set at consent, kept by a refresh that returns no refresh

@@ -10,6 +10,7 @@ use goto_oauth_operator::{
     app::{Config, LeaseTiming, Listeners, Operator},
     cli::DEFAULT_ALLOWED_ENDPOINT_HOSTS,
     clock::Clock,
+    leader::Timing,
     metrics::Metrics,
     validation::AllowedHost,
     web::server::WebLimits,
@@ -29,6 +30,9 @@ pub struct Options {
     pub clock: Clock,
     /// `Some(identity)`: elect a leader on the Lease `goto-oauth-operator`; `None`: always lead.
     pub leader_identity: Option<String>,
+    /// The Lease timings when electing (test-sized by default: 4 s, renewed 1 s before expiry,
+    /// a released Lease found within 500 ms).
+    pub lease_timing: Timing,
     pub token_rate_limit: u32,
     pub max_concurrent_refreshes: u32,
     pub token_timeout: Duration,
@@ -50,6 +54,11 @@ impl Options {
                 .collect(),
             clock: Clock::system(),
             leader_identity: None,
+            lease_timing: Timing {
+                duration: Duration::from_secs(4),
+                renew_before: Duration::from_secs(1),
+                retry_period: Duration::from_millis(500),
+            },
             token_rate_limit: 10,
             max_concurrent_refreshes: 10,
             token_timeout: Duration::from_secs(10),
@@ -97,8 +106,7 @@ impl InProcessOperator {
                 .unwrap_or_else(|| "in-process".into()),
             lease: options.leader_identity.map(|_| LeaseTiming {
                 name: "goto-oauth-operator".into(),
-                duration: Duration::from_secs(4),
-                grace: Duration::from_secs(1),
+                timing: options.lease_timing,
             }),
             token_rate_limit: options.token_rate_limit,
             max_concurrent_refreshes: options.max_concurrent_refreshes,
