@@ -788,6 +788,9 @@ async fn without_a_leader_metrics_tell_the_truth_and_a_new_leader_corrects_the_s
     let ha = start().await;
     let leader = ha.leader().await;
     ha.authorize("stale", leader).await;
+    // Two more clients: the new leader corrects all three statuses before any refresh.
+    ha.authorize("stale-b", leader).await;
+    ha.authorize("stale-c", leader).await;
     let ns = ha.cluster.namespace.clone();
     // Every replica exports the client's series, the follower from its own watch.
     let expiry = eventually("both replicas export the client as ready", || async {
@@ -835,6 +838,15 @@ async fn without_a_leader_metrics_tell_the_truth_and_a_new_leader_corrects_the_s
         "nobody leads, so nobody writes: the status still lies"
     );
     assert_eq!(ha.provider.refresh_requests(), 0);
+    ha.cluster.proxy().clear_request_log();
+    // stale-c's correction fails twice (retried after 1 s, then 2 s): the others' refreshes
+    // must wait for it all the same.
+    ha.cluster.proxy().inject_fault(Fault {
+        method: Some(http::Method::PATCH),
+        path_contains: "/gotooauthclients/stale-c/status".into(),
+        status: 500,
+        times: 2,
+    });
 
     // Record every status the client goes through from here on.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
@@ -884,10 +896,39 @@ async fn without_a_leader_metrics_tell_the_truth_and_a_new_leader_corrects_the_s
     ha.cluster
         .wait_condition("stale", "Ready", "True", reason::AUTHORIZED)
         .await;
-    eventually("refreshed once", || async {
-        (ha.provider.refresh_requests() == 1).then_some(())
+    for name in ["stale-b", "stale-c"] {
+        ha.cluster
+            .wait_condition(name, "Ready", "True", reason::AUTHORIZED)
+            .await;
+    }
+    eventually("each client refreshed once", || async {
+        (ha.provider.refresh_requests() == 3).then_some(())
     })
     .await;
+    // The API requests since the Lease was released, in order: every client's corrected
+    // status was written before the first refreshed token was.
+    let writes: Vec<String> = ha
+        .cluster
+        .proxy()
+        .request_log()
+        .into_iter()
+        .filter(|r| r.verb == "patch" && r.status < 300)
+        .map(|r| r.path)
+        .collect();
+    let first_token_write = writes
+        .iter()
+        .position(|p| p.contains("/secrets/"))
+        .expect("refreshed tokens were written");
+    let corrected: std::collections::BTreeSet<&str> = writes[..first_token_write]
+        .iter()
+        .filter_map(|p| p.strip_suffix("/status"))
+        .filter_map(|p| p.rsplit('/').next())
+        .collect();
+    assert_eq!(
+        corrected,
+        ["stale", "stale-b", "stale-c"].into(),
+        "statuses corrected before the first refresh: {writes:?}"
+    );
     let ready_true = || {
         seen.lock()
             .unwrap()

@@ -8,6 +8,7 @@
 //! [`schedule`] says when tokens refresh and how failures back off.
 
 pub(crate) mod act;
+pub(crate) mod first_look;
 #[cfg(test)]
 mod fixtures;
 pub(crate) mod memory;
@@ -68,6 +69,8 @@ pub struct Context {
     pub(crate) clock: Clock,
     pub(crate) leadership: Leadership,
     pub(crate) refresh_slots: Semaphore,
+    /// Which clients this leadership term has reconciled: refreshes wait for all of them.
+    pub(crate) first_look: first_look::FirstLook,
     pub(crate) memory: memory::Memory,
     /// Published authorization links, kept by a watch on every replica.
     pub(crate) links: Arc<LinkIndex>,
@@ -100,6 +103,7 @@ impl Context {
                 metrics.clone(),
             )?,
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
+            first_look: first_look::FirstLook::default(),
             memory: memory::Memory::default(),
             links: Arc::default(),
             client,
@@ -133,19 +137,29 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     if obj.metadata.deletion_timestamp.is_some() {
         // The owner reference lets the garbage collector delete the Secret.
         ctx.forget(&keys);
+        ctx.first_look.looked_at(&keys.uid);
         return Ok(Action::await_change());
     }
     let observed = match observe::observe(&ctx, obj).await? {
         observe::Snapshot::Current(observed) => observed,
         observe::Snapshot::WaitForWatch => return Ok(Action::requeue(observe::WATCH_DELIVERY)),
-        observe::Snapshot::Gone => return Ok(Action::await_change()),
+        observe::Snapshot::Gone => {
+            ctx.first_look.looked_at(&keys.uid);
+            return Ok(Action::await_change());
+        }
     };
     let now = ctx.clock.now();
     let planned = plan::plan(&observed, now);
     if planned.refresh.is_some()
         && let Some(action) = correct_stale_status(&ctx, &observed, &keys, &planned, now).await?
     {
+        ctx.first_look.looked_at(&keys.uid);
         return Ok(action);
+    }
+    ctx.first_look.looked_at(&keys.uid);
+    // A new leader corrects every client's stale status before it refreshes any.
+    if planned.refresh.is_some() && !ctx.first_look.refreshes_allowed(std::time::Instant::now()) {
+        return Ok(Action::requeue(first_look::RETRY));
     }
     let outcome = act::act(&ctx, &observed, &planned).await?;
     let refreshed = outcome.is_some();

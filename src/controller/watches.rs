@@ -67,6 +67,8 @@ pub async fn run(
     } else {
         ctx.settings.namespaces.iter().cloned().map(Some).collect()
     };
+    ctx.first_look
+        .begin(scopes.len(), std::time::Instant::now());
     let runs = scopes
         .into_iter()
         .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone()));
@@ -127,11 +129,14 @@ async fn run_scope(
     }
 }
 
-/// Forgets clients of `scope` that no longer exist, with their metric series.
+/// Once the scope's cache is listed, makes its clients pending for the term's first look;
+/// then forgets clients of `scope` that no longer exist, with their metric series.
 async fn prune_deleted(ctx: Arc<Context>, store: Store<GoToOAuthClient>, scope: Option<String>) {
     if store.wait_until_ready().await.is_err() {
         return futures::future::pending().await;
     }
+    ctx.first_look
+        .listed(store.state().iter().filter_map(|c| c.metadata.uid.clone()));
     loop {
         tokio::time::sleep(PRUNE_INTERVAL).await;
         let alive: HashSet<String> = store

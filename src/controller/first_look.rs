@@ -1,0 +1,110 @@
+//! The first look of a leadership term: a new leader corrects every stale status before it
+//! sends any refresh.
+//!
+//! While no replica led, statuses may claim `Ready` for tokens that have expired since. The
+//! reconcile of each client corrects its own status before refreshing it, but with several
+//! reconciles at once a refresh of one client could still go out before another client's lie
+//! is corrected, and a refresh can take seconds (rate limit, slow provider). So each term starts
+//! with every cached client pending; a refresh waits until all of them have had their first
+//! reconcile, or until [`DEADLINE`] has passed (a client whose reconcile keeps failing must not
+//! hold back everyone's refreshes).
+
+use std::{
+    collections::HashSet,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// The longest a term's refreshes wait for the first look of every client.
+pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
+/// How soon a refresh held back by the first look is tried again.
+pub(crate) const RETRY: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Clients of the cache not reconciled yet in this term.
+    pending: HashSet<String>,
+    /// Clients reconciled in this term (possibly before their scope's cache was listed).
+    looked: HashSet<String>,
+    /// Watched scopes whose cache has not been listed yet in this term.
+    scopes_unlisted: usize,
+    started: Option<Instant>,
+}
+
+/// Which clients the current term has looked at.
+#[derive(Debug, Default)]
+pub(crate) struct FirstLook(Mutex<State>);
+
+impl FirstLook {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new term over `scopes` watched scopes starts at `now`.
+    pub(crate) fn begin(&self, scopes: usize, now: Instant) {
+        *self.state() = State {
+            scopes_unlisted: scopes,
+            started: Some(now),
+            ..State::default()
+        };
+    }
+
+    /// A scope's cache is listed: its clients (uids) are pending, except those already looked at.
+    pub(crate) fn listed(&self, uids: impl IntoIterator<Item = String>) {
+        let mut state = self.state();
+        let fresh: Vec<String> = uids
+            .into_iter()
+            .filter(|u| !state.looked.contains(u))
+            .collect();
+        state.pending.extend(fresh);
+        state.scopes_unlisted = state.scopes_unlisted.saturating_sub(1);
+    }
+
+    /// The client was reconciled (its status corrected if it lied).
+    pub(crate) fn looked_at(&self, uid: &str) {
+        let mut state = self.state();
+        state.pending.remove(uid);
+        if state.started.is_some() {
+            state.looked.insert(uid.to_string());
+        }
+    }
+
+    /// Whether refreshes may go out at `now`.
+    pub(crate) fn refreshes_allowed(&self, now: Instant) -> bool {
+        let state = self.state();
+        let done = state.scopes_unlisted == 0 && state.pending.is_empty();
+        done || state
+            .started
+            .is_none_or(|started| now.duration_since(started) >= DEADLINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refreshes_wait_for_every_scope_and_client_or_the_deadline() {
+        let look = FirstLook::default();
+        let t0 = Instant::now();
+        assert!(look.refreshes_allowed(t0), "outside a term nothing waits");
+        look.begin(2, t0);
+        assert!(!look.refreshes_allowed(t0), "no scope listed yet");
+        look.listed(["a".to_string(), "b".to_string()]);
+        look.looked_at("a");
+        look.looked_at("b");
+        assert!(!look.refreshes_allowed(t0), "one scope still unlisted");
+        // A client looked at before its scope was listed is not pending again.
+        look.looked_at("c");
+        look.listed(["c".to_string()]);
+        assert!(look.refreshes_allowed(t0));
+
+        look.begin(1, t0);
+        look.listed(["stuck".to_string()]);
+        assert!(!look.refreshes_allowed(t0 + DEADLINE - Duration::from_millis(1)));
+        assert!(
+            look.refreshes_allowed(t0 + DEADLINE),
+            "a failing client holds no one back"
+        );
+    }
+}
