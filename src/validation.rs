@@ -187,7 +187,7 @@ pub fn validate(
 
     let refresh_before = match spec.refresh_before.as_deref() {
         None | Some("") => None,
-        Some(raw) => match humantime::parse_duration(raw) {
+        Some(raw) => match parse_duration(raw) {
             Ok(d) if d >= Duration::from_secs(1) => Some(d),
             Ok(_) => {
                 problems.push("spec.refreshBefore must be at least 1s".to_string());
@@ -254,6 +254,39 @@ pub fn validate(
     })
 }
 
+/// The units a spec's duration may use: those of the CRD's pattern (`duration_pattern!` in
+/// `resource.rs`), which the API server checks.
+const DURATION_UNITS: [&str; 22] = [
+    "ms", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes", "h",
+    "hr", "hrs", "hour", "hours", "d", "day", "days", "w", "week", "weeks",
+];
+
+/// A duration of the spec: the CRD's grammar (`^([0-9]+ ?(unit) ?)+$`), read by `humantime`.
+/// `humantime` alone also reads fractions, `ns`, months and years (`1.5h`, `1y`), which the
+/// CRD's rule refuses; accepting them here would make the operator accept a spec that
+/// `kubectl apply` refuses.
+pub(crate) fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &rest[digits..];
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+        let letters = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        if digits == 0 || !DURATION_UNITS.contains(&&rest[..letters]) {
+            return Err(format!(
+                "write a number and a unit ({}), e.g. 1h30m",
+                DURATION_UNITS.join(", ")
+            ));
+        }
+        rest = &rest[letters..];
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+    }
+    if raw.is_empty() {
+        return Err("it is empty".into());
+    }
+    humantime::parse_duration(raw).map_err(|e| e.to_string())
+}
+
 fn rollout_settings(spec: &GoToOAuthClientSpec, problems: &mut Vec<String>) -> RolloutSettings {
     let mut targets: Vec<RolloutRestartTarget> = Vec::new();
     for target in &spec.rollout_restart_targets {
@@ -272,7 +305,7 @@ fn rollout_settings(spec: &GoToOAuthClientSpec, problems: &mut Vec<String>) -> R
     };
     let min_interval = match spec.rollout_restart_min_interval.as_deref() {
         None | Some("") => DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL,
-        Some(raw) => match humantime::parse_duration(raw) {
+        Some(raw) => match parse_duration(raw) {
             Ok(d) => d,
             Err(e) => {
                 problems.push(format!(
@@ -808,5 +841,35 @@ mod tests {
             let err = AllowedHost::parse(entry).unwrap_err();
             assert!(err.contains(needle), "{entry:?}: {err}");
         }
+    }
+
+    /// Found by `fuzz::spec`: `0ns` (and `1y`, `1.5h`) were accepted here although the CRD's
+    /// rule refuses them at `kubectl apply`.
+    #[test]
+    fn durations_follow_the_crd_grammar() {
+        for ok in [
+            "20m",
+            "1h30m",
+            "1h 30m",
+            "20 minutes",
+            "90s",
+            "0s",
+            "2 d ",
+            "1w",
+        ] {
+            assert!(parse_duration(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "0ns", "1y", "1.5h", "1M", "1 µs", "1usec", "20", "h", " 1h", "1h  30m", "-5m", "",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let mut c = client(serde_json::json!({"clientId": "a", "clientSecretRef": {"name": "0"}}));
+        c.spec.rollout_restart_min_interval = Some("0ns".into());
+        let problems = validate(&c, &defaults()).unwrap_err().problems;
+        assert!(
+            problems[0].starts_with("spec.rolloutRestartMinInterval \"0ns\" is not a duration"),
+            "{problems:?}"
+        );
     }
 }
