@@ -370,3 +370,23 @@ fn fuzz_authorize() {
     );
 }
 
+/// Found by `fuzz_authorize`: a segment that does not decode to UTF-8 got axum's plain-text 400
+/// instead of the invalid-link page.
+#[test]
+fn an_undecodable_path_segment_is_an_invalid_link() {
+    let h = Harness::new();
+    let uri = format!("/authorize/../%80/{LINK}?");
+    let (status, headers, body, api_requests) = h.get(&uri, None).expect("a request");
+    assert_eq!(status, 404);
+    assert_eq!(
+        headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(
+        body.contains("This authorization link is not valid"),
+        "{body}"
+    );
+    assert_eq!(api_requests, 0);
+}
