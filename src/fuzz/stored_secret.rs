@@ -214,7 +214,10 @@ fn check_any(secret: &Secret) -> TestCaseResult {
     let _ = tokens.lifetime();
     let debug = format!("{tokens:?}");
     let access = tokens.access_token.expose_secret();
-    if access.len() >= 12 {
+    // Unless it is text the Debug output shows anyway (`AuthorizationCode`, a time).
+    let mut other = tokens.clone();
+    other.access_token = SecretString::from("x");
+    if !format!("{other:?}").contains(access) {
         prop_assert!(!debug.contains(access), "{debug}");
     }
     Ok(())
