@@ -21,3 +21,6 @@ pub mod validation;
 pub mod web;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod fuzz;

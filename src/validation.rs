@@ -131,6 +131,8 @@ pub fn validate(
         Ok(url) => {
             if let Err(e) = check_web_url(&url) {
                 problems.push(format!("spec.redirectUri {e}"));
+            } else if !is_web_url_as_written(&redirect_uri) {
+                problems.push(format!("spec.redirectUri {redirect_uri:?} {WRITTEN_AS}"));
             }
             if url.fragment().is_some() {
                 problems.push("spec.redirectUri must not have a #fragment".to_string());
@@ -187,7 +189,7 @@ pub fn validate(
 
     let refresh_before = match spec.refresh_before.as_deref() {
         None | Some("") => None,
-        Some(raw) => match humantime::parse_duration(raw) {
+        Some(raw) => match parse_duration(raw) {
             Ok(d) if d >= Duration::from_secs(1) => Some(d),
             Ok(_) => {
                 problems.push("spec.refreshBefore must be at least 1s".to_string());
@@ -254,6 +256,39 @@ pub fn validate(
     })
 }
 
+/// The units a spec's duration may use: those of the CRD's pattern (`duration_pattern!` in
+/// `resource.rs`), which the API server checks.
+const DURATION_UNITS: [&str; 22] = [
+    "ms", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes", "h",
+    "hr", "hrs", "hour", "hours", "d", "day", "days", "w", "week", "weeks",
+];
+
+/// A duration of the spec: the CRD's grammar (`^([0-9]+ ?(unit) ?)+$`), read by `humantime`.
+/// `humantime` alone also reads fractions, `ns`, months and years (`1.5h`, `1y`), which the
+/// CRD's rule refuses; accepting them here would make the operator accept a spec that
+/// `kubectl apply` refuses.
+pub(crate) fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &rest[digits..];
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+        let letters = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        if digits == 0 || !DURATION_UNITS.contains(&&rest[..letters]) {
+            return Err(format!(
+                "write a number and a unit ({}), e.g. 1h30m",
+                DURATION_UNITS.join(", ")
+            ));
+        }
+        rest = &rest[letters..];
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+    }
+    if raw.is_empty() {
+        return Err("it is empty".into());
+    }
+    humantime::parse_duration(raw).map_err(|e| e.to_string())
+}
+
 fn rollout_settings(spec: &GoToOAuthClientSpec, problems: &mut Vec<String>) -> RolloutSettings {
     let mut targets: Vec<RolloutRestartTarget> = Vec::new();
     for target in &spec.rollout_restart_targets {
@@ -272,7 +307,7 @@ fn rollout_settings(spec: &GoToOAuthClientSpec, problems: &mut Vec<String>) -> R
     };
     let min_interval = match spec.rollout_restart_min_interval.as_deref() {
         None | Some("") => DEFAULT_ROLLOUT_RESTART_MIN_INTERVAL,
-        Some(raw) => match humantime::parse_duration(raw) {
+        Some(raw) => match parse_duration(raw) {
             Ok(d) => d,
             Err(e) => {
                 problems.push(format!(
@@ -305,6 +340,8 @@ fn endpoint(
                 check_web_url(&url).and_then(|()| check_endpoint_host(&raw, &url, defaults))
             {
                 problems.push(format!("{field} {e}"));
+            } else if !is_web_url_as_written(&raw) {
+                problems.push(format!("{field} {raw:?} {WRITTEN_AS}"));
             }
             url
         }
@@ -313,6 +350,57 @@ fn endpoint(
             default.clone()
         }
     }
+}
+
+const WRITTEN_AS: &str = "must start with https:// (http:// only for localhost, 127.x.x.x or [::1], written so), without spaces before it";
+
+/// The CRD's rule for URLs (`web_url_rule!` in `resource.rs`) on the URL as written:
+/// `^(?i)https://`, or `^(?i)http://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?([/?#]|$)`.
+/// The URL parser reads more (a leading space, `127.1`, `[0:0:0:0:0:0:0:1]`, `user@localhost`),
+/// so without this the operator would accept specs that `kubectl apply` refuses.
+fn is_web_url_as_written(raw: &str) -> bool {
+    let starts = |s: &str, prefix: &str| {
+        s.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    if starts(raw, "https://") {
+        return true;
+    }
+    if !starts(raw, "http://") {
+        return false;
+    }
+    let rest = &raw["http://".len()..];
+    let host_len = if starts(rest, "localhost") {
+        "localhost".len()
+    } else if rest.starts_with("[::1]") {
+        "[::1]".len()
+    } else if let Some(tail) = rest.strip_prefix("127") {
+        let mut len = "127".len();
+        let mut tail = tail;
+        for _ in 0..3 {
+            let Some(octet) = tail.strip_prefix('.') else {
+                return false;
+            };
+            let digits = octet.bytes().take_while(u8::is_ascii_digit).count();
+            if !(1..=3).contains(&digits) {
+                return false;
+            }
+            len += 1 + digits;
+            tail = &octet[digits..];
+        }
+        len
+    } else {
+        return false;
+    };
+    let mut rest = &rest[host_len..];
+    if let Some(port) = rest.strip_prefix(':') {
+        let digits = port.bytes().take_while(u8::is_ascii_digit).count();
+        if !(1..=5).contains(&digits) {
+            return false;
+        }
+        rest = &port[digits..];
+    }
+    rest.is_empty() || rest.starts_with(['/', '?', '#'])
 }
 
 /// One entry of the endpoint allow-list (`--allowed-endpoint-hosts`): a host name or IP address
@@ -808,5 +896,81 @@ mod tests {
             let err = AllowedHost::parse(entry).unwrap_err();
             assert!(err.contains(needle), "{entry:?}: {err}");
         }
+    }
+
+    /// Found by `fuzz::spec`: `0ns` (and `1y`, `1.5h`) were accepted here although the CRD's
+    /// rule refuses them at `kubectl apply`.
+    #[test]
+    fn durations_follow_the_crd_grammar() {
+        for ok in [
+            "20m",
+            "1h30m",
+            "1h 30m",
+            "20 minutes",
+            "90s",
+            "0s",
+            "2 d ",
+            "1w",
+        ] {
+            assert!(parse_duration(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "0ns", "1y", "1.5h", "1M", "1 µs", "1usec", "20", "h", " 1h", "1h  30m", "-5m", "",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let mut c = client(serde_json::json!({"clientId": "a", "clientSecretRef": {"name": "0"}}));
+        c.spec.rollout_restart_min_interval = Some("0ns".into());
+        let problems = validate(&c, &defaults()).unwrap_err().problems;
+        assert!(
+            problems[0].starts_with("spec.rolloutRestartMinInterval \"0ns\" is not a duration"),
+            "{problems:?}"
+        );
+    }
+
+    /// Found by `fuzz::spec`: the URL parser reads `" https://…"` (and `127.1`, `user@localhost`)
+    /// as a valid URL, so the operator accepted a redirectUri the CRD's rule refuses.
+    #[test]
+    fn urls_are_checked_as_written_like_the_crd_rule() {
+        for ok in [
+            "https://x",
+            "HTTPS://goto.example.com/cb",
+            "http://localhost",
+            "http://LocalHost:8080/cb",
+            "http://127.0.0.1:9000/t?x",
+            "http://[::1]#f",
+        ] {
+            assert!(is_web_url_as_written(ok), "{ok}");
+        }
+        for bad in [
+            " https://authentication.logmeininc.com",
+            "http://127.1/cb",
+            "http://0x7f.0.0.1/",
+            "http://[0:0:0:0:0:0:0:1]/",
+            "http://user@localhost/",
+            "http://localhost:/cb",
+            "http://localhost:123456/",
+            "http://127.0.0.1234/",
+            "http://localhost\\cb",
+            "http://localhost.evil.example/",
+            "ftp://x",
+            "",
+        ] {
+            assert!(!is_web_url_as_written(bad), "{bad}");
+        }
+        let mut c = client(serde_json::json!({"clientId": "0", "clientSecretRef": {"name": "0"}}));
+        c.spec.redirect_uri = Some(" https://authentication.logmeininc.com".into());
+        let problems = validate(&c, &defaults()).unwrap_err().problems;
+        assert!(problems[0].starts_with("spec.redirectUri"), "{problems:?}");
+        c.spec.redirect_uri = None;
+        c.spec.endpoints = Some(Endpoints {
+            authorize_url: None,
+            token_url: Some(" https://auth.example/oauth/token".into()),
+        });
+        let problems = validate(&c, &defaults()).unwrap_err().problems;
+        assert!(
+            problems[0].starts_with("spec.endpoints.tokenUrl"),
+            "{problems:?}"
+        );
     }
 }

@@ -93,7 +93,7 @@ impl LinkIndex {
         })
     }
 
-    fn apply(&self, obj: &GoToOAuthClient) {
+    pub(crate) fn apply(&self, obj: &GoToOAuthClient) {
         let Some(key) = Self::key(obj) else { return };
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         match Self::entry(obj) {

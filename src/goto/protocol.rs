@@ -552,7 +552,11 @@ fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
 }
 
 /// Classifies a 4xx (other than 429) from its status and, when readable, its RFC 6749 §5.2 body.
-fn classify_client_error(status: u16, body: Option<&[u8]>, secrets: &[&str]) -> OAuthError {
+pub(crate) fn classify_client_error(
+    status: u16,
+    body: Option<&[u8]>,
+    secrets: &[&str],
+) -> OAuthError {
     let parsed = body.and_then(|b| serde_json::from_slice::<Value>(b).ok());
     let (error, description) = match parsed {
         Some(Value::Object(map)) => (

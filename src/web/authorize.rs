@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     http::StatusCode,
     response::{IntoResponse, Redirect, Response},
 };
@@ -28,9 +28,14 @@ use crate::{
 
 pub(super) async fn authorize(
     State(ctx): State<Arc<Context>>,
-    Path((namespace, name, link)): Path<(String, String, String)>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
     jar: CookieJar,
 ) -> Response {
+    // A segment that does not decode (`%80`) is a wrong link like any other: axum's own
+    // rejection would be a plain-text 400 that is not one of our pages.
+    let Ok(Path((namespace, name, link))) = path else {
+        return invalid_link();
+    };
     if !is_dns_label(&namespace) || check_dns_subdomain(&name).is_err() || link.len() > 128 {
         return invalid_link();
     }
