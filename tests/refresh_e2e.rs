@@ -530,6 +530,15 @@ async fn refresh_happens_before_expiry_for_three_cycles() {
             "{}",
             env.metrics()
         );
+        // Each stored refresh measured its rotation window (response → Secret stored).
+        assert_eq!(
+            metric(
+                &env.metrics(),
+                "goto_oauth_token_store_duration_seconds_count",
+                &[]
+            ),
+            Some(cycle as f64)
+        );
         let expiry_metric = metric(
             &env.metrics(),
             "goto_oauth_token_expiry_timestamp_seconds",
