@@ -33,7 +33,7 @@ use fake_goto::{ClientRegistration, FakeGoTo, FakeGoToConfig};
 use futures::{StreamExt, TryStreamExt, stream};
 use goto_oauth_operator::{
     goto::protocol::{TokenResponse, basic_authorization},
-    resource::{GoToOAuthClient, MANAGER},
+    resource::{FORCE_REFRESH_ANNOTATION, GoToOAuthClient, MANAGER},
     secret::{ACCESS_TOKEN_KEY, StoredTokens, desired_secret},
     validation::{Defaults, validate},
 };
@@ -174,6 +174,7 @@ async fn run() -> Result<()> {
         &mut report,
     )
     .await?;
+    rotation_window_phase(&bench, &operator, &mut report).await?;
     let warnings = operator.stop().await?;
     report.row(
         "idle run: operator WARN/ERROR log lines",
@@ -518,6 +519,42 @@ impl Operator {
             .filter(|l| l.split([' ', '{']).next() == Some(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
+    }
+
+    /// A histogram's cumulative buckets from /metrics: (upper bound, count), summed over label
+    /// sets.
+    async fn buckets(&self, name: &str) -> Result<Vec<(f64, f64)>> {
+        let text = self
+            .http
+            .get(&self.metrics_url)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let mut out: Vec<(f64, f64)> = Vec::new();
+        let prefix = format!("{name}_bucket{{");
+        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+            let le = line
+                .split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .map(|v| {
+                    if v == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        v.parse().unwrap_or(f64::NAN)
+                    }
+                });
+            let count = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(le), Some(count)) = (le, count) {
+                match out.iter_mut().find(|(b, _)| *b == le) {
+                    Some((_, c)) => *c += count,
+                    None => out.push((le, count)),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(out)
     }
 
     async fn reconciles(&self) -> Result<u64> {
@@ -874,6 +911,94 @@ async fn idle_phase(
     Ok(())
 }
 
+/// The operator's histogram of the rotation window: token response received → token Secret
+/// write acknowledged.
+const STORE_HISTOGRAM: &str = "goto_oauth_token_store_duration_seconds";
+/// Refreshes forced one at a time in phase 2b.
+const SINGLE_REFRESHES: usize = 50;
+
+/// The `q` quantile of the observations between two readings of a histogram, interpolated
+/// linearly inside its bucket; with the bucket's bounds, as the figure is only that precise.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<(f64, f64, f64)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, n - was)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in delta {
+        if count >= rank {
+            let upper = if le.is_finite() { le } else { lower };
+            let within = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                1.0
+            };
+            return Some((lower + (upper - lower) * within, lower, upper));
+        }
+        (lower, below) = (le, count);
+    }
+    None
+}
+
+/// "median 2.1 ms (1.5–3 ms), p99 …, n = …" for a histogram's change.
+fn window_figures(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
+    let n = after.last().map_or(0.0, |(_, c)| *c) - before.last().map_or(0.0, |(_, c)| *c);
+    let show = |q: f64| match quantile(before, after, q) {
+        Some((v, lo, hi)) => format!("{:.1} ms ({:.1}–{:.1} ms)", v * 1e3, lo * 1e3, hi * 1e3),
+        None => "n/a".to_string(),
+    };
+    format!("median {}, p99 {}, n = {n}", show(0.5), show(0.99))
+}
+
+/// Phase 2b: refreshes forced one at a time on the idle operator (the refresh-requested
+/// annotation), measuring the rotation window without load.
+async fn rotation_window_phase(bench: &Bench, op: &Operator, report: &mut Report) -> Result<()> {
+    println!("phase 2b: {SINGLE_REFRESHES} refreshes, one at a time");
+    let before = op.buckets(STORE_HISTOGRAM).await?;
+    let crs = bench.crs();
+    let count = |b: &[(f64, f64)]| b.last().map_or(0.0, |(_, c)| *c);
+    for (i, c) in bench.clients.iter().take(SINGLE_REFRESHES).enumerate() {
+        let was = count(&op.buckets(STORE_HISTOGRAM).await?);
+        let patch = serde_json::json!({"metadata": {"annotations": {FORCE_REFRESH_ANNOTATION: format!("bench-{i}")}}});
+        crs.patch(
+            &c.obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        let until = Instant::now() + Duration::from_secs(30);
+        while count(&op.buckets(STORE_HISTOGRAM).await?) <= was {
+            if Instant::now() > until {
+                bail!(
+                    "forced refresh of {} not stored within 30 s",
+                    c.obj.name_any()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let after = op.buckets(STORE_HISTOGRAM).await?;
+    report.row(
+        "2b. rotation window, one refresh at a time (response → Secret stored)",
+        "",
+        window_figures(&before, &after),
+    );
+    op.settle(Duration::from_secs(2), Duration::from_secs(30))
+        .await?;
+    Ok(())
+}
+
 /// Phase 3: every token due at once, GoTo limited to 10 req/s, a fresh operator process.
 async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
     println!(
@@ -947,6 +1072,8 @@ async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
     let reconciles = op
         .settle(Duration::from_secs(3), Duration::from_secs(30))
         .await?;
+    // A fresh process: its histogram holds the storm's refreshes only.
+    let window = window_figures(&[], &op.buckets(STORE_HISTOGRAM).await?);
     let requests = bench.operator_requests();
     let writes: Vec<LoggedRequest> = requests.iter().filter(|r| is_write(r)).cloned().collect();
     let token_requests: Vec<_> = bench
@@ -989,6 +1116,11 @@ async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
                 (refreshes.len().saturating_sub(1)) as f64 / span.as_secs_f64()
             }
         ),
+    );
+    report.row(
+        "3. storm: rotation window (response → Secret stored)",
+        "",
+        window,
     );
     report.row(
         "3. storm: 429s from the provider",

@@ -239,7 +239,7 @@ impl Ha {
     /// carry a new token.
     async fn refresh_due(&self, name: &str) {
         let before = self.expires_at(name).await;
-        // nextRefreshTime is 40 min ± 2 min after issue; the token lives 60 min.
+        // nextRefreshTime is 20–40 min after issue; the token lives 60 min.
         self.clock.advance(Duration::from_secs(45 * 60));
         eventually(&format!("{name} refreshed"), || async {
             (self.expires_at(name).await != before).then_some(())

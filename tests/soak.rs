@@ -53,13 +53,15 @@ const CYCLES: usize = 8;
 const AUTHORIZE_CONCURRENCY: usize = 20;
 /// GoTo's access-token lifetime (the fake's default `expires_in`).
 const TOKEN_LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
-/// Past every `nextRefreshTime`: 40 min after issue, ± 2 min jitter — the first step reaches most.
+/// Past every `nextRefreshTime`: at most 40 min after issue — the first step reaches all that
+/// were refreshed in one step.
 const CYCLE_ADVANCE: Duration = Duration::from_secs(41 * 60);
 const RETRY_STEP: Duration = Duration::from_secs(60);
 /// Retry steps a cycle may need before a client counts as stuck. The last client left in a
 /// cycle draws consecutive values of the fault sequence, so a run of faults there pushes its
-/// backoff to the 5-minute cap (the seed has a run of 5; it costs about 14 steps). 30 minutes
-/// of retries stay clear of the next refreshes (38 minutes after this cycle's first ones).
+/// backoff to the 5-minute cap (the seed has a run of 5; it costs about 14 steps). Retries past
+/// 20 minutes may meet the next refreshes of the clients refreshed first (spread over 20–40
+/// minutes after them): those refresh once more, which the checks below cover too.
 const MAX_RETRY_STEPS: usize = 30;
 /// How long a cycle may wait without any client getting refreshed before the clock moves on.
 /// Moving on early is harmless (it only advances the clock sooner); a 429's `Retry-After: 1`

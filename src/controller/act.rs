@@ -194,6 +194,10 @@ struct Request<'a> {
 impl Request<'_> {
     /// Sends one request: bounded in concurrency, rate-limited, and only while this replica
     /// leads. `None`: this replica does not hold the Lease, nothing was sent.
+    ///
+    /// Every wait (a refresh slot, the rate limiter, the Lease GET) comes before the request,
+    /// never between its response and the Secret write (see [`Request::store`]); the slot is
+    /// released when the response is in, so the write waits for no one either.
     async fn send<F, Fut>(
         &self,
         send: F,
@@ -244,12 +248,14 @@ impl Request<'_> {
         let Some(response) = sent else {
             return Ok(RefreshOutcome::NotLeader);
         };
+        // The rotation window opens: GoTo may have invalidated the refresh token just sent.
+        let received = std::time::Instant::now();
         let now = ctx.clock.now();
         match response {
             Ok(response) => {
                 let new = StoredTokens::from_response(&response, Some(current), settings, now)
                     .map_err(|e| Error::TokensUnstored(e.to_string()))?;
-                self.store(new).await.map(|new| {
+                self.store(new, received).await.map(|new| {
                     info!(expires_at = %new.expires_at, "access token refreshed");
                     RefreshOutcome::Refreshed(Box::new(new))
                 })
@@ -281,11 +287,12 @@ impl Request<'_> {
         let Some(response) = sent else {
             return Ok(RefreshOutcome::NotLeader);
         };
+        let received = std::time::Instant::now();
         let now = ctx.clock.now();
         match response {
             Ok(response) => {
                 let new = StoredTokens::from_personal_access_token(&response, settings, now);
-                self.store(new).await.map(|new| {
+                self.store(new, received).await.map(|new| {
                     info!(
                         expires_at = %new.expires_at,
                         refresh_token = new.refresh_token.is_some(),
@@ -316,7 +323,14 @@ impl Request<'_> {
 
     /// Holds new tokens in memory first, then writes them: if the write fails, the next
     /// reconcile writes them again and sends no second request.
-    async fn store(&self, new: StoredTokens) -> Result<StoredTokens> {
+    ///
+    /// Between the token response (`received`) and the Secret write there is nothing but that
+    /// memory entry (a synchronous lock held for a field assignment): the Lease was confirmed
+    /// and the rate-limit and concurrency permits were taken before the request
+    /// ([`Request::send`]), and the metrics, the log line, the status write and any Events
+    /// all come after the write. A process killed inside this window loses a rotated refresh
+    /// token, so nothing that can wait may sit in it.
+    async fn store(&self, new: StoredTokens, received: std::time::Instant) -> Result<StoredTokens> {
         let (ctx, keys) = (self.ctx, &self.o.keys);
         ctx.memory.with(&keys.uid, |m| {
             m.held = Some(HeldTokens {
@@ -328,17 +342,21 @@ impl Request<'_> {
             m.backoff.not_before = None;
             m.backoff.last_failure = None;
         });
-        self.count(RefreshResult::Success);
-        match store_refreshed(
+        let stored = store_refreshed(
             ctx,
             &self.o.obj,
             self.settings,
             &new,
             self.o.target.as_ref(),
         )
-        .await
-        {
+        .await;
+        // The window has closed (or the write failed): only now the bookkeeping.
+        self.count(RefreshResult::Success);
+        match stored {
             Ok(()) => {
+                ctx.metrics
+                    .token_store_duration
+                    .observe(received.elapsed().as_secs_f64());
                 ctx.memory.with(&keys.uid, |m| {
                     if let Some(held) = &mut m.held {
                         held.stored = true;

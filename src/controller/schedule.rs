@@ -3,11 +3,16 @@
 //! The schedule is a pure function of what is stored (expiry, issue time, `refreshBefore`, the
 //! object's uid), so an operator restart resumes it exactly and an idle reconcile computes the same
 //! `nextRefreshTime` again (and so writes nothing).
+//!
+//! Refreshes stay spread: each client has a fixed phase (a hash of its uid) on a grid whose period
+//! is half its refresh interval, and its next refresh is the last grid point at or before
+//! `expires_at − refreshBefore`. Clients refreshed in the same second (after an outage, a
+//! fail-over, consents given together) therefore refresh next at their own phases, spread over
+//! half an interval, and from then on each keeps its phase: bunching is gone after one cycle and
+//! does not come back. A jitter drawn anew each cycle (what this replaced) only random-walks
+//! clients apart, far too slowly to undo a bunch before the next outage makes one.
 
-use std::{
-    hash::{DefaultHasher, Hash, Hasher},
-    time::Duration,
-};
+use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -21,9 +26,19 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay after transient refresh failures.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
-/// When the access token should be refreshed: `expires_at − refreshBefore` (default one third
-/// of the lifetime), moved by a jitter within ±10% of `refreshBefore` that is stable for a given
-/// object and token, so clients authorized together spread out.
+/// When the access token should be refreshed.
+///
+/// - Never later than `expires_at − refreshBefore` (default one third of the lifetime): that is
+///   the promise `refreshBefore` makes to the workloads, so spreading only ever moves a refresh
+///   earlier.
+/// - Never earlier than half the nominal interval after issue (`issued_at + (lifetime −
+///   refreshBefore) / 2`), nor than [`MIN_REFRESH_INTERVAL`] after it: spreading a bunch costs
+///   each bunched client at most half an interval of token life, once.
+/// - Within that window (half an interval wide), at the client's phase: the grid point
+///   `≡ phase(uid)` modulo the window's width, counted in whole seconds from the Unix epoch.
+///   Since the width divides the interval (up to a second of rounding), a client refreshed on
+///   time lands on its phase again: in steady state it refreshes every `lifetime −
+///   refreshBefore`, as without spreading.
 pub fn next_refresh_at(
     tokens: &StoredTokens,
     refresh_before: Option<Duration>,
@@ -36,19 +51,36 @@ pub fn next_refresh_at(
         .unwrap_or(default_before)
         // Refreshing earlier than MIN_REFRESH_INTERVAL after issue would loop.
         .min((lifetime - MIN_REFRESH_INTERVAL).max(lifetime / 2));
-    let jitter_span = before / 10;
-    let fraction = stable_fraction(uid, tokens.expires_at); // in [-1, 1]
-    let jitter = SignedDuration::from_secs_f64(jitter_span.as_secs_f64() * fraction);
-    let at = tokens.expires_at - before + jitter;
-    at.max(tokens.issued_at + MIN_REFRESH_INTERVAL.min(lifetime / 2))
+    let latest = tokens.expires_at - before;
+    let earliest = tokens.issued_at + MIN_REFRESH_INTERVAL.min(lifetime / 2);
+    // Whole seconds, so the time survives the status' second precision unchanged.
+    let width = (lifetime - before).as_secs() / 2;
+    if width < 1 {
+        return latest.max(earliest);
+    }
+    let latest_second = latest.as_second();
+    let slot = latest_second - (latest_second - phase(uid, width)).rem_euclid(width);
+    let at = Timestamp::from_second(slot).unwrap_or(latest);
+    at.max(earliest)
 }
 
-fn stable_fraction(uid: &str, expires_at: Timestamp) -> f64 {
-    let mut hasher = DefaultHasher::new();
-    uid.hash(&mut hasher);
-    expires_at.as_second().hash(&mut hasher);
-    let bucket = hasher.finish() % 2001;
-    (bucket as f64 / 1000.0) - 1.0
+/// The client's place in `[0, width)` seconds: a hash of its uid, fixed for the client's life.
+/// FNV-1a with a final mix, written out rather than `DefaultHasher`, whose algorithm may change
+/// between Rust releases and would then move every client's schedule at an upgrade.
+fn phase(uid: &str, width: i64) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in uid.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64's finaliser: FNV alone leaves similar uids with similar low bits.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    // `width` is positive and far below u64::MAX, so the remainder fits an i64.
+    i64::try_from(hash % width.unsigned_abs()).unwrap_or(0)
 }
 
 /// Delay before retry number `attempt` (1-based) after transient failures: 5 s doubling up to
@@ -93,36 +125,131 @@ mod tests {
         }
     }
 
+    /// Object uids as the API server makes them (random UUIDs), fixed here.
+    fn uid(i: usize) -> String {
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            (i as u64).wrapping_mul(0x9E37_79B9) as u32,
+            i * 7919 % 0xffff,
+            i * 31 % 0xfff,
+            i * 131 % 0xfff,
+            (i as u64).wrapping_mul(0x5851_F42D_4C95_7F2D) & 0xffff_ffff_ffff
+        )
+    }
+
+    /// The most of `times` inside any window of `width` (inclusive of its start).
+    fn most_within(times: &[Timestamp], width: SignedDuration) -> usize {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        (0..sorted.len())
+            .map(|i| {
+                sorted[i..]
+                    .iter()
+                    .take_while(|t| t.duration_since(sorted[i]) < width)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     #[test]
-    fn default_is_one_third_of_lifetime_with_bounded_jitter() {
-        let t = tokens("2026-11-23T10:00:00Z", 3600);
-        let nominal: Timestamp = "2026-11-23T10:40:00Z".parse().unwrap();
-        let mut distinct = std::collections::BTreeSet::new();
-        for i in 0..200 {
-            let at = next_refresh_at(&t, None, &format!("uid-{i}"));
-            let off = at.duration_since(nominal).as_secs_f64().abs();
-            assert!(off <= 120.0 + 1e-6, "jitter {off}s beyond 10% of 20m");
-            // Pods keep a token with at least 10 minutes of life (plus ~1 min kubelet delay).
-            assert!(t.expires_at.duration_since(at) >= SignedDuration::from_mins(17));
-            distinct.insert(at.as_second());
+    fn never_after_expiry_minus_refresh_before_nor_before_half_the_interval() {
+        // (lifetime s, refreshBefore s, earliest after issue (exclusive), latest after issue)
+        let cases = [
+            (3600, None, 1200, 2400),
+            (3600, Some(600), 1500, 3000),
+            (3600, Some(60), 1770, 3540),
+            // Lifetime not a multiple of 3: the latest time is not a whole second.
+            (3599, None, 1199, 2399),
+            // Short tokens (the demo's): the floor of 30 s after issue holds.
+            (60, None, 29, 40),
+            // refreshBefore beyond the lifetime is clamped: 30 s after issue, no loop.
+            (3600, Some(7200), 29, 30),
+        ];
+        for (lifetime, before, after, latest) in cases {
+            let t = tokens("2026-11-23T10:00:00Z", lifetime);
+            let before = before.map(Duration::from_secs);
+            let mut distinct = std::collections::BTreeSet::new();
+            for i in 0..500 {
+                let at = next_refresh_at(&t, before, &uid(i));
+                let since_issue = at.duration_since(t.issued_at);
+                let case = format!("lifetime {lifetime}, refreshBefore {before:?}, {at}");
+                assert!(since_issue > SignedDuration::from_secs(after), "{case}");
+                assert!(since_issue <= SignedDuration::from_secs(latest), "{case}");
+                assert!(since_issue >= MIN_REFRESH_INTERVAL, "{case}");
+                assert_eq!(at.subsec_nanosecond(), 0, "{case}: whole seconds");
+                distinct.insert(at);
+            }
+            if latest - after > 100 {
+                assert!(distinct.len() > 100, "spread: {}", distinct.len());
+            }
         }
-        assert!(distinct.len() > 50, "jitter spreads refreshes");
-        // Stable: the same object and token give the same time.
+    }
+
+    #[test]
+    fn the_same_client_and_token_give_the_same_time() {
+        let t = tokens("2026-11-23T10:00:00Z", 3600);
+        let first: Vec<_> = (0..50)
+            .map(|i| next_refresh_at(&t, None, &uid(i)))
+            .collect();
+        let again: Vec<_> = (0..50)
+            .map(|i| next_refresh_at(&t, None, &uid(i)))
+            .collect();
+        assert_eq!(first, again);
+        // Pinned, so a change of the hash (which moves every client once) is a decision.
         assert_eq!(
-            next_refresh_at(&t, None, "uid-1"),
-            next_refresh_at(&t, None, "uid-1")
+            next_refresh_at(&t, None, "0b1c8e0e-3f5a-4c1e-9a4b-2d6f1e7c9a00"),
+            "2026-11-23T10:25:30Z".parse::<Timestamp>().unwrap()
         );
     }
 
     #[test]
-    fn refresh_before_is_honoured_and_clamped() {
-        let t = tokens("2026-11-23T10:00:00Z", 3600);
-        let at = next_refresh_at(&t, Some(Duration::from_secs(600)), "u");
-        let off = at.duration_since("2026-11-23T10:50:00Z".parse::<Timestamp>().unwrap());
-        assert!(off.abs() <= SignedDuration::from_secs(60));
-        // refreshBefore longer than the lifetime must not produce a refresh loop.
-        let at = next_refresh_at(&t, Some(Duration::from_secs(7200)), "u");
-        assert!(at >= t.issued_at + MIN_REFRESH_INTERVAL);
+    fn clients_refreshed_in_the_same_second_spread_in_one_cycle() {
+        let lifetime = SignedDuration::from_secs(3600);
+        // 40 clients whose tokens were all issued in the same second (an outage just ended).
+        let uids: Vec<String> = (0..40).map(uid).collect();
+        let issued = "2026-11-23T10:00:00Z";
+        let now: Vec<Timestamp> = uids
+            .iter()
+            .map(|_| tokens(issued, 3600).expires_at)
+            .collect();
+        assert_eq!(most_within(&now, SignedDuration::from_secs(5)), 40);
+
+        // Each refreshes when its schedule says (a few seconds late, as the limiter paces them),
+        // and its next token expires a lifetime later.
+        let mut at: Vec<Timestamp> = uids
+            .iter()
+            .map(|u| next_refresh_at(&tokens(issued, 3600), None, u))
+            .collect();
+        for cycle in 1..=5 {
+            let expiries: Vec<Timestamp> = at
+                .iter()
+                .enumerate()
+                .map(|(i, t)| *t + SignedDuration::from_secs((i % 4) as i64) + lifetime)
+                .collect();
+            // 40 points uniform over the 1,200 s window: the most within any 5 s is 2 or 3
+            // (4 in about 1.5 % of draws, 5 in 0.05 %).
+            let bunched = most_within(&expiries, SignedDuration::from_secs(5));
+            assert!(
+                bunched <= 4,
+                "cycle {cycle}: {bunched} of 40 expire within 5 s"
+            );
+            let next: Vec<Timestamp> = expiries
+                .iter()
+                .zip(&uids)
+                .map(|(expires, u)| {
+                    let t = tokens(&(*expires - lifetime).to_string(), 3600);
+                    next_refresh_at(&t, None, u)
+                })
+                .collect();
+            for ((before, after), expires) in at.iter().zip(&next).zip(&expiries) {
+                // On its phase from the first spread refresh on: one refresh every lifetime −
+                // refreshBefore, as without spreading.
+                assert_eq!(after.duration_since(*before), SignedDuration::from_mins(40));
+                assert!(*after <= *expires - lifetime / 3);
+            }
+            at = next;
+        }
     }
 
     #[test]
