@@ -430,7 +430,6 @@ async fn upgrade_takes_over_every_client_without_a_new_consent() {
         secrets_before.insert(name, secret_data(&cluster, name).await);
     }
     let refreshes_before = provider.refresh_requests();
-    let scheduled_at = next_refresh(&before["scheduled"]);
     assert!(
         op.stop().await.success(),
         "the previous release stops cleanly"
@@ -450,12 +449,14 @@ async fn upgrade_takes_over_every_client_without_a_new_consent() {
         ],
     )
     .await;
+    let mut upgraded = BTreeMap::new();
     for name in &all {
         let obj = eventually(&format!("{name} has status.authorization"), || async {
             let obj = client(&cluster, name).await;
             phase(&obj).is_some().then_some(obj)
         })
         .await;
+        upgraded.insert(*name, obj.clone());
         let expected = match *name {
             // A consent failure the previous release recorded only in its conditions: the new
             // release cannot tell it from "no consent yet" and shows the link again.
@@ -509,13 +510,30 @@ async fn upgrade_takes_over_every_client_without_a_new_consent() {
         || async { (scheduled.refresh_requests() == 1).then(SystemTime::now) },
     )
     .await;
+    // The new release spreads refreshes (README "When tokens refresh"): it may move the
+    // previous release's time once, within its window, and then keeps to its own.
+    let rescheduled_at = next_refresh(&upgraded["scheduled"]);
+    let expires_at = |obj: &GoToOAuthClient| {
+        let t = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.access_token_expires_at.clone())
+            .expect("status.accessTokenExpiresAt");
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.0.as_second().max(0) as u64)
+    };
+    let expiry = expires_at(&before["scheduled"]);
     assert!(
-        refreshed + Duration::from_secs(1) >= scheduled_at,
+        rescheduled_at <= expiry - Duration::from_secs(20)
+            && rescheduled_at >= expiry - Duration::from_secs(30),
+        "rescheduled within the window: 30 s after issue at the earliest, refreshBefore (20 s) before expiry at the latest"
+    );
+    assert!(
+        refreshed + Duration::from_secs(1) >= rescheduled_at,
         "not refreshed before its schedule"
     );
     let obj = eventually("scheduled's refreshed status", || async {
         let obj = client(&cluster, "scheduled").await;
-        (next_refresh(&obj) > scheduled_at).then_some(obj)
+        (next_refresh(&obj) > rescheduled_at).then_some(obj)
     })
     .await;
     assert_eq!(reasons(&obj), reasons(&before["scheduled"]));
