@@ -12,10 +12,13 @@
 //! [`elect`] therefore also reads the Lease every retry period while not leading and, when it
 //! finds it released, starts over with a fresh manager, which takes it at once.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use tokio::{sync::watch, task::JoinHandle};
@@ -119,6 +122,11 @@ pub struct LeaseSettings {
 #[derive(Clone)]
 pub struct Leadership {
     lease: Option<(Client, LeaseSettings)>,
+    /// Until when the last read of the Lease proves it this replica's: its renewal time plus
+    /// the duration, less `renew_before`. No other replica takes a Lease before it expires, and
+    /// `renew_before` is the clock skew the election tolerates, so within this time a refresh
+    /// needs no read of its own (one Lease GET per refresh was most of a storm's reads).
+    confirmed_until: Arc<Mutex<Option<Timestamp>>>,
 }
 
 impl std::fmt::Debug for Leadership {
@@ -132,35 +140,66 @@ impl std::fmt::Debug for Leadership {
 impl Leadership {
     /// No election: this replica always leads (one replica, or tests).
     pub fn always() -> Leadership {
-        Leadership { lease: None }
+        Leadership {
+            lease: None,
+            confirmed_until: Arc::default(),
+        }
     }
 
     /// Leadership through `lease`.
     pub fn elected(client: Client, lease: LeaseSettings) -> Leadership {
         Leadership {
             lease: Some((client, lease)),
+            confirmed_until: Arc::default(),
         }
     }
 
     /// Whether the Lease is held by this replica and not expired. The election task only
     /// learns of a lost Lease when a renewal fails; a refresh must never rely on that, because
-    /// two replicas refreshing the same token at once can lose a rotated refresh token.
+    /// two replicas refreshing the same token at once can lose a rotated refresh token. The
+    /// Lease is read when the last read no longer proves it ours (see `confirmed_until`).
     pub(crate) async fn confirm(&self) -> Result<bool, kube::Error> {
         let Some((client, lease)) = &self.lease else {
             return Ok(true);
         };
-        let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
-        let Some(spec) = api.get_opt(&lease.name).await?.and_then(|l| l.spec) else {
-            return Ok(false);
-        };
-        let ours = spec.holder_identity.as_deref() == Some(lease.identity.as_str());
-        let valid_until = spec.renew_time.map(|t| {
-            t.0 + jiff::SignedDuration::from_secs(i64::from(
-                spec.lease_duration_seconds.unwrap_or(0),
-            ))
-        });
-        Ok(ours && valid_until.is_some_and(|until| until > Timestamp::now()))
+        let now = Timestamp::now();
+        let mut confirmed = self
+            .confirmed_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|until| *until > now);
+        if confirmed.is_none() {
+            let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+            let spec = api.get_opt(&lease.name).await?.and_then(|l| l.spec);
+            confirmed = spec.and_then(|spec| confirmed_until(&spec, lease, now));
+            *self
+                .confirmed_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = confirmed;
+        }
+        Ok(confirmed.is_some())
     }
+}
+
+/// Until when `spec` (as just read) proves the Lease `lease.identity`'s, if it does at `now`:
+/// until its expiry less `renew_before`.
+fn confirmed_until(spec: &LeaseSpec, lease: &LeaseSettings, now: Timestamp) -> Option<Timestamp> {
+    if spec.holder_identity.as_deref() != Some(lease.identity.as_str()) {
+        return None;
+    }
+    let expires = spec
+        .renew_time
+        .as_ref()?
+        .0
+        .checked_add(jiff::SignedDuration::from_secs(i64::from(
+            spec.lease_duration_seconds.unwrap_or(0),
+        )));
+    let margin = jiff::SignedDuration::try_from(lease.timing.renew_before).ok()?;
+    expires
+        .ok()?
+        .checked_sub(margin)
+        .ok()
+        .filter(|until| *until > now)
 }
 
 /// A running election: `is_leader` follows the Lease; dropping it releases the Lease (when
@@ -287,7 +326,7 @@ fn is_free(lease: Option<&Lease>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
@@ -349,5 +388,96 @@ mod tests {
         assert!(is_free(Some(&lease(Some("")))), "released");
         assert!(is_free(Some(&Lease::default())), "no spec");
         assert!(!is_free(Some(&lease(Some("replica-a")))));
+    }
+
+    /// A read Lease proves leadership until its expiry less the tolerated clock skew, and only
+    /// when it names this replica.
+    #[test]
+    fn a_read_lease_is_trusted_until_expiry_less_renew_before() {
+        let settings = LeaseSettings {
+            namespace: "ops".into(),
+            name: "goto-oauth-operator".into(),
+            identity: "replica-a".into(),
+            timing: Timing::DEFAULT,
+        };
+        let renewed: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+        let spec = |holder: &str| LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(renewed)),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        };
+        let at = |s: i64| renewed + jiff::SignedDuration::from_secs(s);
+        assert_eq!(
+            confirmed_until(&spec("replica-a"), &settings, at(1)),
+            Some(at(10)),
+            "15 s Lease, 5 s skew margin"
+        );
+        assert_eq!(confirmed_until(&spec("replica-a"), &settings, at(10)), None);
+        assert_eq!(confirmed_until(&spec("replica-b"), &settings, at(1)), None);
+        let mut never_renewed = spec("replica-a");
+        never_renewed.renew_time = None;
+        assert_eq!(confirmed_until(&never_renewed, &settings, at(1)), None);
+    }
+
+    /// One read of the Lease serves every refresh within its proof; a Lease taken by another
+    /// replica is never trusted.
+    #[tokio::test]
+    async fn refreshes_within_the_proof_read_the_lease_once() {
+        let server = fake_apiserver::FakeApiServer::start().await;
+        let proxy = kube_fault_proxy::FaultProxy::start(server.client())
+            .await
+            .unwrap();
+        let settings = LeaseSettings {
+            namespace: "default".into(),
+            name: "goto-oauth-operator".into(),
+            identity: "replica-a".into(),
+            timing: Timing::DEFAULT,
+        };
+        let leases: Api<Lease> = Api::namespaced(proxy.client(), "default");
+        let lease = |holder: &str| Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some("goto-oauth-operator".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                lease_duration_seconds: Some(15),
+                ..LeaseSpec::default()
+            }),
+        };
+        leases
+            .create(&Default::default(), &lease("replica-a"))
+            .await
+            .unwrap();
+        let lease_reads = || {
+            proxy
+                .request_log()
+                .iter()
+                .filter(|r| r.verb == "get" && r.path.ends_with("/leases/goto-oauth-operator"))
+                .count()
+        };
+        let ours = Leadership::elected(proxy.client(), settings.clone());
+        for _ in 0..100 {
+            assert!(ours.confirm().await.unwrap());
+        }
+        assert_eq!(lease_reads(), 1);
+
+        let theirs = Leadership::elected(
+            proxy.client(),
+            LeaseSettings {
+                identity: "replica-b".into(),
+                ..settings
+            },
+        );
+        for _ in 0..3 {
+            assert!(!theirs.confirm().await.unwrap());
+        }
+        assert_eq!(
+            lease_reads(),
+            4,
+            "a Lease that is not ours is read every time"
+        );
     }
 }
