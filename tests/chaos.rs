@@ -874,3 +874,47 @@ async fn run(rotation: RefreshTokenRotation) {
     }
 }
 
+/// Found by the chaos run: a replica whose first Lease request failed (the API server answered
+/// 500 while it started) logged the error and then never campaigned again, while it kept
+/// serving `/healthz`: a pod that looks healthy and never leads. With both replicas in that
+/// state no client was refreshed until someone restarted them. Joining the election now retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_first_lease_request_fails_still_becomes_leader() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let port = free_port();
+    let provider = Provider::start(
+        FakeGoToConfig::default(),
+        &format!("http://127.0.0.1:{port}/callback"),
+    )
+    .await;
+    cluster.proxy().inject_fault(Fault {
+        method: None,
+        path_contains: "/leases/".into(),
+        status: 500,
+        times: 2,
+    });
+    let binary = Path::new(env!("CARGO_BIN_EXE_goto-oauth-operator"));
+    let mut args = vec!["--pod-name".to_string(), "lonely".to_string()];
+    args.extend(lease_flags(binary));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let op = Operator::start_binary(binary, &cluster, &provider, port, &args).await;
+    let started = Instant::now();
+    loop {
+        let metrics = match reqwest::get(format!("{}/metrics", op.metrics_url)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if metrics.lines().any(|l| l == "goto_oauth_leader 1") {
+            break;
+        }
+        // Without the fix the process lingers without leading: show its log.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no leader 20 s after its first Lease requests failed:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    op.stop().await;
+}
