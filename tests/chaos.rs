@@ -801,8 +801,21 @@ async fn run(rotation: RefreshTokenRotation) {
         max_warnings_per_second.0, max_warnings_per_second.1
     );
     eprintln!("chaos[{mode}]: recovered in {recovered_in:.1?} after the faults stopped");
+    // Exits nobody asked for, grouped by their last log line's message (a start-up while the
+    // API server is unreachable exits and is restarted, over and over).
+    let mut exits: BTreeMap<String, usize> = BTreeMap::new();
     for crash in &journal.crashes {
-        eprintln!("chaos[{mode}]: exit: {crash}");
+        let message = crash
+            .split("\\\"message\\\":\\\"")
+            .nth(1)
+            .and_then(|m| m.split(':').next())
+            .unwrap_or(crash.as_str());
+        *exits
+            .entry(message.chars().take(120).collect())
+            .or_default() += 1;
+    }
+    for (message, count) in &exits {
+        eprintln!("chaos[{mode}]: {count} exits: {message}");
     }
 
     assert!(panics.is_empty(), "a replica panicked: {panics:#?}");
