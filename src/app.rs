@@ -84,6 +84,9 @@ pub struct Operator {
 
 /// How often `/readyz` re-checks that the API server answers.
 const API_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Pause before campaigning again after joining the election failed (the API server did not
+/// answer the Lease request) or the lease manager stopped on its own.
+const ELECTION_RETRY: Duration = Duration::from_secs(2);
 
 impl Operator {
     /// Starts everything; it runs until `shutdown` turns `true`.
@@ -246,20 +249,47 @@ async fn api_probe(
 /// is lost, until shutdown. On shutdown the controller stops first (in-flight reconciles
 /// finish, so a refreshed token is stored), then the Lease is released so a successor takes
 /// over within its retry period instead of after the lease duration.
+///
+/// Failing to join the election (the API server did not answer the first Lease request) or the
+/// lease manager stopping on its own is never the end: the replica campaigns again after
+/// [`ELECTION_RETRY`]. Giving up would leave a process that serves `/healthz` but never leads.
 async fn lead_when_elected(
     client: Client,
     ctx: Arc<Context>,
     lease: LeaseSettings,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let election = leader::elect(client, &lease)
-        .await
-        .map_err(|e| format!("leader election failed: {e}"))?;
+    loop {
+        match leader::elect(client.clone(), &lease).await {
+            Ok(election) => {
+                if lead_while_elected(&ctx, &lease, election, shutdown.clone()).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?ELECTION_RETRY, "joining the leader election failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ELECTION_RETRY) => {}
+            _ = signalled(shutdown.clone(), true) => return Ok(()),
+        }
+    }
+}
+
+/// Leads whenever `election` says so; returns `true` on shutdown, `false` when the lease
+/// manager stopped on its own (the caller campaigns again). Releases the Lease either way.
+async fn lead_while_elected(
+    ctx: &Arc<Context>,
+    lease: &LeaseSettings,
+    election: leader::Election,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
     let mut is_leader = election.is_leader;
     info!(identity = %lease.identity, lease = %lease.name, "waiting for leadership");
-    loop {
+    let stopping = loop {
         if *shutdown.borrow() {
-            break;
+            break true;
         }
         if *is_leader.borrow_and_update() {
             info!("became leader; starting the controller");
@@ -281,12 +311,12 @@ async fn lead_when_elected(
             changed = is_leader.changed() => {
                 if changed.is_err() {
                     warn!("lease manager stopped");
-                    break;
+                    break false;
                 }
             }
             _ = shutdown.changed() => {}
         }
-    }
+    };
     // Dropping the receiver makes the manager release the Lease and finish.
     drop(is_leader);
     match election.task.await {
@@ -294,5 +324,5 @@ async fn lead_when_elected(
         Ok(Err(e)) => warn!(error = %e, "releasing the lease failed"),
         Err(e) => warn!(error = %e, "lease task failed"),
     }
-    Ok(())
+    stopping
 }

@@ -75,16 +75,16 @@ pub fn real_cluster() -> bool {
 /// The API server the test talks to, always through a [`FaultProxy`]: `client` and
 /// `kubeconfig` point at the proxy, so every request of the test, an in-process operator and the
 /// operator binary is logged and can be failed on purpose, on the in-memory server and on a real
-/// cluster alike. No e2e test needs the in-memory server's own hooks: `cut_watches` is the
-/// proxy's, and `compact`/`open_watches` are used only by `tests/apiserver_conformance.rs`, which
-/// tests the in-memory server itself and so never runs on a real cluster.
+/// cluster alike. `cut_watches` is the proxy's; of the in-memory server's own hooks only
+/// `compact` is used by an e2e test (`tests/chaos.rs`, through [`Cluster::in_memory`], skipped
+/// on a real cluster); `tests/apiserver_conformance.rs` tests the in-memory server itself.
 pub struct Cluster {
     pub client: Client,
     pub kubeconfig: PathBuf,
     pub namespace: String,
     proxy: FaultProxy,
     /// The in-memory API server (`None` on a real cluster), kept alive for the test's duration.
-    _fake: Option<FakeApiServer>,
+    fake: Option<FakeApiServer>,
     _dir: tempfile::TempDir,
 }
 
@@ -118,7 +118,7 @@ impl Cluster {
             kubeconfig,
             namespace,
             proxy,
-            _fake: fake,
+            fake,
             _dir: dir,
         };
         fake_apiserver::install_crd(
@@ -138,6 +138,12 @@ impl Cluster {
     /// The proxy in front of the API server: its request log and fault injection.
     pub fn proxy(&self) -> &FaultProxy {
         &self.proxy
+    }
+
+    /// The in-memory API server, for the hooks only it has (`compact`); `None` on a real
+    /// cluster, where a test must skip what needs them.
+    pub fn in_memory(&self) -> Option<&FakeApiServer> {
+        self.fake.as_ref()
     }
 
     pub fn clients(&self) -> Api<GoToOAuthClient> {
@@ -517,8 +523,24 @@ impl Operator {
         port: u16,
         extra: &[&str],
     ) -> Operator {
-        let metrics_port = free_port();
         let public_url = format!("http://127.0.0.1:{port}");
+        let op = Self::spawn_binary(binary, cluster, provider, port, &public_url, extra);
+        op.wait_healthy().await;
+        op
+    }
+
+    /// Spawns `binary` listening on `port` with `public_url` as its `--public-url` (replicas
+    /// behind one Service share it) and returns at once: the process may still be starting, or
+    /// exit (a pod that crash-loops). [`Operator::wait_healthy`] waits for it to serve.
+    pub fn spawn_binary(
+        binary: &std::path::Path,
+        cluster: &Cluster,
+        provider: &Provider,
+        port: u16,
+        public_url: &str,
+        extra: &[&str],
+    ) -> Operator {
+        let metrics_port = free_port();
         let mut cmd = tokio::process::Command::new(binary);
         cmd.arg("run")
             .arg("--listen")
@@ -526,7 +548,7 @@ impl Operator {
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--public-url")
-            .arg(&public_url)
+            .arg(public_url)
             .arg("--namespace")
             .arg(&cluster.namespace)
             .arg("--operator-namespace")
@@ -567,14 +589,18 @@ impl Operator {
                 }
             });
         }
-        let op = Operator {
+        Operator {
             child,
-            public_url,
+            public_url: public_url.to_string(),
             metrics_url: format!("http://127.0.0.1:{metrics_port}"),
             log,
-        };
+        }
+    }
+
+    /// Waits until the operator serves `/healthz`.
+    pub async fn wait_healthy(&self) {
         let http = reqwest::Client::new();
-        let url = format!("{}/healthz", op.metrics_url);
+        let url = format!("{}/healthz", self.metrics_url);
         eventually("operator serving /healthz", || async {
             http.get(&url)
                 .send()
@@ -584,7 +610,6 @@ impl Operator {
                 .map(|_| ())
         })
         .await;
-        op
     }
 
     pub fn logs(&self) -> String {

@@ -370,6 +370,13 @@ pub struct TokenRequestRecord {
     pub at: Instant,
     /// Arrival time on the wall clock.
     pub system_time: SystemTime,
+    /// When the answer was decided, on the wall clock (after any injected delay); a refresh's
+    /// tokens were issued (and a rotated refresh token invalidated) at this moment.
+    pub answered_at: SystemTime,
+    /// Which refresh token a processed `refresh_token` grant presented: the issue number of a
+    /// token this provider issued (not the token), `None` for an unknown one or another grant.
+    /// Tells apart "the same refresh token sent twice" from two different ones.
+    pub refresh_token_seq: Option<u64>,
     /// Response status; 0 when the connection was dropped without a response.
     pub status: u16,
     pub basic_auth: BasicAuth,
@@ -1340,6 +1347,8 @@ impl TokenRequest {
             redirect_uri: self.params.get("redirect_uri").cloned(),
             at,
             system_time,
+            answered_at: SystemTime::now(),
+            refresh_token_seq: None,
             status,
             basic_auth: self.basic,
             basic_header_well_formed: self.basic.is_well_formed(),
@@ -1497,6 +1506,14 @@ fn process_token(
     system_time: SystemTime,
 ) -> Response {
     let mut state = shared.lock();
+    let refresh_token_seq = match request.params.get("grant_type").map(String::as_str) {
+        Some("refresh_token") => request
+            .params
+            .get("refresh_token")
+            .and_then(|token| state.refresh_tokens.get(token))
+            .map(|grant| grant.seq),
+        _ => None,
+    };
     let result = authenticate(request).and_then(|client_id| {
         // Checked after authentication so a bad client always learns about its credentials first.
         if let Some(problem) = request.body_error {
@@ -1514,6 +1531,7 @@ fn process_token(
     };
     let mut record = request.record(at, system_time, status);
     record.error = error;
+    record.refresh_token_seq = refresh_token_seq;
     state.token_records.push(record);
     response
 }
@@ -2522,6 +2540,47 @@ mod tests {
             Some(second.clone())
         );
         assert_eq!(refresh(&fake, &client, &second).await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn refresh_records_tell_which_refresh_token_was_presented_and_when_it_was_answered() {
+        let (fake, client) = setup(FakeGoToConfig {
+            rotation: RefreshTokenRotation::Always,
+            ..no_limit()
+        })
+        .await;
+        let first = authorized(&fake, &client).await;
+        let second = refresh(&fake, &client, &first).await.json()["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        refresh(&fake, &client, &first).await; // reused: invalid_grant
+        fake.push_token_fault(TokenFault::Delay(Duration::from_millis(50)));
+        refresh(&fake, &client, &second).await; // faulted: never processed
+        refresh(&fake, &client, "not-a-token").await;
+        let records: Vec<TokenRequestRecord> = fake
+            .token_requests()
+            .into_iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .collect();
+        let seqs: Vec<Option<u64>> = records.iter().map(|r| r.refresh_token_seq).collect();
+        assert!(seqs[0].is_some());
+        assert_eq!(seqs[1], seqs[0], "the reused token has the same number");
+        assert_eq!(records[1].error.as_deref(), Some("invalid_grant"));
+        assert_eq!(
+            seqs[2], None,
+            "a faulted request presented nothing GoTo looked at"
+        );
+        assert_eq!(seqs[3], None, "an unknown token has no number");
+        assert!(records.iter().all(|r| r.answered_at >= r.system_time));
+        assert!(
+            records[2]
+                .answered_at
+                .duration_since(records[2].system_time)
+                .unwrap()
+                >= Duration::from_millis(50),
+            "answered after the injected delay"
+        );
     }
 
     #[tokio::test]

@@ -14,11 +14,15 @@
 //!   API server's own errors, without forwarding them (a faulted write changes nothing);
 //! - records every request as a [`LoggedRequest`] (Kubernetes verb, path, query, status, ...);
 //! - ends every watch stream it relays on [`FaultProxy::cut_watches`] (clients see a clean end
-//!   of stream and watch again).
+//!   of stream and watch again);
+//! - plays an API server that cannot be reached while [`FaultProxy::set_unavailable`] is on:
+//!   open watches end and every request is answered 502 without being forwarded.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -46,6 +50,8 @@ pub struct LoggedRequest {
     /// The Content-Type of PATCH requests (it selects the patch strategy).
     pub content_type: Option<String>,
     pub user_agent: Option<String>,
+    /// When the answer's status was known (for a watch: when its stream began).
+    pub at: SystemTime,
 }
 
 /// Fail the next `times` requests whose method matches (any when `None`) and whose
@@ -64,6 +70,8 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     /// Cancelled (and replaced) by [`FaultProxy::cut_watches`]; a child of `shutdown`.
     watch_cancel: Mutex<CancellationToken>,
+    /// While set, the API server is "unreachable": every request gets a 503.
+    unavailable: AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -98,6 +106,7 @@ impl FaultProxy {
             log: Mutex::new(VecDeque::new()),
             faults: Mutex::new(Vec::new()),
             watch_cancel: Mutex::new(shutdown.child_token()),
+            unavailable: AtomicBool::new(false),
             shutdown: shutdown.clone(),
         });
         let router = axum::Router::new()
@@ -153,11 +162,36 @@ impl FaultProxy {
         lock(&self.shared.faults).push(fault);
     }
 
+    /// Drops every injected fault that has not fired yet.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
     /// Ends every watch stream relayed so far (clients see a clean end of stream and re-watch).
     pub fn cut_watches(&self) {
         let mut token = lock(&self.shared.watch_cancel);
         token.cancel();
         *token = self.shared.shutdown.child_token();
+    }
+
+    /// Makes the API server unreachable (`true`) or reachable again (`false`). While it is
+    /// unreachable every request, watches included, is answered `502 Bad Gateway` without
+    /// being forwarded, as by a load balancer that cannot reach the API server; turning it on
+    /// also ends every open watch, as a lost connection would. Injected faults keep their
+    /// remaining count for afterwards. Not 503: kube-rs retries 503 (and 429, 504) inside the
+    /// client for up to 15 attempts with doubling delays, minutes in all, so the caller would
+    /// see a slow request rather than an unreachable server; it fails a 502 at once, as it
+    /// does a refused connection.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        let was = self.shared.unavailable.swap(unavailable, Ordering::SeqCst);
+        if unavailable && !was {
+            self.cut_watches();
+        }
+    }
+
+    /// Whether [`Self::set_unavailable`] is on.
+    pub fn is_unavailable(&self) -> bool {
+        self.shared.unavailable.load(Ordering::SeqCst)
     }
 }
 
@@ -197,9 +231,16 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let user_agent = header(header::USER_AGENT);
     let method = parts.method.clone();
 
-    let response = match take_fault(&shared, &method, &path, &query) {
-        Some(code) => status_response(code, format!("injected fault: {code}")),
-        None => forward(&shared, parts, body, verb == "watch").await,
+    let response = if shared.unavailable.load(Ordering::SeqCst) {
+        status_response(
+            502,
+            "kube fault proxy: the API server is unreachable".into(),
+        )
+    } else {
+        match take_fault(&shared, &method, &path, &query) {
+            Some(code) => status_response(code, format!("injected fault: {code}")),
+            None => forward(&shared, parts, body, verb == "watch").await,
+        }
     };
     let mut log = lock(&shared.log);
     if log.len() >= LOG_CAP {
@@ -215,6 +256,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             .then_some(content_type)
             .flatten(),
         user_agent,
+        at: SystemTime::now(),
     });
     response
 }
@@ -310,6 +352,7 @@ fn status_response(code: u16, message: String) -> Response {
         422 => Some("Invalid"),
         429 => Some("TooManyRequests"),
         500 => Some("InternalError"),
+        502 => Some("BadGateway"),
         503 => Some("ServiceUnavailable"),
         504 => Some("Timeout"),
         _ => None,

@@ -1,6 +1,6 @@
 //! The proxy in front of the in-memory API server: faults fire exactly `times` times with a
 //! proper `Status`, the log records what clients sent and got, and watches stream through (and
-//! end on `cut_watches`).
+//! end on `cut_watches`); `set_unavailable` plays an unreachable API server.
 
 use std::time::Duration;
 
@@ -139,4 +139,92 @@ async fn the_kubeconfig_points_at_the_proxy() {
     let yaml = proxy.kubeconfig_yaml();
     assert!(yaml.contains(&format!("server: {}", proxy.url())), "{yaml}");
     assert!(yaml.contains("namespace: default"), "{yaml}");
+}
+
+#[tokio::test]
+async fn an_unavailable_api_server_answers_502_ends_watches_and_comes_back() {
+    let (_fake, proxy) = start().await;
+    let secrets: Api<Secret> = Api::default_namespaced(proxy.client());
+    secrets
+        .create(&PostParams::default(), &secret("u"))
+        .await
+        .expect("create");
+    let list = secrets.list(&Default::default()).await.expect("list");
+    let rv = list
+        .metadata
+        .resource_version
+        .expect("list resourceVersion");
+    let mut stream = secrets
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    proxy.inject_fault(Fault {
+        method: Some(http::Method::GET),
+        path_contains: "/secrets/u".into(),
+        status: 409,
+        times: 1,
+    });
+    proxy.clear_request_log();
+
+    proxy.set_unavailable(true);
+    assert!(proxy.is_unavailable());
+    let end = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("the open watch ends within the deadline");
+    assert!(end.is_none(), "a clean end of stream, got {end:?}");
+    for _ in 0..2 {
+        let got = tokio::time::timeout(DEADLINE, secrets.get("u"))
+            .await
+            .expect("answered within the deadline");
+        match got {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 502);
+                assert_eq!(status.reason, "BadGateway");
+            }
+            other => panic!("expected a 502 while unavailable, got {other:?}"),
+        }
+    }
+    let label = Patch::Merge(serde_json::json!({"metadata": {"labels": {"a": "b"}}}));
+    assert!(
+        secrets
+            .patch("u", &PatchParams::default(), &label)
+            .await
+            .is_err(),
+        "a write fails while unavailable"
+    );
+    // kube reports a refused watch either at once or as the stream's first item.
+    let refused = match secrets.watch(&WatchParams::default().timeout(5), &rv).await {
+        Err(_) => true,
+        Ok(stream) => {
+            let first = tokio::time::timeout(DEADLINE, stream.boxed().next())
+                .await
+                .expect("the refused watch answers within the deadline");
+            !matches!(
+                first,
+                Some(Ok(WatchEvent::Added(_) | WatchEvent::Modified(_)))
+            )
+        }
+    };
+    assert!(refused, "a new watch fails while unavailable");
+    let log = proxy.request_log();
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log.iter().all(|r| r.status == 502), "{log:?}");
+    assert!(
+        log.windows(2).all(|w| w[0].at <= w[1].at),
+        "log times are in order"
+    );
+
+    proxy.set_unavailable(false);
+    assert!(!proxy.is_unavailable());
+    // The write that failed changed nothing; the fault injected before still fires once.
+    match secrets.get("u").await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 409),
+        other => panic!("expected the pending injected 409, got {other:?}"),
+    }
+    let s = secrets.get("u").await.expect("get after recovery");
+    assert!(
+        s.metadata.labels.is_none(),
+        "the refused write was not applied"
+    );
 }
