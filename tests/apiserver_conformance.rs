@@ -1257,3 +1257,64 @@ async fn workloads_generation_and_missing_targets() {
     );
     server.shutdown().await;
 }
+
+/// Server-side apply that drops a list-map item the manager alone owned removes the whole
+/// item, key field included (as structured-merge-diff does): a condition the operator stops
+/// applying is gone, not left behind as `{type: …}` without its required fields.
+#[tokio::test]
+async fn apply_dropping_a_list_map_item_removes_it_whole() {
+    let server = FakeApiServer::start().await;
+    let raw = Raw::new(&server);
+    install_widget_crd(&server).await;
+    let (s, _) = raw
+        .post(
+            WIDGETS,
+            json!({"apiVersion": "conformance.test/v1", "kind": "Widget", "metadata": {"name": "w"},
+                "spec": {"size": 1}}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let status = format!("{WIDGETS}/w/status?fieldManager=op&force=true");
+    let ct = "application/apply-patch+yaml";
+    let condition = |t: &str| {
+        json!({"type": t, "status": "True", "reason": "R", "message": "m",
+            "lastTransitionTime": "2026-12-02T10:00:00Z"})
+    };
+    let doc = |conditions: Vec<Value>| {
+        json!({"apiVersion": "conformance.test/v1", "kind": "Widget", "metadata": {"name": "w"},
+            "status": {"conditions": conditions}})
+        .to_string()
+    };
+    let (s, both) = raw
+        .patch(
+            &status,
+            ct,
+            &doc(vec![condition("Ready"), condition("Extra")]),
+        )
+        .await;
+    assert_eq!(s, 200, "{both}");
+    assert_eq!(both["status"]["conditions"].as_array().unwrap().len(), 2);
+    let (s, one) = raw.patch(&status, ct, &doc(vec![condition("Ready")])).await;
+    assert_eq!(s, 200, "{one}");
+    assert_eq!(one["status"]["conditions"], json!([condition("Ready")]));
+
+    // An item another manager also owns a field of keeps that field and its key.
+    let (s, other) = raw
+        .patch(
+            &format!("{WIDGETS}/w/status?fieldManager=other&force=true"),
+            ct,
+            &json!({"apiVersion": "conformance.test/v1", "kind": "Widget",
+                "metadata": {"name": "w"},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(s, 200, "{other}");
+    let (s, shared) = raw.patch(&status, ct, &doc(vec![])).await;
+    assert_eq!(s, 200, "{shared}");
+    assert_eq!(
+        shared["status"]["conditions"],
+        json!([{"type": "Ready", "status": "True"}])
+    );
+    server.shutdown().await;
+}

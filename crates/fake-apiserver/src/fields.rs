@@ -172,6 +172,17 @@ pub(crate) fn get<'a>(value: &'a Value, path: &[El]) -> Option<&'a Value> {
     Some(cur)
 }
 
+/// Whether `path` names a key field of a list-map item (`conditions[type=Ready].type`).
+pub(crate) fn is_item_key(path: &[El]) -> bool {
+    match path {
+        [.., El::K(key), El::F(field)] => serde_json::from_str::<Value>(key)
+            .ok()
+            .and_then(|k| k.as_object().map(|k| k.contains_key(field)))
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// Remove the value at `path`; returns whether something was removed.
 pub(crate) fn remove(value: &mut Value, path: &[El]) -> bool {
     let Some((last, parent)) = path.split_last() else {

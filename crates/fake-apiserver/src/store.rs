@@ -1601,7 +1601,9 @@ impl Store {
                     && e.set.iter().any(|q| q.starts_with(p))
             });
             let under_applied = applied.iter().any(|q| q.starts_with(p));
-            if !owned_elsewhere && !under_applied {
+            // A list-map item's key fields go with the item (its marker, removed after its
+            // leaves), never on their own: the item would stay behind without its key.
+            if !owned_elsewhere && !under_applied && !fields::is_item_key(p) {
                 fields::remove(&mut new, p);
             }
         }
