@@ -399,7 +399,11 @@ pub struct GoToOAuthClientStatus {
     pub consumed_states: Vec<ConsumedState>,
 
     /// Where the rollout restarts of `spec.rolloutRestartTargets` stand.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "readable_or_none"
+    )]
     pub rollout_restart: Option<RolloutRestartStatus>,
 
     /// The generation of the spec this status describes.
@@ -483,9 +487,13 @@ pub enum AuthorizationReason {
 
 /// The rollout restarts' record: which token change the targets are up to date with, and what
 /// the last restart did. The operator decides from these fields alone.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutRestartStatus {
+    /// When the operator began tracking restarts for these targets. Always set: an object
+    /// without it (server-side apply can leave `{}` behind once the targets are removed) is no
+    /// record, so targets listed again start from a fresh baseline.
+    pub since: Time,
     /// The newest token change (of the kinds in `spec.rolloutRestartOn`) the targets were
     /// restarted for, or were already running with when restarts were configured. Empty: no
     /// tokens then, so the first tokens restart the targets.

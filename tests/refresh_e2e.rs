@@ -1867,6 +1867,33 @@ async fn consents_restart_targets_once_debounced_and_refreshes_do_not() {
         4,
         "nothing more to restart"
     );
+
+    // Targets removed, then listed again: a fresh baseline (the pods run with these tokens),
+    // not the record of the restarts before.
+    patch_spec(&env, serde_json::json!({"rolloutRestartTargets": null})).await;
+    eventually("the record goes with the targets", || async {
+        let obj = env.get("demo").await;
+        obj.status
+            .as_ref()
+            .is_some_and(|s| s.rollout_restart.is_none())
+            .then_some(())
+    })
+    .await;
+    patch_spec(
+        &env,
+        serde_json::json!({"rolloutRestartTargets": [{"kind": "Deployment", "name": "env-app"}]}),
+    )
+    .await;
+    env.cluster
+        .wait_condition(
+            "demo",
+            "RolloutTargetsUpToDate",
+            "True",
+            reason::NO_RESTART_NEEDED,
+        )
+        .await;
+    env.quiet().await;
+    assert_eq!(deployment_patches(&env, "env-app"), 4);
     env.assert_no_secret_material().await;
 }
 

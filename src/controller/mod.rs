@@ -173,10 +173,15 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     // Restarts follow what is stored, so they come after the Secret write and the refresh;
     // with an invalid spec the record stays as it is.
     if let Ok(settings) = &observed.settings {
-        let record = rollout::newest(
-            settled.rollout.as_ref(),
-            ctx.memory.with(&keys.uid, |m| m.rollout.clone()).as_ref(),
-        );
+        let record = ctx.memory.with(&keys.uid, |m| {
+            let newest = rollout::newest(settled.rollout.as_ref(), m.rollout.as_ref());
+            // Once the status shows this replica's last restart, the memory entry is spent: a
+            // stale one must not stand in for a record that was removed with the targets.
+            if newest == settled.rollout {
+                m.rollout = None;
+            }
+            newest
+        });
         let decision = rollout::decide(
             &settings.rollout,
             record.as_ref(),

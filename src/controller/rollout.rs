@@ -115,8 +115,12 @@ pub(crate) fn decide(
     // Restarts were just configured: the targets already run with the tokens stored before
     // this reconcile, and only later changes restart them.
     let baseline = RolloutRestartStatus {
+        since: time(now),
         handled_change_time: observed.and_then(change_of).map(|(at, _)| time(at)),
-        ..RolloutRestartStatus::default()
+        last_restart_time: None,
+        last_restart_trigger: None,
+        pending_restart_time: None,
+        failed_targets: Vec::new(),
     };
     let mut record = record.cloned().unwrap_or(baseline);
     // Failures of targets no longer listed are not this spec's business.
@@ -173,6 +177,7 @@ pub(crate) fn after_restart(
         .iter()
         .all(|f| f.problem == RestartProblem::NotFound);
     RolloutRestartStatus {
+        since: previous.map_or_else(|| time(now), |p| p.since.clone()),
         handled_change_time: if handled {
             Some(time(change))
         } else {
@@ -217,7 +222,12 @@ pub(crate) async fn reconcile(
     previous: Option<&RolloutRestartStatus>,
 ) -> Option<RolloutRestartStatus> {
     match decision {
-        Decision::Off => None,
+        Decision::Off => {
+            if let Some(uid) = obj.metadata.uid.as_deref() {
+                ctx.memory.with(uid, |m| m.rollout = None);
+            }
+            None
+        }
         Decision::UpToDate(record) | Decision::Wait(record) => Some(record),
         Decision::Restart { change, trigger } => {
             let now = ctx.clock.now();
@@ -452,11 +462,23 @@ mod tests {
 
     fn record(handled: Option<&str>, last: Option<&str>) -> RolloutRestartStatus {
         RolloutRestartStatus {
+            since: time(at(NOW)),
             handled_change_time: handled.map(|h| time(at(h))),
             last_restart_time: last.map(|l| time(at(l))),
             last_restart_trigger: last.map(|_| RolloutRestartTrigger::Authorization),
-            ..Default::default()
+            pending_restart_time: None,
+            failed_targets: Vec::new(),
         }
+    }
+
+    /// What server-side apply can leave behind once the targets are removed is no record.
+    #[test]
+    fn an_empty_leftover_is_no_record() {
+        let status: crate::resource::GoToOAuthClientStatus =
+            serde_json::from_value(serde_json::json!({"rolloutRestart": {}})).unwrap();
+        assert_eq!(status.rollout_restart, None);
+        let written = serde_json::to_value(record(None, None)).unwrap();
+        assert!(written.get("since").is_some(), "{written}");
     }
 
     #[test]
