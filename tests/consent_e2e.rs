@@ -132,11 +132,17 @@ async fn allow_stores_tokens_and_publishes_a_fresh_link() {
     let new_link = status.authorization_url.clone().unwrap();
     assert_ne!(new_link, link, "a used link is replaced");
 
-    let events = eventually("Authorized event", || async {
+    // One Event tells of the consent (and names the account); the condition's transition to
+    // Authorized is not repeated as a second one.
+    let events = eventually("ConsentGiven event", || async {
         let e = env.cluster.events_for("demo").await;
-        e.iter().any(|(r, _)| r == reason::AUTHORIZED).then_some(e)
+        e.iter().any(|(r, _)| r == "ConsentGiven").then_some(e)
     })
     .await;
+    assert!(
+        !events.iter().any(|(r, _)| r == reason::AUTHORIZED),
+        "{events:?}"
+    );
     for (_, note) in &events {
         env.provider.assert_no_secret_material(note);
     }

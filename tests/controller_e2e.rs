@@ -77,10 +77,20 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
         ("False", reason::AWAITING_AUTHORIZATION)
     );
 
-    // Idle: touching metadata makes the controller reconcile, and it writes nothing.
+    // Idle: touching metadata makes the controller reconcile, and it asks and writes nothing
+    // (what it needs to know is in its watches and memory).
     let proxy = cluster.proxy();
     let before = cluster.operator_writes();
+    let reconciles = || async {
+        common::metrics::metric(
+            &op.metrics().await,
+            "goto_oauth_reconcile_duration_seconds_count",
+            &[],
+        )
+        .unwrap_or_default()
+    };
     for i in 0..3 {
+        let done = reconciles().await;
         proxy.clear_request_log();
         let patch =
             serde_json::json!({"metadata": {"annotations": {"example.com/touch": i.to_string()}}});
@@ -89,15 +99,21 @@ async fn missing_client_secret_then_awaiting_authorization_then_idle_then_delete
             .patch("demo", &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .unwrap();
-        // The reconcile reads the client secret: wait until it did.
         eventually("a reconcile after the touch", || async {
-            proxy
-                .request_log()
-                .iter()
-                .any(|r| r.verb == "get" && r.path.ends_with("/secrets/demo-credentials"))
-                .then_some(())
+            (reconciles().await > done).then_some(())
         })
         .await;
+        let reads: Vec<String> = proxy
+            .request_log()
+            .into_iter()
+            .filter(|r| r.verb == "get" && r.path.contains("/secrets/"))
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(
+            reads,
+            Vec::<String>::new(),
+            "an idle reconcile reads no Secret"
+        );
     }
     let after = cluster.operator_writes();
     assert!(

@@ -20,6 +20,7 @@ use crate::{
         Context, ObjectKeys,
         act::write_secret,
         memory::HeldTokens,
+        observe::TargetSecret,
         plan::Plan,
         status::{
             EventAction, EventReason, Events, apply_status, desired_status, publish, write_status,
@@ -62,14 +63,22 @@ pub(crate) enum Claim {
 pub(crate) async fn claim(
     ctx: &Context,
     keys: &ObjectKeys,
+    read: GoToOAuthClient,
     nonce: &str,
     expires_at: i64,
 ) -> Result<Claim> {
     let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
     let now = ctx.clock.now().as_second();
+    // The caller's read is the first try; after a conflict the object is read again.
+    let first = std::sync::Mutex::new(Some(read));
     let attempt = || async {
-        let Some(obj) = api.get_opt(&keys.name).await? else {
-            return Ok(Claim::Gone);
+        let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let obj = match taken {
+            Some(obj) => obj,
+            None => match api.get_opt(&keys.name).await? {
+                Some(obj) => obj,
+                None => return Ok(Claim::Gone),
+            },
         };
         if obj.metadata.uid.as_deref() != Some(keys.uid.as_str()) {
             return Ok(Claim::Gone);
@@ -93,7 +102,6 @@ pub(crate) async fn claim(
     attempt.retry(on_conflict(4)).when(Error::is_conflict).await
 }
 
-/// What a successful code exchange stored.
 pub(crate) struct Completed {
     pub(crate) tokens: StoredTokens,
     pub(crate) secret_name: String,
@@ -112,31 +120,48 @@ pub(crate) async fn complete(
     let tokens = StoredTokens::from_response(response, None, settings, now)
         .map_err(|e| Error::OAuth(OAuthError::MalformedResponse(e.to_string())))?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    // This replica's reconciles wait until the status below is written (or a moment passes).
+    ctx.memory.with(&keys.uid, |m| {
+        m.consent_in_flight = Some(std::time::Instant::now())
+    });
     let store = || async {
-        let current = secrets.get_opt(&settings.secret_name).await?;
+        let current = secrets
+            .get_opt(&settings.secret_name)
+            .await?
+            .map(|s| TargetSecret::of(&s, obj));
         write_secret(ctx, obj, settings, &tokens, current.as_ref()).await
     };
-    match store.retry(on_conflict(2)).when(Error::is_conflict).await {
-        Ok(_) => {}
-        Err(e) if e.is_conflict() => {
-            return Err(Error::TokensUnstored(
-                "the token Secret kept changing".into(),
-            ));
+    let written = match store.retry(on_conflict(2)).when(Error::is_conflict).await {
+        Ok(written) => written,
+        Err(e) => {
+            ctx.memory.with(&keys.uid, |m| m.consent_in_flight = None);
+            return Err(match e {
+                e if e.is_conflict() => {
+                    Error::TokensUnstored("the token Secret kept changing".into())
+                }
+                e => e,
+            });
         }
-        Err(e) => return Err(e),
-    }
+    };
     ctx.memory.with(&keys.uid, |m| {
-        m.held = Some(HeldTokens {
-            tokens: tokens.clone(),
-            stored: true,
-        });
+        m.held = Some(HeldTokens::written(
+            tokens.clone(),
+            written.metadata.resource_version,
+        ));
         m.backoff = Default::default();
     });
 
     let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    // The claimed object is the latest this replica knows; after a conflict, read it again.
+    let first = std::sync::atomic::AtomicBool::new(true);
     let write = || async {
-        let Some(latest) = api.get_opt(&keys.name).await? else {
-            return Ok(false);
+        let latest = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            obj.clone()
+        } else {
+            match api.get_opt(&keys.name).await? {
+                Some(latest) => latest,
+                None => return Ok(false),
+            }
         };
         let plan = Plan::after_consent(&latest, settings, tokens.clone(), &keys.uid);
         // The used link is spent; the next re-authorization gets a fresh one.
@@ -149,16 +174,13 @@ pub(crate) async fn complete(
             &ctx.settings.defaults,
             now,
         );
-        apply_status(
-            ctx,
-            &latest,
-            keys,
-            status,
-            Events::OnTransition(EventAction::Consent),
-        )
-        .await
+        // The consent's own Event below tells what happened; the conditions' transitions
+        // would only repeat it.
+        apply_status(ctx, &latest, keys, status, Events::Never).await
     };
-    if let Err(e) = write.retry(on_conflict(4)).when(Error::is_conflict).await {
+    let written = write.retry(on_conflict(4)).when(Error::is_conflict).await;
+    ctx.memory.with(&keys.uid, |m| m.consent_in_flight = None);
+    if let Err(e) = written {
         // The Secret holds the tokens; the leader's reconcile derives the status from it.
         warn!(error = %e, "authorization stored, status not updated yet");
     }

@@ -7,6 +7,11 @@
 //! checked here first, in constant time against the stored token (or against a dummy when
 //! there is none); a miss is answered only at a fixed deadline, during which a link that was
 //! published a moment ago (the index follows the watch) still gets through.
+//!
+//! A link that matches is started from the index too: each entry keeps what the redirect to
+//! GoTo needs (the validated client id, endpoints and scopes, or why the authorization cannot
+//! start), a few hundred bytes a client instead of the object, so opening a link costs no API
+//! request either. The callback reads the client before anything is written.
 
 use std::{collections::HashMap, sync::RwLock, time::Duration};
 
@@ -14,7 +19,11 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use super::link_token;
-use crate::resource::GoToOAuthClient;
+use crate::{
+    conditions::Reason,
+    resource::GoToOAuthClient,
+    validation::{Defaults, validate},
+};
 
 /// How long a link that does not match is looked for before the answer: every miss takes
 /// this long, whether or not the client exists.
@@ -25,8 +34,33 @@ const DUMMY_LINK: [u8; 43] = [b'x'; 43];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
-    uid: String,
     link: String,
+    start: Start,
+}
+
+/// What starting an authorization for one client needs, as the watch last showed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Start {
+    pub(crate) uid: String,
+    pub(crate) display_name: String,
+    pub(crate) request: Result<StartRequest, Refusal>,
+}
+
+/// The parts of the authorization request, from the validated spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StartRequest {
+    pub(crate) client_id: String,
+    pub(crate) authorize_url: String,
+    pub(crate) redirect_uri: String,
+    pub(crate) scopes: Vec<String>,
+}
+
+/// Why an authorization cannot start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    InvalidSpec,
+    /// The controller reports the client secret missing (the `Ready` condition's reason).
+    ClientSecretMissing,
 }
 
 /// Published links by namespace and name.
@@ -35,25 +69,26 @@ pub(crate) struct LinkIndex {
     links: RwLock<HashMap<(String, String), Entry>>,
     /// Bumped on every change, so a waiting lookup re-checks.
     version: watch::Sender<u64>,
-}
-
-impl Default for LinkIndex {
-    fn default() -> Self {
-        LinkIndex {
-            links: RwLock::default(),
-            version: watch::channel(0).0,
-        }
-    }
+    /// To validate specs as the controller does.
+    defaults: Defaults,
 }
 
 impl LinkIndex {
-    /// The uid of the client whose published link is `presented`, checked in constant time.
-    fn check(&self, namespace: &str, name: &str, presented: &str) -> Option<String> {
+    pub(crate) fn new(defaults: Defaults) -> LinkIndex {
+        LinkIndex {
+            links: RwLock::default(),
+            version: watch::channel(0).0,
+            defaults,
+        }
+    }
+
+    /// The client whose published link is `presented`, checked in constant time.
+    fn check(&self, namespace: &str, name: &str, presented: &str) -> Option<Start> {
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());
         let entry = links.get(&(namespace.to_string(), name.to_string()));
         let expected = entry.map_or(&DUMMY_LINK[..], |e| e.link.as_bytes());
         let matches = bool::from(expected.ct_eq(presented.as_bytes()));
-        entry.filter(|_| matches).map(|e| e.uid.clone())
+        entry.filter(|_| matches).map(|e| e.start.clone())
     }
 
     /// Like [`LinkIndex::check`], but a miss is answered only at [`MISS_DEADLINE`], and a link
@@ -63,7 +98,7 @@ impl LinkIndex {
         namespace: &str,
         name: &str,
         presented: &str,
-    ) -> Option<String> {
+    ) -> Option<Start> {
         let deadline = tokio::time::Instant::now() + MISS_DEADLINE;
         let mut changes = self.version.subscribe();
         loop {
@@ -86,17 +121,37 @@ impl LinkIndex {
         Some((obj.metadata.namespace.clone()?, obj.metadata.name.clone()?))
     }
 
-    fn entry(obj: &GoToOAuthClient) -> Option<Entry> {
+    fn entry(&self, obj: &GoToOAuthClient) -> Option<Entry> {
+        let link = link_token(obj.status.as_ref())?;
+        let secret_missing = obj.status.iter().flat_map(|s| &s.conditions).any(|c| {
+            c.type_ == crate::conditions::READY
+                && Reason::parse(&c.reason) == Some(Reason::ClientSecretMissing)
+        });
+        let request = match validate(obj, &self.defaults) {
+            Err(_) => Err(Refusal::InvalidSpec),
+            Ok(_) if secret_missing => Err(Refusal::ClientSecretMissing),
+            Ok(settings) => Ok(StartRequest {
+                client_id: settings.client_id,
+                authorize_url: settings.authorize_url.to_string(),
+                redirect_uri: settings.redirect_uri,
+                scopes: settings.scopes,
+            }),
+        };
         Some(Entry {
-            uid: obj.metadata.uid.clone()?,
-            link: link_token(obj.status.as_ref())?,
+            link,
+            start: Start {
+                uid: obj.metadata.uid.clone()?,
+                display_name: obj.display_name(),
+                request,
+            },
         })
     }
 
     pub(crate) fn apply(&self, obj: &GoToOAuthClient) {
         let Some(key) = Self::key(obj) else { return };
+        let entry = self.entry(obj);
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
-        match Self::entry(obj) {
+        match entry {
             Some(entry) => links.insert(key, entry),
             None => links.remove(&key),
         };
@@ -135,7 +190,7 @@ impl crate::client_cache::ClientView for LinkIndex {
     fn replace(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
         let fresh = current
             .iter()
-            .filter_map(|obj| Some((LinkIndex::key(obj)?, LinkIndex::entry(obj)?)))
+            .filter_map(|obj| Some((LinkIndex::key(obj)?, self.entry(obj)?)))
             .collect();
         LinkIndex::replace(self, scope, fresh);
     }
@@ -145,6 +200,21 @@ impl crate::client_cache::ClientView for LinkIndex {
 mod tests {
     use super::*;
     use crate::resource::{GoToOAuthClientSpec, GoToOAuthClientStatus};
+
+    impl Default for LinkIndex {
+        fn default() -> Self {
+            LinkIndex::new(Defaults {
+                public_url: "https://op.example/".parse().unwrap(),
+                authorize_url: "https://auth.example/oauth/authorize".parse().unwrap(),
+                token_url: "https://auth.example/oauth/token".parse().unwrap(),
+                allowed_hosts: Vec::new(),
+            })
+        }
+    }
+
+    fn uid(start: Option<Start>) -> Option<String> {
+        start.map(|s| s.uid)
+    }
 
     fn client(ns: &str, name: &str, uid: &str, link: Option<&str>) -> GoToOAuthClient {
         let mut obj = GoToOAuthClient::new(
@@ -170,16 +240,20 @@ mod tests {
     fn only_the_published_link_of_the_named_client_matches() {
         let index = LinkIndex::default();
         index.apply(&client("a", "demo", "uid-1", Some(LINK)));
-        assert_eq!(index.check("a", "demo", LINK), Some("uid-1".into()));
-        assert_eq!(index.check("a", "demo", &LINK[1..]), None);
-        assert_eq!(index.check("b", "demo", LINK), None, "another namespace");
-        assert_eq!(index.check("a", "other", LINK), None);
+        assert_eq!(uid(index.check("a", "demo", LINK)), Some("uid-1".into()));
+        assert_eq!(uid(index.check("a", "demo", &LINK[1..])), None);
+        assert_eq!(
+            uid(index.check("b", "demo", LINK)),
+            None,
+            "another namespace"
+        );
+        assert_eq!(uid(index.check("a", "other", LINK)), None);
         // A withdrawn link (no authorizationUrl) and a deleted client are gone at once.
         index.apply(&client("a", "demo", "uid-1", None));
-        assert_eq!(index.check("a", "demo", LINK), None);
+        assert_eq!(uid(index.check("a", "demo", LINK)), None);
         index.apply(&client("a", "demo", "uid-1", Some(LINK)));
         index.delete(&client("a", "demo", "uid-1", Some(LINK)));
-        assert_eq!(index.check("a", "demo", LINK), None);
+        assert_eq!(uid(index.check("a", "demo", LINK)), None);
     }
 
     #[test]
@@ -188,15 +262,15 @@ mod tests {
         index.apply(&client("a", "x", "1", Some(LINK)));
         index.apply(&client("b", "y", "2", Some(LINK)));
         index.replace(Some("a"), HashMap::new());
-        assert_eq!(index.check("a", "x", LINK), None);
-        assert_eq!(index.check("b", "y", LINK), Some("2".into()));
+        assert_eq!(uid(index.check("a", "x", LINK)), None);
+        assert_eq!(uid(index.check("b", "y", LINK)), Some("2".into()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_miss_waits_for_the_deadline_and_a_late_link_gets_through() {
         let index = std::sync::Arc::new(LinkIndex::default());
         let started = tokio::time::Instant::now();
-        assert_eq!(index.resolve("a", "demo", LINK).await, None);
+        assert_eq!(uid(index.resolve("a", "demo", LINK).await), None);
         assert_eq!(
             started.elapsed(),
             MISS_DEADLINE,
@@ -209,6 +283,6 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         index.apply(&client("a", "demo", "uid-1", Some(LINK)));
-        assert_eq!(late.await.unwrap(), Some("uid-1".into()));
+        assert_eq!(uid(late.await.unwrap()), Some("uid-1".into()));
     }
 }

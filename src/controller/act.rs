@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::{
     Context,
     memory::HeldTokens,
-    observe::Observed,
+    observe::{Observed, TargetSecret},
     plan::{Plan, RefreshOutcome, SecretWrite, TokenRequest},
     schedule,
 };
@@ -48,18 +48,24 @@ pub(crate) async fn act(
     if let Some(current) = &plan.tokens {
         match &plan.write {
             Some(write) => {
-                if let Err(e) =
-                    write_secret(ctx, &o.obj, settings, current, o.target.as_ref()).await
-                {
-                    return Err(Error::TokensUnstored(e.to_string()));
-                }
-                remember_stored(ctx, &o.keys.uid, current);
+                let written =
+                    match write_secret(ctx, &o.obj, settings, current, o.target.as_ref()).await {
+                        Ok(written) => written,
+                        Err(e) => return Err(Error::TokensUnstored(e.to_string())),
+                    };
+                ctx.memory.with(&o.keys.uid, |m| {
+                    m.held = Some(HeldTokens::written(
+                        current.clone(),
+                        written.metadata.resource_version,
+                    ));
+                });
                 if let SecretWrite::Move { from } = write {
                     delete_owned_secret(ctx, &o.obj, &o.keys.namespace, from).await?;
                 }
                 info!(?write, "token Secret written");
             }
-            None if !o.conflict => remember_stored(ctx, &o.keys.uid, current),
+            // No write: the target Secret holds exactly these tokens.
+            None if !o.conflict => remember_read(ctx, o, current),
             None => {}
         }
     }
@@ -98,11 +104,21 @@ pub(crate) async fn act(
     }
 }
 
-fn remember_stored(ctx: &Context, uid: &str, tokens: &StoredTokens) {
-    ctx.memory.with(uid, |m| {
+/// Holds the tokens the target Secret holds at the version read, keeping the moment of this
+/// replica's own write when that is the version.
+fn remember_read(ctx: &Context, o: &Observed, tokens: &StoredTokens) {
+    let resource_version = o.target.as_ref().and_then(|t| t.resource_version.clone());
+    ctx.memory.with(&o.keys.uid, |m| {
+        let written_at = m
+            .held
+            .as_ref()
+            .filter(|h| h.resource_version == resource_version)
+            .and_then(|h| h.written_at);
         m.held = Some(HeldTokens {
             tokens: tokens.clone(),
             stored: true,
+            resource_version,
+            written_at,
         });
     });
 }
@@ -115,7 +131,7 @@ pub(crate) async fn write_secret(
     obj: &GoToOAuthClient,
     settings: &ClientSettings,
     tokens: &StoredTokens,
-    current: Option<&Secret>,
+    current: Option<&TargetSecret>,
 ) -> Result<Secret> {
     let namespace = obj
         .namespace()
@@ -124,13 +140,13 @@ pub(crate) async fn write_secret(
     let mut desired = desired_secret(obj, settings, tokens);
     let params = match current {
         Some(existing) => {
-            if !is_owned_by(existing, obj) {
+            if !existing.owned {
                 return Err(Error::SecretConflict(format!(
                     "Secret {namespace}/{} exists and is not owned by this GoToOAuthClient",
                     settings.secret_name
                 )));
             }
-            desired.metadata.resource_version = existing.resource_version();
+            desired.metadata.resource_version = existing.resource_version.clone();
             PatchParams::apply(MANAGER).force()
         }
         None => PatchParams::apply(MANAGER),
@@ -336,6 +352,8 @@ impl Request<'_> {
             m.held = Some(HeldTokens {
                 tokens: new.clone(),
                 stored: false,
+                resource_version: None,
+                written_at: None,
             });
             m.answered_refresh_request = self.refresh_request.clone();
             m.backoff.refresh_failures = 0;
@@ -353,13 +371,15 @@ impl Request<'_> {
         // The window has closed (or the write failed): only now the bookkeeping.
         self.count(RefreshResult::Success);
         match stored {
-            Ok(()) => {
+            Ok(version) => {
                 ctx.metrics
                     .token_store_duration
                     .observe(received.elapsed().as_secs_f64());
                 ctx.memory.with(&keys.uid, |m| {
                     if let Some(held) = &mut m.held {
                         held.stored = true;
+                        held.resource_version = version;
+                        held.written_at = Some(std::time::Instant::now());
                     }
                 });
                 Ok(new)
@@ -414,14 +434,15 @@ impl Request<'_> {
 }
 
 /// Writes refreshed tokens, retrying transient failures for up to [`STORE_RETRY_WINDOW`] and
-/// re-reading the Secret before each retry (a conflict means it changed meanwhile).
+/// re-reading the Secret before each retry (a conflict means it changed meanwhile). Returns
+/// the version written; `None` when a newer consent had replaced the tokens meanwhile.
 async fn store_refreshed(
     ctx: &Context,
     obj: &GoToOAuthClient,
     settings: &ClientSettings,
     tokens: &StoredTokens,
-    target: Option<&Secret>,
-) -> Result<()> {
+    target: Option<&TargetSecret>,
+) -> Result<Option<String>> {
     let namespace = obj
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
@@ -436,13 +457,13 @@ async fn store_refreshed(
                 && stored.authorized_at > tokens.authorized_at
             {
                 // A newer consent replaced these tokens meanwhile; nothing to store.
-                return Ok(());
+                return Ok(None);
             }
-            latest
+            latest.map(|s| TargetSecret::of(&s, obj))
         };
         write_secret(ctx, obj, settings, tokens, current.as_ref())
             .await
-            .map(|_| ())
+            .map(|written| written.metadata.resource_version)
     };
     attempt
         .retry(

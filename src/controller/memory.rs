@@ -13,8 +13,12 @@
 //! - The resourceVersion of this replica's last status write, until the watch delivers it: a
 //!   reconcile that runs on an older cached object waits for the watch instead of acting on
 //!   it, and re-reads the object if the watch is slow to deliver.
+//! - The resourceVersion of the Secret that holds the held tokens, and the client secret and
+//!   personal access token as last read with their versions: while the Secret watch shows the
+//!   same versions ([`super::index::SecretVersions`]) a reconcile reads none of them again.
+//!   A version is only ever compared for equality, never ordered.
 //!
-//! Everything else comes from the API server on every reconcile.
+//! Everything else comes from the watches, or from the API server when they cannot tell.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +26,7 @@ use std::{
 };
 
 use jiff::Timestamp;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
 
@@ -45,6 +50,53 @@ pub(crate) struct HeldTokens {
     /// `false` while the tokens came from GoTo and are not in the Secret yet: they are written
     /// before anything else happens, and no refresh is sent until they are.
     pub(crate) stored: bool,
+    /// The resourceVersion of the token Secret that holds exactly these tokens, when known.
+    pub(crate) resource_version: Option<String>,
+    /// When this replica wrote that version: until the watch delivers it, a reconcile waits.
+    pub(crate) written_at: Option<std::time::Instant>,
+}
+
+impl HeldTokens {
+    /// Tokens this replica has just written at `resource_version`.
+    pub(crate) fn written(tokens: StoredTokens, resource_version: Option<String>) -> HeldTokens {
+        HeldTokens {
+            tokens,
+            stored: true,
+            resource_version,
+            written_at: Some(std::time::Instant::now()),
+        }
+    }
+}
+
+/// One key of a referenced Secret (the client secret, the personal access token) as read, and
+/// the version it was read at.
+#[derive(Clone)]
+pub(crate) struct ReadValue {
+    pub(crate) name: String,
+    pub(crate) key: String,
+    pub(crate) resource_version: Option<String>,
+    /// `None`: the key is missing or blank.
+    pub(crate) value: Option<SecretString>,
+}
+
+impl std::fmt::Debug for ReadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadValue")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .field("resource_version", &self.resource_version)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl PartialEq for ReadValue {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.key, &self.resource_version)
+            == (&other.name, &other.key, &other.resource_version)
+            && self.value.as_ref().map(|v| v.expose_secret())
+                == other.value.as_ref().map(|v| v.expose_secret())
+    }
 }
 
 /// What one replica remembers about one client.
@@ -61,6 +113,13 @@ pub(crate) struct ClientMemory {
     pub(crate) written_resource_version: Option<(String, std::time::Instant)>,
     /// The record after this replica's last rollout restart (see [`super::rollout`]).
     pub(crate) rollout: Option<RolloutRestartStatus>,
+    /// The client secret as last read.
+    pub(crate) client_secret: Option<ReadValue>,
+    /// The personal access token as last read.
+    pub(crate) personal_access_token: Option<ReadValue>,
+    /// Since when a callback on this replica is storing a consent's tokens: reconciles wait for
+    /// it rather than write a status it is about to write.
+    pub(crate) consent_in_flight: Option<std::time::Instant>,
 }
 
 /// Every client's memory, keyed by uid.

@@ -4,13 +4,15 @@
 //! A reconcile is a pipeline, one module per step: [`observe`] reads what is stored,
 //! [`plan`] decides (pure, table-tested), [`act`] performs the token request and the writes,
 //! and [`status`] derives the status from what was written. [`watches`] runs the controller
-//! over the watched namespaces; [`memory`] holds the little that cannot live in the API server;
+//! over the watched namespaces and feeds [`index`] (Secret versions, who references what), by
+//! which `observe` skips the reads whose answer it already holds; [`memory`] holds the little that cannot live in the API server;
 //! [`schedule`] says when tokens refresh and how failures back off.
 
 pub(crate) mod act;
 pub(crate) mod first_look;
 #[cfg(test)]
 mod fixtures;
+pub(crate) mod index;
 pub(crate) mod memory;
 pub(crate) mod observe;
 pub(crate) mod plan;
@@ -74,6 +76,10 @@ pub struct Context {
     pub(crate) memory: memory::Memory,
     /// Published authorization links, kept by a watch on every replica.
     pub(crate) links: Arc<LinkIndex>,
+    /// The version of every watched Secret, kept by the leader's Secret watch.
+    pub(crate) secrets: index::SecretVersions,
+    /// Which clients reference which Secret, kept by the leader's client watch.
+    pub(crate) references: index::References,
 }
 
 impl std::fmt::Debug for Context {
@@ -105,7 +111,9 @@ impl Context {
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
             first_look: first_look::FirstLook::default(),
             memory: memory::Memory::default(),
-            links: Arc::default(),
+            links: Arc::new(LinkIndex::new(settings.defaults.clone())),
+            secrets: index::SecretVersions::default(),
+            references: index::References::default(),
             client,
             settings,
             metrics,

@@ -12,7 +12,11 @@ use kube::{Api, ResourceExt};
 use secrecy::SecretString;
 use std::fmt;
 
-use super::{Context, memory::ClientMemory};
+use super::{
+    Context,
+    index::Known,
+    memory::{ClientMemory, HeldTokens, ReadValue},
+};
 use crate::{
     Error, Result,
     conditions::{ClientSecretProblem, PersonalAccessTokenProblem},
@@ -80,7 +84,7 @@ pub(crate) struct Observed {
     pub(crate) personal_access_token:
         Option<Result<PersonalAccessToken, PersonalAccessTokenProblem>>,
     /// The Secret at the target name, whoever owns it.
-    pub(crate) target: Option<Secret>,
+    pub(crate) target: Option<TargetSecret>,
     /// The target Secret exists and is not this client's.
     pub(crate) conflict: bool,
     /// The name tokens were stored under before `spec.secretName` changed, while that Secret
@@ -140,41 +144,56 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
         None => obj,
     };
 
+    if memory
+        .consent_in_flight
+        .is_some_and(|since| since.elapsed() < WATCH_DELIVERY)
+    {
+        // A callback on this replica is storing tokens and will write the status itself.
+        return Ok(Snapshot::WaitForWatch);
+    }
+
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &keys.namespace);
     let target_name = obj.target_secret_name();
-    let target = secrets.get_opt(&target_name).await?;
+    let (target, from_target) =
+        match read_target(ctx, &secrets, &obj, &target_name, memory.held.as_ref()).await? {
+            TargetRead::Seen(target, stored) => (target, stored.map(|s| *s)),
+            TargetRead::WaitForWatch => return Ok(Snapshot::WaitForWatch),
+        };
     let previous = match obj
         .status
         .as_ref()
         .and_then(|s| s.secret_name.clone())
         .filter(|n| *n != target_name)
     {
-        Some(name) => secrets
+        Some(name) if ctx.secrets.get(&keys.namespace, &name) != Known::Absent => secrets
             .get_opt(&name)
             .await?
             .filter(|s| is_owned_by(s, &obj))
             .map(|s| (name, s)),
-        None => None,
+        _ => None,
     };
-    let conflict = target.as_ref().is_some_and(|s| !is_owned_by(s, &obj));
-    let stored = target
-        .as_ref()
-        .filter(|_| !conflict)
-        .and_then(StoredTokens::from_secret)
-        .or_else(|| {
-            previous
-                .as_ref()
-                .and_then(|(_, s)| StoredTokens::from_secret(s))
-        });
+    let conflict = target.as_ref().is_some_and(|t| !t.owned);
+    let stored = from_target.or_else(|| {
+        previous
+            .as_ref()
+            .and_then(|(_, s)| StoredTokens::from_secret(s))
+    });
 
     let settings = validate(&obj, &ctx.settings.defaults);
     let (credentials, client_secret_version) = match &settings {
         Ok(settings) => {
-            let secret = secrets.get_opt(&settings.client_secret_name).await?;
-            (
-                Some(credentials_in(secret.as_ref(), &keys.namespace, settings)),
-                secret.and_then(|s| s.metadata.resource_version),
+            let read = read_value(
+                ctx,
+                &secrets,
+                &settings.client_secret_name,
+                &settings.client_secret_key,
+                memory.client_secret.as_ref(),
             )
+            .await?;
+            let version = read.as_ref().and_then(|r| r.resource_version.clone());
+            let credentials = credentials_in(read.as_ref(), &keys.namespace, settings);
+            ctx.memory.with(&keys.uid, |m| m.client_secret = read);
+            (Some(credentials), version)
         }
         Err(_) => (None, None),
     };
@@ -184,12 +203,18 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
         .and_then(|s| s.personal_access_token.as_ref())
     {
         Some(pat_ref) => {
-            let secret = secrets.get_opt(&pat_ref.name).await?;
-            Some(personal_access_token_in(
-                secret.as_ref(),
-                &keys.namespace,
-                pat_ref,
-            ))
+            let read = read_value(
+                ctx,
+                &secrets,
+                &pat_ref.name,
+                &pat_ref.key,
+                memory.personal_access_token.as_ref(),
+            )
+            .await?;
+            let pat = personal_access_token_in(read.as_ref(), &keys.namespace, pat_ref);
+            ctx.memory
+                .with(&keys.uid, |m| m.personal_access_token = read);
+            Some(pat)
         }
         None => None,
     };
@@ -208,76 +233,190 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
     })))
 }
 
-/// The client secret the spec references, or what is wrong with the reference.
-pub(crate) async fn read_credentials(
-    ctx: &Context,
-    namespace: &str,
-    settings: &ClientSettings,
-) -> Result<Result<ClientCredentials, ClientSecretProblem>> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret = secrets.get_opt(&settings.client_secret_name).await?;
-    Ok(credentials_in(secret.as_ref(), namespace, settings))
+/// The token Secret as a reconcile needs it: its version (a write is conditional on it) and
+/// whether it is this client's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TargetSecret {
+    pub(crate) resource_version: Option<String>,
+    pub(crate) owned: bool,
 }
 
-/// The credentials in the client-secret Secret, if it was found.
-fn credentials_in(
-    secret: Option<&Secret>,
-    namespace: &str,
-    settings: &ClientSettings,
-) -> Result<ClientCredentials, ClientSecretProblem> {
-    match secret {
-        Some(secret) => credentials_from(secret, namespace, settings),
-        None => Err(ClientSecretProblem::SecretNotFound {
-            namespace: namespace.to_string(),
-            name: settings.client_secret_name.clone(),
-        }),
+impl TargetSecret {
+    pub(crate) fn of(secret: &Secret, obj: &GoToOAuthClient) -> TargetSecret {
+        TargetSecret {
+            resource_version: secret.metadata.resource_version.clone(),
+            owned: is_owned_by(secret, obj),
+        }
     }
 }
 
-/// The personal access token in its Secret, if it was found (pure: tested without a cluster).
-fn personal_access_token_in(
-    secret: Option<&Secret>,
-    namespace: &str,
-    pat_ref: &SecretKeyRef,
-) -> Result<PersonalAccessToken, PersonalAccessTokenProblem> {
-    let Some(secret) = secret else {
-        return Err(PersonalAccessTokenProblem::SecretNotFound {
-            namespace: namespace.to_string(),
-            name: pat_ref.name.clone(),
-        });
-    };
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&pat_ref.key))
-        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        .filter(|v| !v.is_empty())
-        .map(|value| PersonalAccessToken {
-            value: SecretString::from(value),
-            resource_version: secret.metadata.resource_version.clone(),
-        })
-        .ok_or_else(|| PersonalAccessTokenProblem::KeyMissing {
-            namespace: namespace.to_string(),
-            name: pat_ref.name.clone(),
-            key: pat_ref.key.clone(),
-        })
+/// What [`read_target`] found.
+enum TargetRead {
+    /// The Secret (absent: `None`) and the tokens it holds, if it is this client's.
+    Seen(Option<TargetSecret>, Option<Box<StoredTokens>>),
+    /// The watch has not delivered this replica's own write yet.
+    WaitForWatch,
 }
 
-/// The credentials in a client-secret Secret (pure, so it is tested without a cluster).
-fn credentials_from(
-    secret: &Secret,
+/// The token Secret: from memory when the watch shows the version the held tokens were read
+/// or written at, otherwise read. An absent Secret is taken from the watch only when nothing
+/// is held, so no write ever rests on the watch's word that a Secret is absent.
+async fn read_target(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    obj: &GoToOAuthClient,
+    name: &str,
+    held: Option<&HeldTokens>,
+) -> Result<TargetRead> {
+    let namespace = obj.metadata.namespace.as_deref().unwrap_or_default();
+    let known = ctx.secrets.get(namespace, name);
+    match (known_target(&known, held), held) {
+        (TargetKnown::Held, Some(held)) => {
+            return Ok(TargetRead::Seen(
+                Some(TargetSecret {
+                    resource_version: held.resource_version.clone(),
+                    owned: true,
+                }),
+                Some(Box::new(held.tokens.clone())),
+            ));
+        }
+        (TargetKnown::Absent, _) => return Ok(TargetRead::Seen(None, None)),
+        (TargetKnown::OwnWriteInFlight, _) => return Ok(TargetRead::WaitForWatch),
+        _ => {}
+    }
+    let secret = secrets.get_opt(name).await?;
+    Ok(match secret {
+        Some(secret) => {
+            let target = TargetSecret::of(&secret, obj);
+            let stored = target
+                .owned
+                .then(|| StoredTokens::from_secret(&secret))
+                .flatten()
+                .map(Box::new);
+            TargetRead::Seen(Some(target), stored)
+        }
+        None => TargetRead::Seen(None, None),
+    })
+}
+
+/// What the watch and memory together say about the token Secret (pure).
+#[derive(Debug, PartialEq, Eq)]
+enum TargetKnown {
+    /// The Secret is at the version the held tokens are stored at.
+    Held,
+    /// No Secret, and no tokens held that could be written.
+    Absent,
+    /// This replica wrote the Secret a moment ago and the watch has not delivered it yet.
+    OwnWriteInFlight,
+    /// Read it.
+    Read,
+}
+
+fn known_target(known: &Known, held: Option<&HeldTokens>) -> TargetKnown {
+    let held_version = held
+        .filter(|h| h.stored)
+        .and_then(|h| h.resource_version.as_deref());
+    match (known, held_version) {
+        (Known::At(rv), Some(version)) if rv == version => TargetKnown::Held,
+        (Known::Absent, None) if held.is_none() => TargetKnown::Absent,
+        (Known::Unknown, _) => TargetKnown::Read,
+        (_, Some(_))
+            if held
+                .and_then(|h| h.written_at)
+                .is_some_and(|at| at.elapsed() < WATCH_DELIVERY) =>
+        {
+            TargetKnown::OwnWriteInFlight
+        }
+        _ => TargetKnown::Read,
+    }
+}
+
+/// One key of a referenced Secret: from memory while the watch shows the version it was read
+/// at, otherwise read. `None`: the Secret does not exist.
+async fn read_value(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    name: &str,
+    key: &str,
+    cached: Option<&ReadValue>,
+) -> Result<Option<ReadValue>> {
+    let namespace = secrets_namespace(secrets);
+    match ctx.secrets.get(&namespace, name) {
+        Known::At(rv)
+            if cached.is_some_and(|c| {
+                c.name == name && c.key == key && c.resource_version.as_deref() == Some(&rv)
+            }) =>
+        {
+            return Ok(cached.cloned());
+        }
+        Known::Absent => return Ok(None),
+        _ => {}
+    }
+    Ok(secrets
+        .get_opt(name)
+        .await?
+        .map(|secret| read_key(&secret, name, key)))
+}
+
+fn secrets_namespace(secrets: &Api<Secret>) -> String {
+    secrets.namespace().unwrap_or_default().to_string()
+}
+
+/// The value of `key` in `secret`, trimmed; blank counts as missing (pure).
+fn read_key(secret: &Secret, name: &str, key: &str) -> ReadValue {
+    ReadValue {
+        name: name.to_string(),
+        key: key.to_string(),
+        resource_version: secret.metadata.resource_version.clone(),
+        value: secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(SecretString::from),
+    }
+}
+
+/// The client secret the spec references, or what is wrong with the reference; from what
+/// this replica read before while its version is current.
+pub(crate) async fn read_credentials(
+    ctx: &Context,
+    keys: &ObjectKeys,
+    settings: &ClientSettings,
+) -> Result<Result<ClientCredentials, ClientSecretProblem>> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    let cached = ctx.memory.with(&keys.uid, |m| m.client_secret.clone());
+    let read = read_value(
+        ctx,
+        &secrets,
+        &settings.client_secret_name,
+        &settings.client_secret_key,
+        cached.as_ref(),
+    )
+    .await?;
+    let credentials = credentials_in(read.as_ref(), &keys.namespace, settings);
+    ctx.memory.with(&keys.uid, |m| m.client_secret = read);
+    Ok(credentials)
+}
+
+/// The credentials in the client-secret Secret, if it was found (pure).
+fn credentials_in(
+    read: Option<&ReadValue>,
     namespace: &str,
     settings: &ClientSettings,
 ) -> Result<ClientCredentials, ClientSecretProblem> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&settings.client_secret_key))
-        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        .filter(|v| !v.is_empty())
-        .map(|value| ClientCredentials {
+    let Some(read) = read else {
+        return Err(ClientSecretProblem::SecretNotFound {
+            namespace: namespace.to_string(),
+            name: settings.client_secret_name.clone(),
+        });
+    };
+    read.value
+        .clone()
+        .map(|client_secret| ClientCredentials {
             client_id: settings.client_id.clone(),
-            client_secret: SecretString::from(value),
+            client_secret,
         })
         .ok_or_else(|| ClientSecretProblem::KeyMissing {
             namespace: namespace.to_string(),
@@ -286,29 +425,75 @@ fn credentials_from(
         })
 }
 
+/// The personal access token in its Secret, if it was found (pure: tested without a cluster).
+fn personal_access_token_in(
+    read: Option<&ReadValue>,
+    namespace: &str,
+    pat_ref: &SecretKeyRef,
+) -> Result<PersonalAccessToken, PersonalAccessTokenProblem> {
+    let Some(read) = read else {
+        return Err(PersonalAccessTokenProblem::SecretNotFound {
+            namespace: namespace.to_string(),
+            name: pat_ref.name.clone(),
+        });
+    };
+    read.value
+        .clone()
+        .map(|value| PersonalAccessToken {
+            value,
+            resource_version: read.resource_version.clone(),
+        })
+        .ok_or_else(|| PersonalAccessTokenProblem::KeyMissing {
+            namespace: namespace.to_string(),
+            name: pat_ref.name.clone(),
+            key: pat_ref.key.clone(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::settings;
+    use crate::controller::fixtures::{settings, tokens};
     use k8s_openapi::ByteString;
     use secrecy::ExposeSecret;
 
-    #[test]
-    fn client_secret_is_trimmed_and_must_not_be_empty() {
-        let secret = |value: &str| Secret {
-            data: Some([("clientSecret".to_string(), ByteString(value.into()))].into()),
+    fn secret_with(key: &str, value: &str, rv: &str) -> Secret {
+        let mut secret = Secret {
+            data: Some([(key.to_string(), ByteString(value.into()))].into()),
             ..Secret::default()
         };
-        let creds = credentials_from(&secret(" s3cr+t/=\n"), "ns", &settings()).unwrap();
+        secret.metadata.resource_version = Some(rv.into());
+        secret
+    }
+
+    #[test]
+    fn client_secret_is_trimmed_and_must_not_be_empty() {
+        let read = read_key(
+            &secret_with("clientSecret", " s3cr+t/=\n", "3"),
+            "creds",
+            "clientSecret",
+        );
+        assert_eq!(read.resource_version.as_deref(), Some("3"));
+        let creds = credentials_in(Some(&read), "ns", &settings()).unwrap();
         assert_eq!(creds.client_secret.expose_secret(), "s3cr+t/=");
+        assert!(!format!("{read:?}").contains("s3cr"), "redacted");
+        let blank = read_key(
+            &secret_with("clientSecret", "  ", "4"),
+            "creds",
+            "clientSecret",
+        );
         assert_eq!(
-            credentials_from(&secret("  "), "ns", &settings()).unwrap_err(),
+            credentials_in(Some(&blank), "ns", &settings()).unwrap_err(),
             ClientSecretProblem::KeyMissing {
                 namespace: "ns".into(),
                 name: "creds".into(),
                 key: "clientSecret".into()
             }
         );
+        assert!(matches!(
+            credentials_in(None, "ns", &settings()),
+            Err(ClientSecretProblem::SecretNotFound { .. })
+        ));
     }
 
     #[test]
@@ -317,18 +502,9 @@ mod tests {
             name: "pat".into(),
             key: "personalAccessToken".into(),
         };
-        let mut secret = Secret {
-            data: Some(
-                [(
-                    "personalAccessToken".to_string(),
-                    ByteString(" pat-value\n".into()),
-                )]
-                .into(),
-            ),
-            ..Secret::default()
-        };
-        secret.metadata.resource_version = Some("7".into());
-        let pat = personal_access_token_in(Some(&secret), "ns", &pat_ref).unwrap();
+        let secret = secret_with("personalAccessToken", " pat-value\n", "7");
+        let read = read_key(&secret, "pat", "personalAccessToken");
+        let pat = personal_access_token_in(Some(&read), "ns", &pat_ref).unwrap();
         assert_eq!(pat.value.expose_secret(), "pat-value");
         assert_eq!(pat.resource_version.as_deref(), Some("7"));
         assert!(!format!("{pat:?}").contains("pat-value"));
@@ -339,10 +515,94 @@ mod tests {
                 name: "pat".into()
             }
         );
-        secret.data = None;
+        let other_key = read_key(&secret, "pat", "other");
         assert!(matches!(
-            personal_access_token_in(Some(&secret), "ns", &pat_ref),
+            personal_access_token_in(Some(&other_key), "ns", &pat_ref),
             Err(PersonalAccessTokenProblem::KeyMissing { .. })
         ));
+    }
+
+    #[test]
+    fn the_token_secret_is_read_unless_the_watch_shows_the_held_version() {
+        let t = tokens("2026-11-23T10:00:00Z", "2026-11-23T10:00:00Z", "r");
+        let held = |stored: bool, rv: Option<&str>, just_written: bool| HeldTokens {
+            tokens: t.clone(),
+            stored,
+            resource_version: rv.map(String::from),
+            written_at: just_written.then(std::time::Instant::now),
+        };
+        let at = |rv: &str| Known::At(rv.into());
+        let cases = [
+            (
+                "held at the version shown",
+                at("5"),
+                Some(held(true, Some("5"), false)),
+                TargetKnown::Held,
+            ),
+            (
+                "just written, shown",
+                at("5"),
+                Some(held(true, Some("5"), true)),
+                TargetKnown::Held,
+            ),
+            (
+                "changed by someone else",
+                at("6"),
+                Some(held(true, Some("5"), false)),
+                TargetKnown::Read,
+            ),
+            (
+                "own write not delivered yet",
+                at("4"),
+                Some(held(true, Some("5"), true)),
+                TargetKnown::OwnWriteInFlight,
+            ),
+            (
+                "own create not delivered yet",
+                Known::Absent,
+                Some(held(true, Some("5"), true)),
+                TargetKnown::OwnWriteInFlight,
+            ),
+            (
+                "deleted: verified before a restore",
+                Known::Absent,
+                Some(held(true, Some("5"), false)),
+                TargetKnown::Read,
+            ),
+            (
+                "unstored tokens: verified before the write",
+                Known::Absent,
+                Some(held(false, None, false)),
+                TargetKnown::Read,
+            ),
+            (
+                "nothing held, nothing there",
+                Known::Absent,
+                None,
+                TargetKnown::Absent,
+            ),
+            ("nothing held, exists", at("5"), None, TargetKnown::Read),
+            (
+                "not listed yet",
+                Known::Unknown,
+                Some(held(true, Some("5"), true)),
+                TargetKnown::Read,
+            ),
+            (
+                "held without a version",
+                at("5"),
+                Some(held(true, None, false)),
+                TargetKnown::Read,
+            ),
+            (
+                "unstored at the same version",
+                at("5"),
+                Some(held(false, Some("5"), false)),
+                TargetKnown::Read,
+            ),
+        ];
+        for (what, known, held, want) in cases {
+            assert_eq!(known_target(&known, held.as_ref()), want, "{what}");
+        }
     }
 }

@@ -621,7 +621,12 @@ mod tests {
     }
 
     fn held(tokens: StoredTokens, stored: bool) -> Option<HeldTokens> {
-        Some(HeldTokens { tokens, stored })
+        Some(HeldTokens {
+            tokens,
+            stored,
+            resource_version: None,
+            written_at: None,
+        })
     }
 
     #[test]

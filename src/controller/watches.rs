@@ -28,9 +28,9 @@ const CONCURRENCY: u16 = 16;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The clients that reference a Secret, as client secret, personal access token or token
-/// Secret.
+/// Secret (from the index the client watch keeps, not a scan of every client).
 fn referencing_clients(
-    store: &Store<GoToOAuthClient>,
+    ctx: &Context,
     secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<GoToOAuthClient>> {
     let (Some(namespace), Some(name)) = (
@@ -39,20 +39,10 @@ fn referencing_clients(
     ) else {
         return Vec::new();
     };
-    store
-        .state()
-        .iter()
-        .filter(|c| c.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|c| {
-            c.spec.client_secret_ref.name == name
-                || c.spec
-                    .personal_access_token_ref
-                    .as_ref()
-                    .is_some_and(|r| r.name == name)
-                || c.target_secret_name() == name
-                || c.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(name)
-        })
-        .map(|c| ObjectRef::from_obj(c.as_ref()))
+    ctx.references
+        .clients_of(namespace, name)
+        .into_iter()
+        .map(|client| ObjectRef::new(&client).within(namespace))
         .collect()
 }
 
@@ -69,6 +59,9 @@ pub async fn run(
     };
     ctx.first_look
         .begin(scopes.len(), std::time::Instant::now());
+    // What the previous term's watches saw may be stale now (another replica led meanwhile):
+    // nothing is taken from them until this term's watches have listed again.
+    ctx.secrets.reset();
     let runs = scopes
         .into_iter()
         .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone()));
@@ -90,15 +83,30 @@ async fn run_scope(
     };
     // managedFields are most of each cached object's size and the operator never reads them.
     let (store, writer) = kube::runtime::reflector::store();
+    let (refs_ctx, versions_ctx) = (ctx.clone(), ctx.clone());
+    let (refs_scope, versions_scope) = (scope.clone(), scope.clone());
     let client_events = watcher(clients, watcher::Config::default())
         .default_backoff()
         .modify(|client: &mut GoToOAuthClient| client.managed_fields_mut().clear())
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                refs_ctx.references.follow(refs_scope.as_deref(), event);
+            }
+        })
         .reflect(writer)
         .touched_objects();
-    // Metadata only: the controller needs to know that a Secret changed, not its data.
+    // Metadata only: the controller needs a Secret's version, not its data.
     let secret_events = watcher(secrets, watcher::Config::default())
         .default_backoff()
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                versions_ctx
+                    .secrets
+                    .follow(versions_scope.as_deref(), event);
+            }
+        })
         .touched_objects();
+    let mapper_ctx = ctx.clone();
     let ticks = futures::stream::unfold(ctx.clock.ticks(), |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))
@@ -111,7 +119,7 @@ async fn run_scope(
     let controller = Controller::for_stream(client_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .watches_stream(secret_events, move |secret| {
-            referencing_clients(&store, &secret)
+            referencing_clients(&mapper_ctx, &secret)
         })
         .reconcile_all_on(ticks)
         .graceful_shutdown_on(shutdown)

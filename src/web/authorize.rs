@@ -12,18 +12,15 @@ use axum_extra::extract::{
     CookieJar,
     cookie::{Cookie, SameSite},
 };
-use kube::Api;
-use subtle::ConstantTimeEq;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{binding_cookie, client_page, cookie_policy, invalid_link, server_error};
+use super::{binding_cookie, client_page, cookie_policy, invalid_link};
 use crate::{
     conditions::Reason,
-    consent::{StateClaims, link_token, random_token, state::STATE_TTL_SECONDS},
-    controller::{Context, ObjectKeys, observe::read_credentials},
+    consent::{StateClaims, index::Refusal, random_token, state::STATE_TTL_SECONDS},
+    controller::{Context, ObjectKeys},
     goto::protocol::authorization_request_url,
-    resource::GoToOAuthClient,
-    validation::{check_dns_subdomain, is_dns_label, validate},
+    validation::{check_dns_subdomain, is_dns_label},
 };
 
 pub(super) async fn authorize(
@@ -40,29 +37,18 @@ pub(super) async fn authorize(
         return invalid_link();
     }
     // Knowing the namespace and name is not enough: the link token must match. A wrong link
-    // is refused from memory (no API request) at a fixed deadline; only the holder of a
-    // published link makes the operator read the client.
-    let Some(uid) = ctx.links.resolve(&namespace, &name, &link).await else {
+    // is refused from memory (no API request) at a fixed deadline, and a right one is started
+    // from memory too: the index holds what the redirect needs. The callback reads the client
+    // before anything is written.
+    let Some(start) = ctx.links.resolve(&namespace, &name, &link).await else {
         return invalid_link();
     };
-    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &namespace);
-    let obj = match api.get_opt(&name).await {
-        Ok(Some(obj)) if obj.metadata.uid.as_deref() == Some(uid.as_str()) => obj,
-        Ok(_) => return invalid_link(),
-        Err(e) => {
-            warn!(error = %e, "authorize: reading the client failed");
-            return server_error(None);
-        }
+    let keys = ObjectKeys {
+        namespace,
+        name,
+        uid: start.uid,
     };
-    // The index follows a watch; the object just read is the word on the current link.
-    let expected = link_token(obj.status.as_ref()).unwrap_or_default();
-    if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(link.as_bytes())) {
-        return invalid_link();
-    }
-    let Ok(keys) = ObjectKeys::of(&obj) else {
-        return invalid_link();
-    };
-    let application = obj.display_name();
+    let application = start.display_name;
     let not_ready = |title, what_happened, what_to_do, reason| {
         client_page(
             &keys,
@@ -74,17 +60,17 @@ pub(super) async fn authorize(
             reason,
         )
     };
-    let Ok(settings) = validate(&obj, &ctx.settings.defaults) else {
-        return not_ready(
-            "This application is misconfigured",
-            "The authorization cannot start because this application's GoTo settings are incomplete or wrong.",
-            "Tell the person who sent you the link; they can see what to fix on their side.",
-            Reason::InvalidSpec,
-        );
-    };
-    match read_credentials(&ctx, &keys.namespace, &settings).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => {
+    let request = match start.request {
+        Ok(request) => request,
+        Err(Refusal::InvalidSpec) => {
+            return not_ready(
+                "This application is misconfigured",
+                "The authorization cannot start because this application's GoTo settings are incomplete or wrong.",
+                "Tell the person who sent you the link; they can see what to fix on their side.",
+                Reason::InvalidSpec,
+            );
+        }
+        Err(Refusal::ClientSecretMissing) => {
             return not_ready(
                 "This application is not ready yet",
                 "The application's GoTo client secret has not been set up yet.",
@@ -92,11 +78,7 @@ pub(super) async fn authorize(
                 Reason::ClientSecretMissing,
             );
         }
-        Err(e) => {
-            warn!(error = %e, "authorize: reading the client secret failed");
-            return server_error(Some(&keys));
-        }
-    }
+    };
 
     let policy = cookie_policy(&ctx.settings.defaults.public_url);
     let cookie = binding_cookie(&jar, policy).unwrap_or_else(|| random_token(32));
@@ -104,18 +86,18 @@ pub(super) async fn authorize(
         namespace: keys.namespace.clone(),
         name: keys.name.clone(),
         uid: keys.uid.clone(),
-        client_id: settings.client_id.clone(),
+        client_id: request.client_id.clone(),
         nonce: random_token(16),
         expires_at: ctx.clock.now().as_second() + STATE_TTL_SECONDS,
         browser: ctx.state_key.browser_binding(&cookie),
-        link: ctx.state_key.link_binding(&expected),
+        link: ctx.state_key.link_binding(&link),
     };
     let state = ctx.state_key.sign(&claims);
     let Ok(target) = authorization_request_url(
-        settings.authorize_url.as_str(),
-        &settings.client_id,
-        &settings.redirect_uri,
-        &settings.scopes,
+        &request.authorize_url,
+        &request.client_id,
+        &request.redirect_uri,
+        &request.scopes,
         &state,
     ) else {
         return invalid_link();

@@ -87,7 +87,7 @@ pub(super) async fn callback(
     }
 
     // Single use, across every replica.
-    let obj = match attempt::claim(&ctx, &keys, &claims.nonce, claims.expires_at).await {
+    let obj = match attempt::claim(&ctx, &keys, obj, &claims.nonce, claims.expires_at).await {
         Ok(Claim::Claimed(obj)) => *obj,
         Ok(Claim::Replayed) => return state_page_for(&StateError::Replayed, &keys),
         Ok(Claim::Gone) => return gone(&keys),
@@ -261,7 +261,7 @@ async fn complete_attempt(
             ),
         ));
     }
-    let credentials = match read_credentials(ctx, &keys.namespace, &settings).await {
+    let credentials = match read_credentials(ctx, keys, &settings).await {
         Ok(Ok(c)) => c,
         Ok(Err(problem)) => {
             return Err(Failed::new(

@@ -28,6 +28,9 @@ use tokio::{io::AsyncBufReadExt, process::Child};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The User-Agent of [`Cluster::operator_client`].
+pub const OPERATOR_AGENT: &str = "goto-oauth-operator-e2e";
+
 /// Keys every token Secret carries after a consent at GoTo (GoTo adds more of its own).
 pub const TOKEN_SECRET_KEYS: [&str; 6] = [
     "access_token",
@@ -138,6 +141,29 @@ impl Cluster {
     /// The proxy in front of the API server: its request log and fault injection.
     pub fn proxy(&self) -> &FaultProxy {
         &self.proxy
+    }
+
+    /// A client through the proxy whose requests carry [`OPERATOR_AGENT`]: for an in-process
+    /// operator whose requests a test counts apart from its own ([`Self::operator_requests`]).
+    pub fn operator_client(&self) -> Client {
+        let mut config = kube::Config::new(self.proxy.url().parse().expect("proxy url"));
+        config.default_namespace = self.proxy.client().default_namespace().to_string();
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(OPERATOR_AGENT),
+        ));
+        Client::try_from(config).expect("operator client")
+    }
+
+    /// The requests sent with [`Self::operator_client`] since the log was last cleared, as
+    /// "verb path status".
+    pub fn operator_requests(&self) -> Vec<String> {
+        self.proxy
+            .request_log()
+            .into_iter()
+            .filter(|r| r.user_agent.as_deref() == Some(OPERATOR_AGENT))
+            .map(|r| format!("{} {} {}", r.verb, r.path, r.status))
+            .collect()
     }
 
     /// The in-memory API server, for the hooks only it has (`compact`); `None` on a real

@@ -1,0 +1,383 @@
+//! What the controller knows from its watches without asking the API server: the
+//! resourceVersion of every Secret in the watched namespaces ([`SecretVersions`]) and which
+//! clients reference which Secret ([`References`]).
+//!
+//! A reconcile reads a Secret only when it cannot know it: [`SecretVersions`] says whether the
+//! Secret exists and at which version, and the reconcile re-uses what it read or wrote at that
+//! version (see `observe`). Only names and versions are kept (tens of bytes a Secret, no data),
+//! so the unrelated Secrets of a namespace cost little, and knowing them all is what lets an
+//! absent Secret be known absent without a GET.
+//!
+//! [`References`] turns a Secret's watch event into the clients to reconcile in constant time;
+//! scanning every cached client per Secret event is quadratic at start-up (every Secret is an
+//! event) and would take seconds at 10,000 clients.
+//!
+//! Both follow a relist the way kube's reflector store does: the objects listed between `Init`
+//! and `InitDone` replace the scope's entries at once, so an object deleted while the watch was
+//! down is forgotten.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::RwLock,
+};
+
+use kube::runtime::watcher;
+
+use crate::resource::GoToOAuthClient;
+
+/// What the Secret watch says about one Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// It exists at this resourceVersion (as of the last event delivered).
+    At(String),
+    /// The namespace was listed and the Secret is not there.
+    Absent,
+    /// Not listed yet, or delivered without a version: read it.
+    Unknown,
+}
+
+/// name → resourceVersion, per namespace.
+type Versions = HashMap<Box<str>, HashMap<Box<str>, Box<str>>>;
+
+/// The resourceVersion of every Secret in the watched namespaces, fed by the Secret metadata
+/// watch of each scope (all namespaces, or one each).
+#[derive(Debug, Default)]
+pub(crate) struct SecretVersions {
+    inner: RwLock<VersionsInner>,
+}
+
+#[derive(Debug, Default)]
+struct VersionsInner {
+    versions: Versions,
+    /// Namespaces whose list has completed (a scope of all namespaces: every one).
+    listed_all: bool,
+    listed: HashSet<Box<str>>,
+    /// A relist in progress, per scope (`None`: all namespaces).
+    relisting: HashMap<Option<Box<str>>, Versions>,
+}
+
+impl SecretVersions {
+    /// Forgets everything: until the next list, every Secret is unknown.
+    pub(crate) fn reset(&self) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = VersionsInner::default();
+    }
+
+    /// What is known about the Secret `namespace/name`.
+    pub(crate) fn get(&self, namespace: &str, name: &str) -> Known {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        match inner.versions.get(namespace).and_then(|n| n.get(name)) {
+            Some(rv) => Known::At(rv.to_string()),
+            None if inner.listed_all || inner.listed.contains(namespace) => Known::Absent,
+            None => Known::Unknown,
+        }
+    }
+
+    /// Follows one event of the Secret watch of `scope` (all namespaces when `None`).
+    pub(crate) fn follow<M: kube::Resource>(&self, scope: Option<&str>, event: &watcher::Event<M>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let scope_key = scope.map(Box::from);
+        match event {
+            watcher::Event::Init => {
+                inner.relisting.insert(scope_key, Versions::default());
+            }
+            watcher::Event::InitApply(obj) => {
+                if let (Some(buffer), Some((ns, name, rv))) =
+                    (inner.relisting.get_mut(&scope_key), keys(obj))
+                {
+                    buffer.entry(ns).or_default().insert(name, rv);
+                }
+            }
+            watcher::Event::InitDone => {
+                let fresh = inner.relisting.remove(&scope_key).unwrap_or_default();
+                match scope {
+                    None => {
+                        inner.versions = fresh;
+                        inner.listed_all = true;
+                    }
+                    Some(ns) => {
+                        let names = fresh.into_values().next().unwrap_or_default();
+                        inner.versions.insert(ns.into(), names);
+                        inner.listed.insert(ns.into());
+                    }
+                }
+            }
+            watcher::Event::Apply(obj) => {
+                if let Some((ns, name, rv)) = keys(obj) {
+                    inner.versions.entry(ns).or_default().insert(name, rv);
+                }
+            }
+            watcher::Event::Delete(obj) => {
+                let meta = obj.meta();
+                if let (Some(ns), Some(name)) = (&meta.namespace, &meta.name)
+                    && let Some(names) = inner.versions.get_mut(ns.as_str())
+                {
+                    names.remove(name.as_str());
+                }
+            }
+        }
+    }
+}
+
+fn keys<M: kube::Resource>(obj: &M) -> Option<(Box<str>, Box<str>, Box<str>)> {
+    let meta = obj.meta();
+    Some((
+        meta.namespace.as_deref()?.into(),
+        meta.name.as_deref()?.into(),
+        meta.resource_version.as_deref()?.into(),
+    ))
+}
+
+/// The names of the Secrets a client references: its client secret, its personal access
+/// token, its token Secret and the one it stored tokens in before a `secretName` change.
+pub(crate) fn referenced_secrets(client: &GoToOAuthClient) -> Vec<String> {
+    let mut names = vec![
+        client.spec.client_secret_ref.name.clone(),
+        client.target_secret_name(),
+    ];
+    if let Some(pat) = &client.spec.personal_access_token_ref {
+        names.push(pat.name.clone());
+    }
+    if let Some(previous) = client.status.as_ref().and_then(|s| s.secret_name.clone()) {
+        names.push(previous);
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// (namespace, name)
+type Key = (Box<str>, Box<str>);
+/// Clients listed so far in a relist, with the Secrets each references.
+type Listed = Vec<(Key, Vec<String>)>;
+
+/// Which clients reference which Secret, fed by the client watch of each scope.
+#[derive(Debug, Default)]
+pub(crate) struct References {
+    inner: RwLock<ReferencesInner>,
+}
+
+#[derive(Debug, Default)]
+struct ReferencesInner {
+    /// Client → the Secrets it references.
+    by_client: HashMap<Key, Vec<Box<str>>>,
+    /// Secret → the clients referencing it.
+    by_secret: HashMap<Key, HashSet<Box<str>>>,
+    /// A relist in progress, per scope: the clients listed so far with their Secrets.
+    relisting: HashMap<Option<Box<str>>, Listed>,
+}
+
+impl ReferencesInner {
+    fn remove(&mut self, client: &Key) {
+        for secret in self.by_client.remove(client).unwrap_or_default() {
+            let key = (client.0.clone(), secret);
+            if let Some(clients) = self.by_secret.get_mut(&key) {
+                clients.remove(&client.1);
+                if clients.is_empty() {
+                    self.by_secret.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, client: Key, secrets: Vec<String>) {
+        self.remove(&client);
+        let secrets: Vec<Box<str>> = secrets.into_iter().map(Box::from).collect();
+        for secret in &secrets {
+            self.by_secret
+                .entry((client.0.clone(), secret.clone()))
+                .or_default()
+                .insert(client.1.clone());
+        }
+        self.by_client.insert(client, secrets);
+    }
+}
+
+fn client_key(client: &GoToOAuthClient) -> Option<Key> {
+    Some((
+        client.metadata.namespace.as_deref()?.into(),
+        client.metadata.name.as_deref()?.into(),
+    ))
+}
+
+impl References {
+    /// The names of the clients in `namespace` that reference the Secret `name`.
+    pub(crate) fn clients_of(&self, namespace: &str, name: &str) -> Vec<String> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_secret
+            .get(&(namespace.into(), name.into()))
+            .map(|clients| clients.iter().map(|c| c.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Follows one event of the client watch of `scope` (all namespaces when `None`).
+    pub(crate) fn follow(&self, scope: Option<&str>, event: &watcher::Event<GoToOAuthClient>) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let scope_key = scope.map(Box::from);
+        match event {
+            watcher::Event::Init => {
+                inner.relisting.insert(scope_key, Vec::new());
+            }
+            watcher::Event::InitApply(client) => {
+                if let (Some(buffer), Some(key)) =
+                    (inner.relisting.get_mut(&scope_key), client_key(client))
+                {
+                    buffer.push((key, referenced_secrets(client)));
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = inner.relisting.remove(&scope_key).unwrap_or_default();
+                let stale: Vec<Key> = inner
+                    .by_client
+                    .keys()
+                    .filter(|(ns, _)| scope.is_none_or(|s| s == &**ns))
+                    .cloned()
+                    .collect();
+                for key in &stale {
+                    inner.remove(key);
+                }
+                for (key, secrets) in listed {
+                    inner.insert(key, secrets);
+                }
+            }
+            watcher::Event::Apply(client) => {
+                if let Some(key) = client_key(client) {
+                    inner.insert(key, referenced_secrets(client));
+                }
+            }
+            watcher::Event::Delete(client) => {
+                if let Some(key) = client_key(client) {
+                    inner.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::core::{ObjectMeta, PartialObjectMeta};
+
+    use super::*;
+
+    fn secret(ns: &str, name: &str, rv: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn versions_know_absent_only_after_the_list() {
+        type Event = watcher::Event<PartialObjectMeta<Secret>>;
+        let versions = SecretVersions::default();
+        assert_eq!(versions.get("a", "s"), Known::Unknown);
+        versions.follow(Some("a"), &Event::Init);
+        versions.follow(Some("a"), &Event::InitApply(secret("a", "s", "1")));
+        assert_eq!(
+            versions.get("a", "s"),
+            Known::Unknown,
+            "a relist applies at its end"
+        );
+        versions.follow(Some("a"), &Event::InitDone);
+        assert_eq!(versions.get("a", "s"), Known::At("1".into()));
+        assert_eq!(versions.get("a", "other"), Known::Absent);
+        assert_eq!(
+            versions.get("b", "s"),
+            Known::Unknown,
+            "another scope is not listed"
+        );
+
+        versions.follow(Some("a"), &watcher::Event::Apply(secret("a", "s", "2")));
+        assert_eq!(versions.get("a", "s"), Known::At("2".into()));
+        versions.follow(Some("a"), &watcher::Event::Delete(secret("a", "s", "3")));
+        assert_eq!(versions.get("a", "s"), Known::Absent);
+    }
+
+    #[test]
+    fn a_relist_forgets_what_was_deleted_meanwhile() {
+        let versions = SecretVersions::default();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(secret("a", "gone", "1")),
+            watcher::Event::InitApply(secret("b", "kept", "1")),
+            watcher::Event::InitDone,
+        ] {
+            versions.follow(None, &event);
+        }
+        assert_eq!(versions.get("b", "anything"), Known::Absent, "all listed");
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(secret("b", "kept", "5")),
+        ] {
+            versions.follow(None, &event);
+        }
+        assert_eq!(versions.get("a", "gone"), Known::At("1".into()));
+        versions.follow(None, &watcher::Event::<PartialObjectMeta<Secret>>::InitDone);
+        assert_eq!(versions.get("a", "gone"), Known::Absent);
+        assert_eq!(versions.get("b", "kept"), Known::At("5".into()));
+    }
+
+    fn client(ns: &str, name: &str, client_secret: &str, target: &str) -> GoToOAuthClient {
+        let mut client = crate::controller::fixtures::demo_client().0;
+        client.metadata.namespace = Some(ns.into());
+        client.metadata.name = Some(name.into());
+        client.spec.client_secret_ref.name = client_secret.into();
+        client.spec.secret_name = Some(target.into());
+        client
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn references_follow_changes_deletes_and_relists() {
+        let refs = References::default();
+        let one = client("a", "one", "shared", "one-token");
+        let two = client("a", "two", "shared", "two-token");
+        refs.follow(None, &watcher::Event::Apply(one.clone()));
+        refs.follow(None, &watcher::Event::Apply(two.clone()));
+        assert_eq!(sorted(refs.clients_of("a", "shared")), ["one", "two"]);
+        assert_eq!(refs.clients_of("a", "one-token"), ["one"]);
+        assert!(refs.clients_of("b", "shared").is_empty(), "per namespace");
+
+        // A changed reference leaves the old Secret.
+        refs.follow(
+            None,
+            &watcher::Event::Apply(client("a", "one", "own", "one-token")),
+        );
+        assert_eq!(refs.clients_of("a", "shared"), ["two"]);
+        assert_eq!(refs.clients_of("a", "own"), ["one"]);
+
+        refs.follow(None, &watcher::Event::Delete(two.clone()));
+        assert!(refs.clients_of("a", "shared").is_empty());
+
+        // A relist that no longer lists "one" forgets it.
+        refs.follow(None, &watcher::Event::Init);
+        refs.follow(None, &watcher::Event::InitApply(two));
+        refs.follow(None, &watcher::Event::InitDone);
+        assert!(refs.clients_of("a", "own").is_empty());
+        assert_eq!(refs.clients_of("a", "shared"), ["two"]);
+    }
+
+    #[test]
+    fn the_previous_token_secret_is_referenced_while_the_status_names_it() {
+        let mut c = client("a", "one", "creds", "new-token");
+        c.status = Some(crate::resource::GoToOAuthClientStatus {
+            secret_name: Some("old-token".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            referenced_secrets(&c),
+            ["creds", "new-token", "old-token"].map(String::from)
+        );
+    }
+}
