@@ -4,7 +4,7 @@
 //! while no replica leads). One watch per watched namespace, or one for all; read-only: a
 //! replica that does not lead writes nothing.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use futures::StreamExt;
 use kube::{
@@ -21,8 +21,9 @@ pub(crate) trait ClientView: Send + Sync {
     fn apply(&self, obj: &GoToOAuthClient);
     /// A client was deleted.
     fn delete(&self, obj: &GoToOAuthClient);
-    /// After a (re)list of `scope` (all namespaces when `None`): `current` is every client there.
-    fn replace(&self, scope: Option<&str>, current: &[GoToOAuthClient]);
+    /// After a (re)list of `scope` (all namespaces when `None`), whose clients were applied one
+    /// by one: `alive` (namespace, name) is every client there; the others are gone.
+    fn retain(&self, scope: Option<&str>, alive: &HashSet<(String, String)>);
 }
 
 impl ClientView for Metrics {
@@ -36,8 +37,8 @@ impl ClientView for Metrics {
         }
     }
 
-    fn replace(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
-        self.observe_all(scope, current);
+    fn retain(&self, scope: Option<&str>, alive: &HashSet<(String, String)>) {
+        self.retain_clients(scope, alive);
     }
 }
 
@@ -60,21 +61,28 @@ pub(crate) async fn maintain(
             None => Api::all(client.clone()),
         };
         async move {
-            let mut listed = Vec::new();
-            // managedFields are most of each object's size and no view reads them.
+            // A relist is applied object by object, and only the names are kept until its
+            // end (a whole list of objects would be a second copy of every client at once).
+            let mut listed = HashSet::new();
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
-                .modify(|c: &mut GoToOAuthClient| c.managed_fields_mut().clear())
+                .modify(GoToOAuthClient::trim_for_cache)
                 .boxed();
             while let Some(event) = events.next().await {
                 match event {
                     Ok(watcher::Event::Init) => listed.clear(),
-                    Ok(watcher::Event::InitApply(obj)) => listed.push(obj),
+                    Ok(watcher::Event::InitApply(obj)) => {
+                        views.iter().for_each(|v| v.apply(&obj));
+                        if let (Some(ns), Some(name)) = (obj.metadata.namespace, obj.metadata.name)
+                        {
+                            listed.insert((ns, name));
+                        }
+                    }
                     Ok(watcher::Event::InitDone) => {
-                        let current = std::mem::take(&mut listed);
+                        let alive = std::mem::take(&mut listed);
                         views
                             .iter()
-                            .for_each(|v| v.replace(scope.as_deref(), &current));
+                            .for_each(|v| v.retain(scope.as_deref(), &alive));
                     }
                     Ok(watcher::Event::Apply(obj)) => views.iter().for_each(|v| v.apply(&obj)),
                     Ok(watcher::Event::Delete(obj)) => views.iter().for_each(|v| v.delete(&obj)),

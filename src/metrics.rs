@@ -386,30 +386,22 @@ impl Metrics {
         }
     }
 
-    /// After a relist of `scope` (all namespaces when `None`): `current` are the clients there
-    /// now; the series of the others in `scope` go.
-    pub(crate) fn observe_all(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
-        let alive: std::collections::HashSet<(&str, &str)> = current
-            .iter()
-            .filter_map(|c| {
-                Some((
-                    c.metadata.namespace.as_deref()?,
-                    c.metadata.name.as_deref()?,
-                ))
-            })
-            .collect();
+    /// After a relist of `scope` (all namespaces when `None`), which observed the clients there
+    /// now (`alive`, as namespace and name): the series of the others in `scope` go.
+    pub(crate) fn retain_clients(
+        &self,
+        scope: Option<&str>,
+        alive: &std::collections::HashSet<(String, String)>,
+    ) {
         let gone: Vec<ClientLabels> = self
             .clients()
             .keys()
             .filter(|l| scope.is_none_or(|ns| ns == l.namespace))
-            .filter(|l| !alive.contains(&(l.namespace.as_str(), l.name.as_str())))
+            .filter(|l| !alive.contains(&(l.namespace.clone(), l.name.clone())))
             .cloned()
             .collect();
         for labels in gone {
             self.forget_client(&labels.namespace, &labels.name);
-        }
-        for obj in current {
-            self.observe(obj);
         }
     }
 
@@ -600,7 +592,7 @@ mod tests {
         m.observe(&client("a", "x"));
         m.observe(&client("a", "y"));
         m.observe(&client("b", "z"));
-        m.observe_all(Some("a"), &[client("a", "y")]);
+        m.retain_clients(Some("a"), &[("a".to_string(), "y".to_string())].into());
         let text = m.render();
         assert!(!text.contains("name=\"x\""), "deleted while not watched");
         assert!(text.contains("name=\"y\""));

@@ -612,6 +612,17 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 }
 
 impl GoToOAuthClient {
+    /// Drops what no cache of this operator reads and what makes up most of a stored
+    /// object's size: managedFields, and the copy of the whole object `kubectl apply` keeps in
+    /// an annotation.
+    pub(crate) fn trim_for_cache(&mut self) {
+        use kube::ResourceExt;
+        self.managed_fields_mut().clear();
+        if let Some(annotations) = self.metadata.annotations.as_mut() {
+            annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+
     /// The target Secret's name: `spec.secretName` or `<name>-token`.
     pub fn target_secret_name(&self) -> String {
         match &self.spec.secret_name {
@@ -644,6 +655,28 @@ impl GoToOAuthClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_client_keeps_the_annotations_the_operator_reads() {
+        let mut obj: GoToOAuthClient = serde_json::from_value(serde_json::json!({
+            "apiVersion": "goto-oauth.dev/v1alpha1", "kind": "GoToOAuthClient",
+            "metadata": {
+                "name": "demo", "namespace": "ns",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}",
+                    FORCE_REFRESH_ANNOTATION: "1",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+            "spec": {"clientId": "c", "clientSecretRef": {"name": "creds"}},
+        }))
+        .unwrap();
+        obj.trim_for_cache();
+        assert!(obj.metadata.managed_fields.unwrap_or_default().is_empty());
+        let annotations = obj.metadata.annotations.unwrap();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations[FORCE_REFRESH_ANNOTATION], "1");
+    }
 
     #[test]
     fn crd_is_structural_and_named() {

@@ -13,7 +13,11 @@
 //! start), a few hundred bytes a client instead of the object, so opening a link costs no API
 //! request either. The callback reads the client before anything is written.
 
-use std::{collections::HashMap, sync::RwLock, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::RwLock,
+    time::Duration,
+};
 
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
@@ -168,11 +172,11 @@ impl LinkIndex {
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// Replaces everything of `namespace` (all when `None`) with `fresh` (after a relist).
-    fn replace(&self, namespace: Option<&str>, fresh: HashMap<(String, String), Entry>) {
+    /// Drops the links of `namespace` (all when `None`) whose client is not in `alive`
+    /// (after a relist, which applied the others).
+    fn retain(&self, namespace: Option<&str>, alive: &HashSet<(String, String)>) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
-        links.retain(|(ns, _), _| namespace.is_some_and(|scope| scope != ns));
-        links.extend(fresh);
+        links.retain(|key, _| namespace.is_some_and(|scope| scope != key.0) || alive.contains(key));
         drop(links);
         self.version.send_modify(|v| *v += 1);
     }
@@ -187,12 +191,8 @@ impl crate::client_cache::ClientView for LinkIndex {
         LinkIndex::delete(self, obj);
     }
 
-    fn replace(&self, scope: Option<&str>, current: &[GoToOAuthClient]) {
-        let fresh = current
-            .iter()
-            .filter_map(|obj| Some((LinkIndex::key(obj)?, self.entry(obj)?)))
-            .collect();
-        LinkIndex::replace(self, scope, fresh);
+    fn retain(&self, scope: Option<&str>, alive: &HashSet<(String, String)>) {
+        LinkIndex::retain(self, scope, alive);
     }
 }
 
@@ -261,7 +261,7 @@ mod tests {
         let index = LinkIndex::default();
         index.apply(&client("a", "x", "1", Some(LINK)));
         index.apply(&client("b", "y", "2", Some(LINK)));
-        index.replace(Some("a"), HashMap::new());
+        index.retain(Some("a"), &HashSet::new());
         assert_eq!(uid(index.check("a", "x", LINK)), None);
         assert_eq!(uid(index.check("b", "y", LINK)), Some("2".into()));
     }

@@ -8,7 +8,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, ResourceExt,
+    Api,
     core::PartialObjectMeta,
     runtime::{
         Controller, WatchStreamExt,
@@ -81,13 +81,12 @@ async fn run_scope(
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    // managedFields are most of each cached object's size and the operator never reads them.
     let (store, writer) = kube::runtime::reflector::store();
     let (refs_ctx, versions_ctx) = (ctx.clone(), ctx.clone());
     let (refs_scope, versions_scope) = (scope.clone(), scope.clone());
     let client_events = watcher(clients, watcher::Config::default())
         .default_backoff()
-        .modify(|client: &mut GoToOAuthClient| client.managed_fields_mut().clear())
+        .modify(GoToOAuthClient::trim_for_cache)
         .inspect(move |event| {
             if let Ok(event) = event {
                 refs_ctx.references.follow(refs_scope.as_deref(), event);
