@@ -23,4 +23,6 @@ pub mod web;
 pub use error::{Error, Result};
 
 #[cfg(test)]
+mod footprint;
+#[cfg(test)]
 mod fuzz;

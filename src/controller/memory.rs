@@ -122,9 +122,10 @@ pub(crate) struct ClientMemory {
     pub(crate) consent_in_flight: Option<std::time::Instant>,
 }
 
-/// Every client's memory, keyed by uid.
+/// Every client's memory, keyed by uid. Boxed: a `ClientMemory` is most of a kilobyte, and a
+/// hash map keeps up to twice as many slots as entries.
 #[derive(Debug, Default)]
-pub(crate) struct Memory(Mutex<HashMap<String, ClientMemory>>);
+pub(crate) struct Memory(Mutex<HashMap<String, Box<ClientMemory>>>);
 
 impl Memory {
     /// Reads or changes one client's memory.

@@ -11,7 +11,7 @@
 pub(crate) mod act;
 pub(crate) mod first_look;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub(crate) mod index;
 pub(crate) mod memory;
 pub(crate) mod observe;

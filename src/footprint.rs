@@ -1,0 +1,291 @@
+//! Where a replica's memory goes per client: every in-memory store, filled with 1,000 clients
+//! as the operator fills it, measured in bytes allocated by the test's own thread (a counting
+//! global allocator, so the figures are exact and repeatable, unlike RSS). The clients are
+//! realistic: an authorized client with GoTo-sized tokens (JWTs of about 1,200 characters), the
+//! status the controller writes, and per client two Secrets of its own and two unrelated ones.
+//!
+//! `cargo test --lib footprint -- --nocapture` prints the table (BENCHMARKS.md shows it); the
+//! test fails when a store grows past its budget, so a change that doubles a store is seen.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    cell::Cell,
+    sync::Arc,
+};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    core::{ObjectMeta, PartialObjectMeta},
+    runtime::{reflector, watcher},
+};
+use secrecy::SecretString;
+
+use crate::{
+    clock::Clock,
+    consent::index::LinkIndex,
+    controller::{
+        fixtures::{demo_client, settings},
+        index::{References, SecretVersions},
+        memory::{HeldTokens, Memory, ReadValue},
+        plan::Plan,
+        status::desired_status,
+    },
+    goto::TokenResponse,
+    metrics::Metrics,
+    resource::GoToOAuthClient,
+    secret::StoredTokens,
+    validation::Defaults,
+};
+
+/// Counts the bytes each thread has allocated and not freed.
+struct Counting;
+
+thread_local! {
+    static NET: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    // During thread teardown the counter may be gone; nothing is measured then.
+    let _ = NET.try_with(|n| n.set(n.get() + delta));
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The bytes `fill` leaves allocated (what it returns is kept until measured).
+fn retained<T>(fill: impl FnOnce() -> T) -> (T, usize) {
+    let before = NET.with(Cell::get);
+    let kept = fill();
+    let after = NET.with(Cell::get);
+    (kept, usize::try_from(after - before).unwrap_or_default())
+}
+
+const CLIENTS: usize = 1000;
+
+/// A JWT-sized token (GoTo's are about 1,200 characters).
+fn jwt(seed: usize) -> String {
+    format!("eyJraWQiOiJvYXV0aHYyLmxt{seed:08}{}", "x".repeat(1170))
+}
+
+fn tokens(i: usize) -> StoredTokens {
+    let response = TokenResponse {
+        access_token: SecretString::from(jwt(i)),
+        refresh_token: Some(SecretString::from(jwt(i + CLIENTS))),
+        token_type: Some("Bearer".into()),
+        expires_in: Some(3600),
+        scope: Some("identity: call-control.v1.calls.control".into()),
+        principal: Some(format!("admin{i}@example.com")),
+        email: None,
+        account_key: Some(format!("{:019}", 4_000_000_000_000_000_000u64 + i as u64)),
+        organizer_key: Some(format!("{:019}", 5_000_000_000_000_000_000u64 + i as u64)),
+        account_type: None,
+        first_name: None,
+        last_name: None,
+    };
+    let at: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+    StoredTokens::from_response(&response, None, &settings(), at).unwrap()
+}
+
+/// Client `i` as the controller's cache holds it: authorized, with the status it writes.
+fn client(i: usize) -> GoToOAuthClient {
+    let (mut obj, mut keys) = demo_client();
+    let name = format!("client-{i:05}");
+    obj.metadata.name = Some(name.clone());
+    obj.metadata.uid = Some(format!("6f1c2a4e-0b7d-4c1e-9a3f-{i:012}"));
+    obj.metadata.resource_version = Some(format!("{}", 100_000 + i));
+    obj.metadata.generation = Some(1);
+    obj.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-12-01T10:00:00Z".parse().unwrap(),
+    ));
+    obj.spec.client_id = "0f0e8c7a-6c3d-4d1e-9a51-3c2b1a0f9e8d".into();
+    obj.spec.client_secret_ref.name = format!("{name}-credentials");
+    keys.name = name;
+    keys.uid = obj.metadata.uid.clone().unwrap_or_default();
+    let defaults = Defaults {
+        public_url: "https://goto-oauth.example.com".parse().unwrap(),
+        authorize_url: "https://authentication.logmeininc.com/oauth/authorize"
+            .parse()
+            .unwrap(),
+        token_url: "https://authentication.logmeininc.com/oauth/token"
+            .parse()
+            .unwrap(),
+        allowed_hosts: Vec::new(),
+    };
+    let plan = Plan::after_consent(&obj, &settings(), tokens(i), &keys.uid);
+    let link = "Zx7Qm2Lr8Tn4Vb6Wc9Yd1Ke3Hf5Jg0Pa7Sb2Uc4Xd6Ze";
+    let now: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+    obj.status = Some(desired_status(
+        &obj,
+        &keys,
+        &plan,
+        Some(link),
+        &defaults,
+        now,
+    ));
+    obj.trim_for_cache();
+    obj
+}
+
+fn secret_meta(namespace: &str, name: String, rv: usize) -> PartialObjectMeta<Secret> {
+    PartialObjectMeta {
+        metadata: ObjectMeta {
+            namespace: Some(namespace.into()),
+            name: Some(name),
+            resource_version: Some(rv.to_string()),
+            ..ObjectMeta::default()
+        },
+        ..PartialObjectMeta::default()
+    }
+}
+
+#[test]
+fn footprint_per_client() {
+    let clients: Vec<GoToOAuthClient> = (0..CLIENTS).map(client).collect();
+    let per_client = |bytes: usize| bytes / CLIENTS;
+    let mut rows: Vec<(&str, usize, usize)> = Vec::new();
+
+    let (_store, bytes) = retained(|| {
+        let (store, mut writer) = reflector::store::<GoToOAuthClient>();
+        for c in &clients {
+            writer.apply_watcher_event(&watcher::Event::Apply(c.clone()));
+        }
+        store
+    });
+    rows.push(("controller's client cache", per_client(bytes), 8192));
+
+    let (_links, bytes) = retained(|| {
+        let links = LinkIndex::new(Defaults {
+            public_url: "https://goto-oauth.example.com".parse().unwrap(),
+            authorize_url: "https://authentication.logmeininc.com/oauth/authorize"
+                .parse()
+                .unwrap(),
+            token_url: "https://authentication.logmeininc.com/oauth/token"
+                .parse()
+                .unwrap(),
+            allowed_hosts: Vec::new(),
+        });
+        clients.iter().for_each(|c| links.apply(c));
+        links
+    });
+    rows.push(("link index (every replica)", per_client(bytes), 1024));
+
+    let (_metrics, bytes) = retained(|| {
+        let metrics = Metrics::new(Clock::system());
+        clients.iter().for_each(|c| metrics.observe(c));
+        metrics
+    });
+    rows.push(("per-client metric series", per_client(bytes), 2048));
+
+    let (_memory, bytes) = retained(|| {
+        let memory = Memory::default();
+        for (i, c) in clients.iter().enumerate() {
+            let uid = c.metadata.uid.clone().unwrap_or_default();
+            memory.with(&uid, |m| {
+                m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
+                m.held = Some(HeldTokens::written(tokens(i), Some("200000".into())));
+                m.client_secret = Some(ReadValue {
+                    name: c.spec.client_secret_ref.name.clone(),
+                    key: "clientSecret".into(),
+                    resource_version: Some("300000".into()),
+                    value: Some(SecretString::from("x".repeat(40))),
+                });
+            });
+        }
+        memory
+    });
+    rows.push((
+        "memory: held tokens, client secret",
+        per_client(bytes),
+        6144,
+    ));
+
+    let (_versions, bytes) = retained(|| {
+        let versions = SecretVersions::default();
+        versions.follow(None, &watcher::Event::<PartialObjectMeta<Secret>>::Init);
+        for (i, c) in clients.iter().enumerate() {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            for (j, secret) in [
+                format!("{name}-token"),
+                format!("{name}-credentials"),
+                format!("unrelated-{i:05}-a"),
+                format!("unrelated-{i:05}-b"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                versions.follow(
+                    None,
+                    &watcher::Event::InitApply(secret_meta("ns", secret, 400_000 + 4 * i + j)),
+                );
+            }
+        }
+        versions.follow(None, &watcher::Event::<PartialObjectMeta<Secret>>::InitDone);
+        versions
+    });
+    rows.push((
+        "Secret versions (4 Secrets a client)",
+        per_client(bytes),
+        1024,
+    ));
+
+    let (_references, bytes) = retained(|| {
+        let references = References::default();
+        clients
+            .iter()
+            .for_each(|c| references.follow(None, &watcher::Event::Apply(c.clone())));
+        references
+    });
+    rows.push(("Secret references", per_client(bytes), 1024));
+
+    let total: usize = rows.iter().map(|(_, b, _)| b).sum();
+    println!("bytes per client, {CLIENTS} clients:");
+    for (what, bytes, _) in &rows {
+        println!("  {what:<40} {bytes:>6}");
+    }
+    println!("  {:<40} {total:>6}", "total");
+    let sample = Arc::new(clients[0].clone());
+    println!(
+        "  (one cached client serializes to {} bytes of JSON)",
+        serde_json::to_string(sample.as_ref()).map_or(0, |s| s.len())
+    );
+    for (what, bytes, budget) in rows {
+        assert!(
+            bytes <= budget,
+            "{what}: {bytes} bytes a client, budget {budget}"
+        );
+    }
+}
+
+#[test]
+fn footprint_struct_sizes() {
+    println!(
+        "ClientMemory {} · HeldTokens {} · StoredTokens {} · GoToOAuthClient {} · status {}",
+        std::mem::size_of::<crate::controller::memory::ClientMemory>(),
+        std::mem::size_of::<HeldTokens>(),
+        std::mem::size_of::<StoredTokens>(),
+        std::mem::size_of::<GoToOAuthClient>(),
+        std::mem::size_of::<crate::resource::GoToOAuthClientStatus>(),
+    );
+}
