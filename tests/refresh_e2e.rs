@@ -2173,3 +2173,60 @@ async fn a_provider_limit_below_the_configured_rate_costs_429s_only_until_the_li
         "no 429 among the retries"
     );
 }
+
+/// Issue 11: a storm of due refreshes is served earliest expiry first across all due clients,
+/// not in the controller queue's order, and no refresh waits in line inside a reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_due_refreshes_is_served_earliest_expiry_first() {
+    const CLIENTS: usize = 30;
+    /// Requests at once: the first ones go before anyone waits, and this many woken clients
+    /// may race each other to GoTo (`--max-concurrent-refreshes`).
+    const IN_FLIGHT: usize = 10;
+    let env = Env::start().await;
+    env.provider.goto.set_rate_limit(None);
+    let names: Vec<String> = (0..CLIENTS).map(|i| format!("order-{i:02}")).collect();
+    for name in &names {
+        env.create(name, serde_json::json!({})).await;
+    }
+    // One consent a second: each client's token expires a second after the previous one's.
+    for name in &names {
+        env.authorize(name).await;
+        env.clock.advance(Duration::from_secs(1));
+    }
+    env.quiet().await;
+    let before = env.provider.goto.token_requests().len();
+
+    // The first answer pauses every request for 5 s, so every due client takes its ticket
+    // before any is granted.
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::too_many_requests(5));
+    env.clock.advance(Duration::from_secs(45 * 60));
+    let storm = eventually(&format!("{CLIENTS} refresh requests"), || async {
+        let mut storm: Vec<_> = env.provider.goto.token_requests()[before..]
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .map(|r| (r.at, r.status, r.refresh_token_seq))
+            .collect();
+        storm.sort();
+        (storm.len() >= CLIENTS).then_some(storm)
+    })
+    .await;
+    // Refresh tokens were issued in consent order, so their issue numbers follow the expiries.
+    let queued: Vec<u64> = storm[IN_FLIGHT..]
+        .iter()
+        .map(|(_, status, seq)| {
+            assert_eq!(*status, 200, "only the first request drew the 429");
+            seq.expect("a refresh token the provider issued")
+        })
+        .collect();
+    for (i, earlier) in queued.iter().enumerate() {
+        for later in queued.iter().skip(i + IN_FLIGHT) {
+            assert!(
+                earlier < later,
+                "refresh token {later} (earlier expiry) reached GoTo {IN_FLIGHT}+ places after {earlier}: {queued:?}"
+            );
+        }
+    }
+    eprintln!("refresh tokens in the order GoTo saw them after the first {IN_FLIGHT}: {queued:?}");
+}
