@@ -188,7 +188,8 @@ impl Pace {
         }
     }
 
-    fn recover(&mut self, now: Instant) {
+    /// Brings the allowed rate up to date at `now`.
+    pub(crate) fn recover(&mut self, now: Instant) {
         while self.rate < self.configured {
             let at = self.calm_since + self.step();
             if now < at {

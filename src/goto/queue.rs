@@ -342,6 +342,8 @@ impl Shared {
         let mut state = self.lock();
         let state = &mut *state;
         let mut out = Dispatched::default();
+        // Also when nobody waits: the next recovery below must lie in the future.
+        state.pace.recover(now);
         let expired: Vec<String> = state
             .grants
             .iter()
@@ -429,6 +431,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::goto::limiter::RECOVERY_STEP;
 
     fn limiter(per_second: u32, max_in_flight: u32) -> (Arc<Limiter>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
@@ -569,11 +572,29 @@ mod tests {
             claim(&limiter, uid).answered(Answer::Other);
         }
         let two = Duration::from_secs(2);
-        assert_eq!(
-            granted,
-            [two, two, two, two, super::super::limiter::RECOVERY_STEP]
-        );
+        assert_eq!(granted, [two, two, two, two, RECOVERY_STEP]);
         assert_eq!(metrics.token_rate_limit.get(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_allowed_rate_climbs_back_while_nobody_waits() {
+        let (limiter, metrics) = limiter(10, 10);
+        let start = Instant::now();
+        limiter
+            .interactive()
+            .await
+            .answered(Answer::RateLimited { retry_after: None });
+        let (tx, mut woken) = mpsc::unbounded_channel();
+        assert!(matches!(
+            limiter.turn("a", at(1), wake(&tx, "a")),
+            Turn::Queued { .. }
+        ));
+        assert_eq!(woken.recv().await, Some("a"));
+        claim(&limiter, "a").answered(Answer::Other);
+        assert_eq!(metrics.token_rate_limit.get(), 5);
+        // The dispatcher keeps the gauge current (and sleeps between steps, or this test hangs).
+        tokio::time::sleep_until(start + RECOVERY_STEP * 3 + Duration::from_millis(500)).await;
+        assert_eq!(metrics.token_rate_limit.get(), 8);
     }
 
     /// Requests that leave late and answers that come late: however they fall, no second (as
