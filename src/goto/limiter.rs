@@ -13,9 +13,10 @@
 //!
 //! The allowed rate adapts (AIMD): a 429 halves it (at least 1 per second, once for all the
 //! requests sent at the old rate) and pauses every request for its `Retry-After` (1 s when
-//! absent, at most [`MAX_PAUSE`]); then it climbs back by 1 per [`RECOVERY_STEP`] without a 429
-//! up to just below the rate that drew it, and past that by 1 per [`PROBE_STEP`] only, up to
-//! `--token-rate-limit`. A provider whose limit is lower than configured therefore costs one or
+//! absent, at most [`MAX_PAUSE`]); then it climbs back by a tenth of `--token-rate-limit` (at
+//! least 1) per [`RECOVERY_STEP`] without a 429 up to just below the rate that drew it, and past
+//! that by the same per [`PROBE_STEP`] only, up to `--token-rate-limit`. The step scales with the
+//! configured rate, so that a high limit does not take an hour to recover from a few 429s. A provider whose limit is lower than configured therefore costs one or
 //! two bursts of 429s and then a probe every half minute, not a 429 every few seconds.
 
 use std::{
@@ -38,11 +39,11 @@ pub(crate) const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 /// client that drew it (its own backoff), but a human waiting for a code exchange and every other
 /// client's refresh do not wait minutes for it: the halved rate protects GoTo meanwhile.
 pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(5);
-/// Without a 429 for this long, the allowed rate climbs by 1 per second (below the rate that
+/// Without a 429 for this long, the allowed rate climbs by one increment (below the rate that
 /// drew the last 429).
 pub(crate) const RECOVERY_STEP: Duration = Duration::from_secs(3);
-/// Without a 429 for this long, the allowed rate climbs by 1 per second to or past the rate that
-/// drew the last 429.
+/// Without a 429 for this long, the allowed rate climbs by one increment to or past the rate
+/// that drew the last 429.
 pub(crate) const PROBE_STEP: Duration = Duration::from_secs(30);
 
 /// One request's place in the window, from its hand-out to its answer.
@@ -181,9 +182,14 @@ impl Pace {
         (self.rate < self.configured).then(|| self.calm_since + self.step())
     }
 
+    /// How much the allowed rate climbs at a time: a tenth of the configured rate, at least 1.
+    fn increment(&self) -> u32 {
+        (self.configured / 10).max(1)
+    }
+
     fn step(&self) -> Duration {
         match self.ceiling {
-            Some(ceiling) if self.rate + 1 >= ceiling => PROBE_STEP,
+            Some(ceiling) if self.rate + self.increment() >= ceiling => PROBE_STEP,
             _ => RECOVERY_STEP,
         }
     }
@@ -195,7 +201,7 @@ impl Pace {
             if now < at {
                 break;
             }
-            self.rate += 1;
+            self.rate = (self.rate + self.increment()).min(self.configured);
             self.calm_since = at;
         }
         if self.rate >= self.configured {
@@ -368,6 +374,24 @@ mod tests {
         assert_eq!(rate_at(&mut pace, RECOVERY_STEP * 4 + PROBE_STEP), 10);
         assert_eq!(pace.next_recovery(), None);
         assert_eq!(rate_at(&mut pace, Duration::from_secs(3600)), 10);
+    }
+
+    #[test]
+    fn a_high_configured_rate_recovers_in_tenths() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(1000, 100, t0);
+        // Sporadic 429s a second apart (each after the pause of the one before): down to 125.
+        for i in 0..3u64 {
+            let at = t0 + Duration::from_secs(i);
+            let slot = pace.try_acquire(at).expect("slot");
+            pace.answered(slot, at, Answer::RateLimited { retry_after: None });
+        }
+        assert_eq!(pace.rate(), 125);
+        let at = t0 + Duration::from_secs(2) + RECOVERY_STEP;
+        if let Ok(slot) = pace.try_acquire(at) {
+            pace.unused(slot);
+        }
+        assert_eq!(pace.rate(), 225, "a tenth of 1000 per step");
     }
 
     #[test]

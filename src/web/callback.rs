@@ -97,9 +97,21 @@ pub(super) async fn callback(
             return server_error(Some(&keys));
         }
     };
-    match complete_attempt(&ctx, &obj, &keys, &claims, &query).await {
+    // Claimed: from here the attempt runs to its end on its own task, even when the browser
+    // goes away or the request times out. GoTo spends the code in the exchange, and the tokens
+    // it answers with exist nowhere else until they are in the Secret.
+    let task = tokio::spawn(async move {
+        match complete_attempt(&ctx, &obj, &keys, &claims, &query).await {
+            Ok(response) => response,
+            Err(failed) => record(&ctx, &obj, &keys, failed).await,
+        }
+    });
+    match task.await {
         Ok(response) => response,
-        Err(failed) => record(&ctx, &obj, &keys, failed).await,
+        Err(e) => {
+            warn!(error = %e, "callback: completing the attempt failed");
+            server_error(None)
+        }
     }
 }
 
