@@ -9,7 +9,7 @@ use std::time::Duration;
 use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{CustomResource, CustomResourceExt, Resource, ResourceExt};
@@ -900,6 +900,87 @@ async fn owner_reference_garbage_collection() {
         secrets.get_opt("dep").await.unwrap().is_none()
     })
     .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_server_logs_what_reached_it() {
+    let server = FakeApiServer::start().await;
+    let proxy = FaultProxy::start(server.client())
+        .await
+        .expect("start the proxy");
+    let secrets: Api<Secret> = Api::default_namespaced(proxy.client());
+    secrets.get_opt("before").await.unwrap();
+    server.clear_request_log();
+    proxy.clear_request_log();
+    // Answered by the proxy itself: in the proxy's log only.
+    proxy.inject_fault(Fault {
+        method: Some(http::Method::GET),
+        path_contains: "/secrets/faulty".into(),
+        status: 500,
+        times: 1,
+    });
+    secrets.get("faulty").await.unwrap_err();
+    secrets.get_opt("missing").await.unwrap();
+    secrets.list(&ListParams::default().limit(2)).await.unwrap();
+    let raw = Raw::at(server.url());
+    raw.http
+        .post(format!("{}{SECRETS}", raw.base))
+        .header("user-agent", "goto-admin/1.0 (linux/amd64)")
+        .header("content-type", "application/json")
+        .body(r#"{"metadata":{"name":"ua"}}"#)
+        .send()
+        .await
+        .unwrap();
+    raw.http
+        .delete(format!("{}{SECRETS}", raw.base))
+        .send()
+        .await
+        .unwrap();
+    let log = server.request_log();
+    let seen: Vec<(&str, &str, &str, u16)> = log
+        .iter()
+        .map(|r| {
+            (
+                r.method.as_str(),
+                r.verb.as_str(),
+                r.path.as_str(),
+                r.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "GET",
+                "get",
+                "/api/v1/namespaces/default/secrets/missing",
+                404
+            ),
+            ("GET", "list", "/api/v1/namespaces/default/secrets", 200),
+            ("POST", "create", "/api/v1/namespaces/default/secrets", 201),
+            (
+                "DELETE",
+                "deletecollection",
+                "/api/v1/namespaces/default/secrets",
+                200
+            ),
+        ]
+    );
+    assert!(log[1].query.contains("limit=2"), "{}", log[1].query);
+    assert_eq!(
+        log[2].user_agent.as_deref(),
+        Some("goto-admin/1.0 (linux/amd64)")
+    );
+    assert_eq!(server.count_requests(|r| r.verb == "list"), 1);
+    assert_eq!(
+        proxy.request_log().len(),
+        3,
+        "the proxy saw the fault and its own two"
+    );
+    server.clear_request_log();
+    assert!(server.request_log().is_empty());
     server.shutdown().await;
 }
 

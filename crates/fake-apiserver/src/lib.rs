@@ -2,9 +2,11 @@
 //!
 //! It is a crate of its own, not a feature of the operator, so that test support can never end
 //! up in the release binary and does not need the product to build: it knows nothing of the
-//! operator ([`install_crd`] takes the CRD to install as an argument). Request logging and
-//! fault injection are not here but in `kube-fault-proxy`, which sits in front of this server or
-//! of a real cluster alike.
+//! operator ([`install_crd`] takes the CRD to install as an argument). Fault injection is not
+//! here but in `kube-fault-proxy`, which sits in front of this server or of a real cluster alike
+//! and logs the requests it relays. This server keeps a request log of its own too
+//! ([`FakeApiServer::request_log`]): what actually reached the API server, so that a benchmark
+//! can count the same requests on both sides of the proxy and see where they differ.
 //!
 //! A real `kube::Client`, kube-runtime's `watcher`/`Controller`, `kube-lease-manager`, `kubectl`
 //! and the operator binary (through [`FakeApiServer::kubeconfig_yaml`]) talk to it over plain
@@ -40,7 +42,8 @@
 //! - Garbage collection: background deletion of dependents whose owners are all gone,
 //!   Foreground (dependents deleted, then the owner) and Orphan (ownerReferences stripped);
 //!   namespace deletion (Terminating, contents deleted, then the namespace); CRD deletion.
-//! - Test hooks: [`FakeApiServer::cut_watches`], [`FakeApiServer::compact`].
+//! - Test hooks: [`FakeApiServer::cut_watches`], [`FakeApiServer::compact`],
+//!   [`FakeApiServer::request_log`] / [`FakeApiServer::clear_request_log`].
 //!
 //! # What a real API server does differently
 //! - No authentication, authorization (RBAC), admission webhooks, API priority and fairness,
@@ -73,10 +76,11 @@ mod watch;
 
 pub use setup::{create_namespace, install_crd};
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -93,9 +97,29 @@ use store::{Ctx, GcJob, Lookup, PatchKind, ResourceDef, Store};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// The most requests the request log keeps (oldest dropped first), so a long benchmark cannot
+/// exhaust memory; the same cap as `kube-fault-proxy`'s log.
+const LOG_CAP: usize = 200_000;
+
+/// One request as this server answered it (see [`FakeApiServer::request_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub method: String,
+    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection
+    /// (`get` for discovery and other non-resource paths).
+    pub verb: String,
+    pub path: String,
+    pub query: String,
+    /// The status answered (for a watch: of the response that starts the stream).
+    pub status: u16,
+    pub user_agent: Option<String>,
+    /// When the answer was ready (for a watch: when its stream began).
+    pub at: SystemTime,
+}
 
 pub(crate) struct Shared {
     store: Mutex<Store>,
+    log: Mutex<VecDeque<LoggedRequest>>,
     watch_cancel: Mutex<CancellationToken>,
     shutdown: CancellationToken,
     open_watches: Arc<AtomicUsize>,
@@ -149,6 +173,7 @@ impl FakeApiServer {
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(tx, gc_tx, &now_seconds())),
+            log: Mutex::new(VecDeque::new()),
             watch_cancel: Mutex::new(shutdown.child_token()),
             shutdown: shutdown.clone(),
             open_watches: Arc::new(AtomicUsize::new(0)),
@@ -218,6 +243,24 @@ impl FakeApiServer {
     /// Make every resourceVersion issued so far too old: a watch from it gets 410 Expired.
     pub fn compact(&self) {
         self.shared.lock_store().compact();
+    }
+
+    /// Every request answered since the start or the last [`Self::clear_request_log`], oldest
+    /// first (at most the last 200,000). A request is logged when its answer is ready, before it
+    /// is sent; a watch when its stream begins. Unlike the log of `kube-fault-proxy`, this is
+    /// what reached the API server: nothing a proxy answered itself, and requests whose client
+    /// went away before the answer too.
+    pub fn request_log(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).iter().cloned().collect()
+    }
+
+    /// How many logged requests match `filter`, without copying the log (for polling a long one).
+    pub fn count_requests(&self, filter: impl Fn(&LoggedRequest) -> bool) -> usize {
+        lock(&self.shared.log).iter().filter(|r| filter(r)).count()
+    }
+
+    pub fn clear_request_log(&self) {
+        lock(&self.shared.log).clear();
     }
 
     /// Watch streams currently open.
@@ -365,7 +408,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .into_owned()
         .collect();
 
-    let reply = match axum::body::to_bytes(body, BODY_LIMIT).await {
+    let verb = verb(&method, &path, &query);
+    let logged_method = method.as_str().to_owned();
+    let (reply, path, user_agent) = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(body) => {
             let req = Req {
                 method,
@@ -376,13 +421,57 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 metadata_only,
                 body,
             };
-            route(&shared, &req)
+            (route(&shared, &req), req.path, req.user_agent)
         }
-        Err(e) => error_reply(ApiError::bad_request(format!(
-            "unable to read the request body: {e}"
-        ))),
+        Err(e) => (
+            error_reply(ApiError::bad_request(format!(
+                "unable to read the request body: {e}"
+            ))),
+            path,
+            user_agent,
+        ),
     };
-    into_response(reply)
+    let response = into_response(reply);
+    let entry = LoggedRequest {
+        method: logged_method,
+        verb: verb.to_owned(),
+        path,
+        query: raw_query,
+        status: response.status().as_u16(),
+        user_agent,
+        at: SystemTime::now(),
+    };
+    let mut log = lock(&shared.log);
+    if log.len() >= LOG_CAP {
+        log.pop_front();
+    }
+    log.push_back(entry);
+    drop(log);
+    response
+}
+
+/// The Kubernetes verb of a request, as the request log records it (and as `kube-fault-proxy`
+/// names it): GET of a collection is a list, with `watch=true` a watch; DELETE of a collection
+/// is a deletecollection. Discovery and other non-resource GETs are `get`.
+fn verb(method: &http::Method, path: &str, query: &[(String, String)]) -> &'static str {
+    let watch = query
+        .iter()
+        .any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
+    let named = match parse_path(path) {
+        Target::Resource { name, .. } => name.is_some(),
+        _ => true,
+    };
+    match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if !named => "list",
+        http::Method::GET => "get",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE if named => "delete",
+        http::Method::DELETE => "deletecollection",
+        _ => "unknown",
+    }
 }
 
 /// Where a path points.

@@ -626,6 +626,15 @@ impl FakeGoTo {
         self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Starts [`Self::max_in_flight`] again from the requests being handled now (e.g. after a
+    /// set-up that exchanged codes in parallel, so the peak that follows is the system's).
+    pub fn reset_max_in_flight(&self) {
+        self.shared.max_in_flight.store(
+            self.shared.in_flight.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
+    }
+
     /// Token requests being handled now.
     #[cfg(test)] // only the unit tests below use it
     pub(crate) fn in_flight(&self) -> usize {

@@ -153,6 +153,11 @@ impl FaultProxy {
         lock(&self.shared.log).iter().cloned().collect()
     }
 
+    /// How many logged requests match `filter`, without copying the log (for polling a long one).
+    pub fn count_requests(&self, filter: impl Fn(&LoggedRequest) -> bool) -> usize {
+        lock(&self.shared.log).iter().filter(|r| filter(r)).count()
+    }
+
     pub fn clear_request_log(&self) {
         lock(&self.shared.log).clear();
     }
