@@ -177,13 +177,6 @@ pub struct Metrics {
     /// From a token response received to its Secret write acknowledged: the window in which a
     /// killed process loses a rotated refresh token.
     pub token_store_duration: Histogram,
-    /// Requests per second the token-endpoint limiter allows now: `--token-rate-limit`, lower
-    /// for a while after GoTo answered 429.
-    pub token_rate_limit: Gauge,
-    /// Pauses of every token request after a 429 (for its `Retry-After`).
-    pub token_rate_limit_pauses: Counter,
-    /// Refreshes due and waiting for their turn at the token endpoint.
-    pub token_requests_waiting: Gauge,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub leader: Gauge,
@@ -261,24 +254,6 @@ impl Metrics {
             "Time from a token response received from GoTo to the token Secret write acknowledged",
             token_store_duration.clone(),
         );
-        let token_rate_limit = Gauge::default();
-        registry.register(
-            "token_rate_limit_per_second",
-            "Requests per second to GoTo's token endpoint allowed now: --token-rate-limit, lowered after a 429 and climbing back slowly",
-            token_rate_limit.clone(),
-        );
-        let token_rate_limit_pauses = Counter::default();
-        registry.register(
-            "token_rate_limit_pauses",
-            "Pauses of every token-endpoint request after GoTo answered 429 (for its Retry-After)",
-            token_rate_limit_pauses.clone(),
-        );
-        let token_requests_waiting = Gauge::default();
-        registry.register(
-            "token_requests_waiting",
-            "Refreshes due and waiting for their turn at the token endpoint (earliest expiry first)",
-            token_requests_waiting.clone(),
-        );
         let reconcile_duration =
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0]);
         registry.register(
@@ -307,9 +282,6 @@ impl Metrics {
             refreshes,
             token_request_duration,
             token_store_duration,
-            token_rate_limit,
-            token_rate_limit_pauses,
-            token_requests_waiting,
             reconcile_duration,
             reconcile_errors,
             leader,

@@ -11,7 +11,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::reflector::ObjectRef,
 };
 use secrecy::ExposeSecret;
 use tracing::{debug, info, warn};
@@ -25,7 +24,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    goto::{ClientCredentials, OAuthError, Permit, TokenResponse, Turn},
+    goto::{ClientCredentials, OAuthError},
     metrics::RefreshResult,
     resource::{GoToOAuthClient, MANAGER},
     secret::{StoredTokens, desired_secret, is_owned_by},
@@ -208,35 +207,20 @@ struct Request<'a> {
     refresh_request: Option<String>,
 }
 
-/// How long past its expected turn a waiting refresh looks again on its own, should the wake-up
-/// have been lost (its grant has lapsed by then; it takes a new ticket).
-const TURN_RECHECK_SLACK: Duration = Duration::from_secs(10);
-
-/// What [`Request::send`] did.
-enum Sent {
-    /// GoTo's answer (boxed: it is large and short-lived).
-    Answered(Box<Result<TokenResponse, OAuthError>>),
-    /// This replica does not hold the Lease: nothing was sent.
-    NotLeader,
-    /// Others go first: nothing was sent; the client is reconciled again when its turn comes.
-    Queued(RefreshOutcome),
-}
-
 impl Request<'_> {
-    /// Sends one request: bounded in concurrency, rate-limited, earliest expiry first, and only
-    /// while this replica leads. `expires_at` (the current access token's expiry) ranks the
-    /// request among the others waiting.
+    /// Sends one request: bounded in concurrency, rate-limited, and only while this replica
+    /// leads. `None`: this replica does not hold the Lease, nothing was sent.
     ///
-    /// Every wait (a refresh slot, the turn at the token endpoint, the Lease GET) comes before
-    /// the request, never between its response and the Secret write (see [`Request::store`]);
-    /// the slot is released when the response is in, so the write waits for no one either.
-    /// When others go first, the reconcile does not wait in line: it takes a ticket and ends
-    /// ([`Sent::Queued`]), and the limiter wakes the client through `Context::wakes` when its
-    /// turn is granted; that reconcile comes back here and sends at once.
-    async fn send<F, Fut>(&self, expires_at: Timestamp, send: F) -> Result<Sent>
+    /// Every wait (a refresh slot, the rate limiter, the Lease GET) comes before the request,
+    /// never between its response and the Secret write (see [`Request::store`]); the slot is
+    /// released when the response is in, so the write waits for no one either.
+    async fn send<F, Fut>(
+        &self,
+        send: F,
+    ) -> Result<Option<Result<crate::goto::TokenResponse, OAuthError>>>
     where
-        F: FnOnce(Permit) -> Fut,
-        Fut: std::future::Future<Output = Result<TokenResponse, OAuthError>>,
+        F: FnOnce(crate::goto::Permit) -> Fut,
+        Fut: std::future::Future<Output = Result<crate::goto::TokenResponse, OAuthError>>,
     {
         let _slot = self
             .ctx
@@ -244,28 +228,12 @@ impl Request<'_> {
             .acquire()
             .await
             .map_err(|_| Error::TokensUnstored("shutting down".into()))?;
-        let wakes = self.ctx.wakes.clone();
-        let client = ObjectRef::from_obj(self.o.obj.as_ref());
-        let wake = move || {
-            // No receiver: the controller stopped; the grant lapses.
-            let _ = wakes.send(client);
-        };
-        let permit = match self.ctx.goto.turn(&self.o.keys.uid, expires_at, wake) {
-            Turn::Now(permit) => permit,
-            Turn::Queued { expected } => {
-                debug!(?expected, "waiting for a turn at the token endpoint");
-                let recheck = jiff::SignedDuration::try_from(expected + TURN_RECHECK_SLACK)
-                    .unwrap_or(jiff::SignedDuration::from_secs(60));
-                return Ok(Sent::Queued(RefreshOutcome::Queued {
-                    recheck_at: self.ctx.clock.now() + recheck,
-                }));
-            }
-        };
+        let permit = self.ctx.goto.permit().await;
         if !self.ctx.leadership.confirm().await? {
             warn!("not holding the leader Lease; token request not sent");
-            return Ok(Sent::NotLeader);
+            return Ok(None);
         }
-        Ok(Sent::Answered(Box::new(send(permit).await)))
+        Ok(Some(send(permit).await))
     }
 
     fn count(&self, result: RefreshResult) {
@@ -284,7 +252,7 @@ impl Request<'_> {
         };
         let (ctx, settings) = (self.ctx, self.settings);
         let sent = self
-            .send(current.expires_at, |permit| {
+            .send(|permit| {
                 ctx.goto.refresh(
                     permit,
                     settings.token_url.as_str(),
@@ -293,10 +261,8 @@ impl Request<'_> {
                 )
             })
             .await?;
-        let response = match sent {
-            Sent::Answered(response) => *response,
-            Sent::NotLeader => return Ok(RefreshOutcome::NotLeader),
-            Sent::Queued(outcome) => return Ok(outcome),
+        let Some(response) = sent else {
+            return Ok(RefreshOutcome::NotLeader);
         };
         // The rotation window opens: GoTo may have invalidated the refresh token just sent.
         let received = std::time::Instant::now();
@@ -324,14 +290,8 @@ impl Request<'_> {
     /// One personal access token exchange: new tokens, stored like a refresh's.
     async fn exchange_personal_access_token(&self, pat: &str) -> Result<RefreshOutcome> {
         let (ctx, settings) = (self.ctx, self.settings);
-        // Without tokens, as urgent as a token expiring now.
-        let expires_at = self
-            .o
-            .stored
-            .as_ref()
-            .map_or_else(|| ctx.clock.now(), |t| t.expires_at);
         let sent = self
-            .send(expires_at, |permit| {
+            .send(|permit| {
                 ctx.goto.exchange_personal_access_token(
                     permit,
                     settings.token_url.as_str(),
@@ -340,10 +300,8 @@ impl Request<'_> {
                 )
             })
             .await?;
-        let response = match sent {
-            Sent::Answered(response) => *response,
-            Sent::NotLeader => return Ok(RefreshOutcome::NotLeader),
-            Sent::Queued(outcome) => return Ok(outcome),
+        let Some(response) = sent else {
+            return Ok(RefreshOutcome::NotLeader);
         };
         let received = std::time::Instant::now();
         let now = ctx.clock.now();

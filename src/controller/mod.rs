@@ -28,10 +28,9 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Recorder, Reporter},
-        reflector::ObjectRef,
     },
 };
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, instrument, warn};
 
 pub use observe::ObjectKeys;
@@ -61,10 +60,6 @@ pub struct Settings {
     pub reporter_instance: Option<String>,
 }
 
-/// Wake-ups buffered per controller: turns are granted at the token rate, so a controller that
-/// falls this far behind has bigger problems (a lost wake-up is rechecked later anyway).
-const WAKE_CAPACITY: usize = 1024;
-
 /// Everything reconcile and the HTTP handlers share.
 pub struct Context {
     pub(crate) client: Client,
@@ -76,8 +71,6 @@ pub struct Context {
     pub(crate) clock: Clock,
     pub(crate) leadership: Leadership,
     pub(crate) refresh_slots: Semaphore,
-    /// Clients whose turn at the token endpoint came: each scope's controller reconciles them.
-    pub(crate) wakes: broadcast::Sender<ObjectRef<GoToOAuthClient>>,
     /// Which clients this leadership term has reconciled: refreshes wait for all of them.
     pub(crate) first_look: first_look::FirstLook,
     pub(crate) memory: memory::Memory,
@@ -113,11 +106,9 @@ impl Context {
             goto: GoTo::new(
                 settings.token_timeout,
                 settings.token_rate_limit,
-                settings.max_concurrent_refreshes,
                 metrics.clone(),
             )?,
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
-            wakes: broadcast::channel(WAKE_CAPACITY).0,
             first_look: first_look::FirstLook::default(),
             memory: memory::Memory::default(),
             links: Arc::new(LinkIndex::new(settings.defaults.clone())),
@@ -141,7 +132,6 @@ impl Context {
     /// Forgets a client that is gone: its memory and its metric series.
     fn forget(&self, keys: &ObjectKeys) {
         self.memory.forget(&keys.uid);
-        self.goto.forget(&keys.uid);
         self.metrics.forget_client(&keys.namespace, &keys.name);
     }
 }
@@ -180,10 +170,7 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
         return Ok(Action::requeue(first_look::RETRY));
     }
     let outcome = act::act(&ctx, &observed, &planned).await?;
-    // A refresh waiting for its turn has not happened yet.
-    let refreshed = outcome
-        .as_ref()
-        .is_some_and(|o| !matches!(o, plan::RefreshOutcome::Queued { .. }));
+    let refreshed = outcome.is_some();
     let observed_tokens = planned.tokens.clone();
     let mut settled = planned.settle(
         outcome,

@@ -111,9 +111,6 @@ pub(crate) struct Plan {
     /// What a personal access token sent now is sent with (spec generation, PAT Secret and
     /// client-secret Secret versions), to recognise it after a rejection.
     pub(crate) pat_sent_with: Option<String>,
-    /// While the planned token request waits for its turn at the token endpoint: when to look
-    /// again should the wake-up not come (the status keeps `next_refresh`).
-    pub(crate) turn_recheck: Option<Timestamp>,
 }
 
 /// What the refresh that [`Plan::refresh`] asked for did.
@@ -141,9 +138,6 @@ pub(crate) enum RefreshOutcome {
     },
     /// This replica no longer holds the Lease: nothing was sent.
     NotLeader,
-    /// Others go first (earlier expiries, a code exchange): nothing was sent yet; the client
-    /// is reconciled again when its turn comes, or at `recheck_at` at the latest.
-    Queued { recheck_at: Timestamp },
 }
 
 /// How soon a replica that found it lost the Lease looks again (it stops meanwhile).
@@ -300,7 +294,6 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         rollout: status.rollout_restart.clone(),
         rejected_personal_access_token,
         pat_sent_with,
-        turn_recheck: None,
     }
 }
 
@@ -407,9 +400,6 @@ impl Plan {
             Some(RefreshOutcome::NotLeader) => {
                 self.next_refresh = Some(now + NOT_LEADER_RETRY);
             }
-            Some(RefreshOutcome::Queued { recheck_at }) => {
-                self.turn_recheck = Some(recheck_at);
-            }
             Some(RefreshOutcome::Failed { message, retry_at }) => {
                 self.refresh_failure = Some(message);
                 self.next_refresh = Some(retry_at);
@@ -497,7 +487,6 @@ impl Plan {
             secret_name: Some(settings.secret_name.clone()),
             rejected_personal_access_token: status.rejected_personal_access_token,
             pat_sent_with: None,
-            turn_recheck: None,
             consumed_states: status.consumed_states,
             rollout: status.rollout_restart,
         }
@@ -530,7 +519,6 @@ impl Plan {
             rollout: status.rollout_restart.clone(),
             rejected_personal_access_token: status.rejected_personal_access_token.clone(),
             pat_sent_with: None,
-            turn_recheck: None,
         }
     }
 
@@ -550,9 +538,7 @@ impl Plan {
             .min()
             .and_then(|s| Timestamp::from_second(s).ok());
         let restart = super::rollout::wake_at(self.rollout.as_ref());
-        // A refresh waiting for its turn is woken by the limiter, not by its (past) due time.
-        let refresh = self.turn_recheck.or(self.next_refresh);
-        [refresh, expiry, state, restart]
+        [self.next_refresh, expiry, state, restart]
             .into_iter()
             .flatten()
             .min()
@@ -855,33 +841,6 @@ mod tests {
         let p = plan(&o, at(NOW));
         assert_eq!(p.next_refresh, Some(at("2026-11-23T10:00:05Z")));
         assert_eq!(p.requeue_after(at(NOW)), Some(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn a_refresh_waiting_for_its_turn_keeps_the_status_and_wakes_at_the_recheck() {
-        // Issued 09:15, due by 09:55: the limiter queued the refresh.
-        let o = observed(Some(tokens(
-            "2026-11-23T09:15:00Z",
-            "2026-11-01T00:00:00Z",
-            "r",
-        )));
-        let p = plan(&o, at(NOW));
-        assert!(p.refresh.is_some());
-        let due = p.next_refresh;
-        assert_eq!(p.requeue_after(at(NOW)), Some(MIN_REQUEUE));
-        let queued = p.clone().settle(
-            Some(RefreshOutcome::Queued {
-                recheck_at: at("2026-11-23T10:01:00Z"),
-            }),
-            Some(&settings()),
-            "uid-1",
-            at(NOW),
-        );
-        // What the status shows is unchanged (no write); the reconcile sleeps until the limiter
-        // wakes it, or the recheck, instead of spinning on the past due time.
-        assert_eq!(queued.next_refresh, due);
-        assert_eq!(queued.refresh_failure, p.refresh_failure);
-        assert_eq!(queued.requeue_after(at(NOW)), Some(Duration::from_secs(60)));
     }
 
     #[test]

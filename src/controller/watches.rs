@@ -16,7 +16,6 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::broadcast;
 use tracing::{debug, info};
 
 use super::{Context, error_policy, reconcile};
@@ -111,8 +110,6 @@ async fn run_scope(
         rx.changed().await.ok()?;
         Some(((), rx))
     });
-    // Clients whose turn at the token endpoint came (see `act::Request::send`).
-    let wakes = turn_wakes(&ctx, scope.clone());
     info!(
         namespace = scope.as_deref().unwrap_or("<all>"),
         "controller starting"
@@ -124,7 +121,6 @@ async fn run_scope(
             referencing_clients(&mapper_ctx, &secret)
         })
         .reconcile_all_on(ticks)
-        .reconcile_on(wakes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -138,29 +134,6 @@ async fn run_scope(
         _ = controller => {}
         _ = pruner => {}
     }
-}
-
-/// The clients of `scope` whose turn at the token endpoint was granted. A wake-up lost to a
-/// lagging receiver is not fatal: the waiting reconcile rechecks on its own.
-fn turn_wakes(
-    ctx: &Context,
-    scope: Option<String>,
-) -> impl futures::Stream<Item = ObjectRef<GoToOAuthClient>> + Send + 'static {
-    futures::stream::unfold(ctx.wakes.subscribe(), |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(client) => return Some((client, rx)),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    debug!(
-                        missed,
-                        "turn wake-ups lost; the clients recheck on their own"
-                    );
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .filter(move |client| futures::future::ready(scope.is_none() || client.namespace == scope))
 }
 
 /// Once the scope's cache is listed, makes its clients pending for the term's first look;

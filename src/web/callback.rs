@@ -296,7 +296,7 @@ async fn complete_attempt(
         }
     };
 
-    let permit = ctx.goto.permit_for_code_exchange().await;
+    let permit = ctx.goto.permit().await;
     let response = ctx
         .goto
         .exchange_code(
