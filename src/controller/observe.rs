@@ -293,6 +293,23 @@ async fn read_target(
                 .then(|| StoredTokens::from_secret(&secret))
                 .flatten()
                 .map(Box::new);
+            if held.is_none()
+                && let (Some(tokens), Some(uid)) = (&stored, obj.metadata.uid.as_deref())
+            {
+                // What `act` would hold after this reconcile (nothing held: the Secret's tokens
+                // are current), held now: a reconcile that ends before `act` (a refresh held
+                // back by the first look, an invalid spec) must not make the next read again.
+                let (tokens, resource_version) =
+                    ((**tokens).clone(), target.resource_version.clone());
+                ctx.memory.with(uid, |m| {
+                    m.held.get_or_insert(HeldTokens {
+                        tokens,
+                        stored: true,
+                        resource_version,
+                        written_at: None,
+                    });
+                });
+            }
             TargetRead::Seen(Some(target), stored)
         }
         None => TargetRead::Seen(None, None),
