@@ -108,6 +108,20 @@ fn tokens(i: usize) -> StoredTokens {
     StoredTokens::from_response(&response, None, &settings(), at).unwrap()
 }
 
+/// The operator-wide defaults of a deployment against GoTo.
+fn defaults() -> Defaults {
+    Defaults {
+        public_url: "https://goto-oauth.example.com".parse().unwrap(),
+        authorize_url: "https://authentication.logmeininc.com/oauth/authorize"
+            .parse()
+            .unwrap(),
+        token_url: "https://authentication.logmeininc.com/oauth/token"
+            .parse()
+            .unwrap(),
+        allowed_hosts: Vec::new(),
+    }
+}
+
 /// Client `i` as the controller's cache holds it: authorized, with the status it writes.
 fn client(i: usize) -> GoToOAuthClient {
     let (mut obj, mut keys) = demo_client();
@@ -123,16 +137,7 @@ fn client(i: usize) -> GoToOAuthClient {
     obj.spec.client_secret_ref.name = format!("{name}-credentials");
     keys.name = name;
     keys.uid = obj.metadata.uid.clone().unwrap_or_default();
-    let defaults = Defaults {
-        public_url: "https://goto-oauth.example.com".parse().unwrap(),
-        authorize_url: "https://authentication.logmeininc.com/oauth/authorize"
-            .parse()
-            .unwrap(),
-        token_url: "https://authentication.logmeininc.com/oauth/token"
-            .parse()
-            .unwrap(),
-        allowed_hosts: Vec::new(),
-    };
+    let defaults = defaults();
     let plan = Plan::after_consent(&obj, &settings(), tokens(i), &keys.uid);
     let link = "Zx7Qm2Lr8Tn4Vb6Wc9Yd1Ke3Hf5Jg0Pa7Sb2Uc4Xd6Ze";
     let now: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
@@ -176,16 +181,7 @@ fn footprint_per_client() {
     rows.push(("controller's client cache", per_client(bytes), 8192));
 
     let (_links, bytes) = retained(|| {
-        let links = LinkIndex::new(Defaults {
-            public_url: "https://goto-oauth.example.com".parse().unwrap(),
-            authorize_url: "https://authentication.logmeininc.com/oauth/authorize"
-                .parse()
-                .unwrap(),
-            token_url: "https://authentication.logmeininc.com/oauth/token"
-                .parse()
-                .unwrap(),
-            allowed_hosts: Vec::new(),
-        });
+        let links = LinkIndex::new(defaults());
         clients.iter().for_each(|c| links.apply(c));
         links
     });
@@ -276,16 +272,4 @@ fn footprint_per_client() {
             "{what}: {bytes} bytes a client, budget {budget}"
         );
     }
-}
-
-#[test]
-fn footprint_struct_sizes() {
-    println!(
-        "ClientMemory {} · HeldTokens {} · StoredTokens {} · GoToOAuthClient {} · status {}",
-        std::mem::size_of::<crate::controller::memory::ClientMemory>(),
-        std::mem::size_of::<HeldTokens>(),
-        std::mem::size_of::<StoredTokens>(),
-        std::mem::size_of::<GoToOAuthClient>(),
-        std::mem::size_of::<crate::resource::GoToOAuthClientStatus>(),
-    );
 }
