@@ -9,6 +9,7 @@
 //! [`schedule`] says when tokens refresh and how failures back off.
 
 pub(crate) mod act;
+pub(crate) mod events;
 pub(crate) mod first_look;
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -23,13 +24,7 @@ pub(crate) mod watches;
 
 use std::{sync::Arc, time::Duration};
 
-use kube::{
-    Client, ResourceExt,
-    runtime::{
-        controller::Action,
-        events::{Recorder, Reporter},
-    },
-};
+use kube::{Client, ResourceExt, runtime::controller::Action};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, instrument, warn};
 
@@ -64,7 +59,7 @@ pub struct Settings {
 pub struct Context {
     pub(crate) client: Client,
     pub(crate) settings: Settings,
-    pub(crate) recorder: Recorder,
+    pub(crate) events: events::Publisher,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) goto: GoTo,
     pub(crate) state_key: StateKey,
@@ -97,12 +92,12 @@ impl Context {
         clock: Clock,
         leadership: Leadership,
     ) -> Result<Arc<Context>, crate::goto::OAuthError> {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: settings.reporter_instance.clone(),
-        };
         Ok(Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Publisher::new(
+                client.clone(),
+                MANAGER,
+                settings.reporter_instance.clone(),
+            ),
             goto: GoTo::new(
                 settings.token_timeout,
                 settings.token_rate_limit,

@@ -303,7 +303,7 @@ async fn restart_target(
                 action: EventAction::RolloutRestart.as_str().into(),
                 secondary: Some(obj.object_ref(&())),
             };
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            if let Err(e) = ctx.events.publish(&event, &reference).await {
                 warn!(error = %e, "could not publish event");
             }
             Ok(())
@@ -344,7 +344,7 @@ async fn report(
         action: EventAction::RolloutRestart.as_str().into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, "could not publish event");
     }
 }

@@ -100,7 +100,7 @@ pub(crate) fn claims_false_readiness(
     current.and_then(ready) == Some(true) && ready(desired) == Some(false)
 }
 
-/// What an Event is about. The event recorder folds repeats of one (type, reason, action)
+/// What an Event is about. [`super::events`] folds repeats of one (type, reason, action)
 /// into a series that keeps the first note, so distinct causes get distinct actions: a failed
 /// consent, a failed code exchange and a failed refresh never merge into one Event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,7 +231,7 @@ pub(crate) async fn publish(
         action: action.as_str().into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, "could not publish event");
     }
 }
