@@ -32,10 +32,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// A client's labels. Shared (`Arc`): each client has eight series (four of them its phases),
+/// and a `String` each would be sixteen copies of its namespace and name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct ClientLabels {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 /// Label values that are a fixed set: a typed enum each, written as its `as_str`.
@@ -104,15 +106,15 @@ label_value!(AuthorizationPhase);
 /// current one (the kube-state-metrics shape, so `== 1` selects and absent means unknown).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub phase: AuthorizationPhase,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub result: RefreshResult,
 }
 
@@ -180,6 +182,9 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub leader: Gauge,
+    /// Token requests per second the limiter allows now.
+    pub token_rate_limit: Gauge,
+    pub token_rate_limit_decreases: Counter,
     /// Set once the API server has answered; cleared when it stops answering.
     api_reachable: AtomicBool,
     /// The per-client series' source, by client.
@@ -273,8 +278,22 @@ impl Metrics {
             "1 while this replica holds the leader Lease and runs the controller",
             leader.clone(),
         );
+        let token_rate_limit = Gauge::default();
+        registry.register(
+            "token_rate_limit_per_second",
+            "Token requests per second the limiter allows now: --token-rate-limit, lowered after a 429 from GoTo until it recovers",
+            token_rate_limit.clone(),
+        );
+        let token_rate_limit_decreases = Counter::default();
+        registry.register(
+            "token_rate_limit_decreases",
+            "Times a 429 from GoTo lowered the allowed token request rate",
+            token_rate_limit_decreases.clone(),
+        );
         Metrics {
             registry,
+            token_rate_limit,
+            token_rate_limit_decreases,
             token_expiry,
             client_ready,
             refresh_token_obtained,
@@ -302,8 +321,17 @@ impl Metrics {
 
     pub fn client(namespace: &str, name: &str) -> ClientLabels {
         ClientLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The client's labels, sharing the strings of its series that exist already.
+    fn shared(&self, namespace: &str, name: &str) -> ClientLabels {
+        let probe = Self::client(namespace, name);
+        match self.clients().get_key_value(&probe) {
+            Some((labels, _)) => labels.clone(),
+            None => probe,
         }
     }
 
@@ -314,10 +342,14 @@ impl Metrics {
         name: &str,
         current: Option<AuthorizationPhase>,
     ) {
+        self.set_phase(&self.shared(namespace, name), current);
+    }
+
+    fn set_phase(&self, client: &ClientLabels, current: Option<AuthorizationPhase>) {
         for phase in AuthorizationPhase::ALL {
             let labels = PhaseLabels {
-                namespace: namespace.into(),
-                name: name.into(),
+                namespace: client.namespace.clone(),
+                name: client.name.clone(),
                 phase,
             };
             match current {
@@ -334,10 +366,11 @@ impl Metrics {
     }
 
     pub fn count_refresh(&self, namespace: &str, name: &str, result: RefreshResult) {
+        let client = self.shared(namespace, name);
         self.refreshes
             .get_or_create(&RefreshLabels {
-                namespace: namespace.into(),
-                name: name.into(),
+                namespace: client.namespace,
+                name: client.name,
                 result,
             })
             .inc();
@@ -354,12 +387,12 @@ impl Metrics {
         name: &str,
         status: Option<&GoToOAuthClientStatus>,
     ) {
-        let labels = Self::client(namespace, name);
+        let labels = self.shared(namespace, name);
         let facts = ClientFacts::of(status);
         self.client_ready
             .get_or_create(&labels)
             .set(i64::from(facts.ready_at(self.clock.now())));
-        self.set_authorization_phase(namespace, name, facts.phase);
+        self.set_phase(&labels, facts.phase);
         for (family, at) in [
             (&self.token_expiry, facts.access_token_expires_at),
             (
@@ -396,8 +429,8 @@ impl Metrics {
         let gone: Vec<ClientLabels> = self
             .clients()
             .keys()
-            .filter(|l| scope.is_none_or(|ns| ns == l.namespace))
-            .filter(|l| !alive.contains(&(l.namespace.clone(), l.name.clone())))
+            .filter(|l| scope.is_none_or(|ns| ns == &*l.namespace))
+            .filter(|l| !alive.contains(&(l.namespace.to_string(), l.name.to_string())))
             .cloned()
             .collect();
         for labels in gone {
@@ -423,15 +456,15 @@ impl Metrics {
         self.refresh_token_obtained.remove(&labels);
         for phase in AuthorizationPhase::ALL {
             self.authorization_phase.remove(&PhaseLabels {
-                namespace: namespace.into(),
-                name: name.into(),
+                namespace: labels.namespace.clone(),
+                name: labels.name.clone(),
                 phase,
             });
         }
         for result in RefreshResult::ALL {
             self.refreshes.remove(&RefreshLabels {
-                namespace: namespace.into(),
-                name: name.into(),
+                namespace: labels.namespace.clone(),
+                name: labels.name.clone(),
                 result,
             });
         }

@@ -18,7 +18,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::RwLock,
+    sync::{Arc, RwLock},
 };
 
 use kube::runtime::watcher;
@@ -145,8 +145,8 @@ pub(crate) fn referenced_secrets(client: &GoToOAuthClient) -> Vec<String> {
     names
 }
 
-/// (namespace, name)
-type Key = (Box<str>, Box<str>);
+/// (namespace, name). Shared: a client's namespace and each Secret's name appear in both maps.
+type Key = (Arc<str>, Arc<str>);
 /// Clients listed so far in a relist, with the Secrets each references.
 type Listed = Vec<(Key, Vec<String>)>;
 
@@ -159,9 +159,9 @@ pub(crate) struct References {
 #[derive(Debug, Default)]
 struct ReferencesInner {
     /// Client → the Secrets it references.
-    by_client: HashMap<Key, Vec<Box<str>>>,
-    /// Secret → the clients referencing it.
-    by_secret: HashMap<Key, HashSet<Box<str>>>,
+    by_client: HashMap<Key, Vec<Arc<str>>>,
+    /// Secret → the clients referencing it (mostly one: a `Vec`, not a set, saves a table).
+    by_secret: HashMap<Key, Vec<Arc<str>>>,
     /// A relist in progress, per scope: the clients listed so far with their Secrets.
     relisting: HashMap<Option<Box<str>>, Listed>,
 }
@@ -171,7 +171,7 @@ impl ReferencesInner {
         for secret in self.by_client.remove(client).unwrap_or_default() {
             let key = (client.0.clone(), secret);
             if let Some(clients) = self.by_secret.get_mut(&key) {
-                clients.remove(&client.1);
+                clients.retain(|c| c != &client.1);
                 if clients.is_empty() {
                     self.by_secret.remove(&key);
                 }
@@ -181,12 +181,15 @@ impl ReferencesInner {
 
     fn insert(&mut self, client: Key, secrets: Vec<String>) {
         self.remove(&client);
-        let secrets: Vec<Box<str>> = secrets.into_iter().map(Box::from).collect();
+        let secrets: Vec<Arc<str>> = secrets.into_iter().map(Arc::from).collect();
         for secret in &secrets {
-            self.by_secret
+            let clients = self
+                .by_secret
                 .entry((client.0.clone(), secret.clone()))
-                .or_default()
-                .insert(client.1.clone());
+                .or_default();
+            if !clients.contains(&client.1) {
+                clients.push(client.1.clone());
+            }
         }
         self.by_client.insert(client, secrets);
     }

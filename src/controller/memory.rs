@@ -111,12 +111,13 @@ pub(crate) struct ClientMemory {
     /// The resourceVersion of this replica's last status write and when it was written, until
     /// the cache shows it.
     pub(crate) written_resource_version: Option<(String, std::time::Instant)>,
-    /// The record after this replica's last rollout restart (see [`super::rollout`]).
-    pub(crate) rollout: Option<RolloutRestartStatus>,
+    /// The record after this replica's last rollout restart (see [`super::rollout`]). Boxed,
+    /// like the personal access token: most clients have neither, and an entry is per client.
+    pub(crate) rollout: Option<Box<RolloutRestartStatus>>,
     /// The client secret as last read.
     pub(crate) client_secret: Option<ReadValue>,
     /// The personal access token as last read.
-    pub(crate) personal_access_token: Option<ReadValue>,
+    pub(crate) personal_access_token: Option<Box<ReadValue>>,
     /// Since when a callback on this replica is storing a consent's tokens: reconciles wait for
     /// it rather than write a status it is about to write.
     pub(crate) consent_in_flight: Option<std::time::Instant>,

@@ -177,7 +177,7 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     // with an invalid spec the record stays as it is.
     if let Ok(settings) = &observed.settings {
         let record = ctx.memory.with(&keys.uid, |m| {
-            let newest = rollout::newest(settled.rollout.as_ref(), m.rollout.as_ref());
+            let newest = rollout::newest(settled.rollout.as_ref(), m.rollout.as_deref());
             // Once the status shows this replica's last restart, the memory entry is spent: a
             // stale one must not stand in for a record that was removed with the targets.
             if newest == settled.rollout {

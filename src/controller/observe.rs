@@ -208,12 +208,12 @@ pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<
                 &secrets,
                 &pat_ref.name,
                 &pat_ref.key,
-                memory.personal_access_token.as_ref(),
+                memory.personal_access_token.as_deref(),
             )
             .await?;
             let pat = personal_access_token_in(read.as_ref(), &keys.namespace, pat_ref);
             ctx.memory
-                .with(&keys.uid, |m| m.personal_access_token = read);
+                .with(&keys.uid, |m| m.personal_access_token = read.map(Box::new));
             Some(pat)
         }
         None => None,

@@ -245,7 +245,8 @@ pub(crate) async fn reconcile(
                 now,
             );
             if let Some(uid) = obj.metadata.uid.as_deref() {
-                ctx.memory.with(uid, |m| m.rollout = Some(record.clone()));
+                ctx.memory
+                    .with(uid, |m| m.rollout = Some(Box::new(record.clone())));
             }
             report(ctx, obj, trigger, &results).await;
             Some(record)
