@@ -13,7 +13,8 @@ use std::sync::{
 };
 
 use common::{
-    Browser, Cluster, Provider, in_process_stack, operator::InProcessOperator, operator::Options,
+    Browser, Cluster, Provider, eventually, in_process_stack, operator::InProcessOperator,
+    operator::Options,
 };
 use fake_goto::Decision;
 use goto_oauth_operator::{clock::Clock, conditions::reason, consent::random_token};
@@ -102,6 +103,34 @@ impl Env {
             None,
             "{name}: no authorization link"
         );
+    }
+
+    /// Opens an `/authorize/…` URL; asserts that if the operator redirects, it is not to
+    /// `foreign`. `/authorize` answers from the link index, which follows the clients' watch:
+    /// for the moment the watch takes to deliver a spec change, a published link still leads to
+    /// the host it was published for, which was allowed; never to the new one.
+    async fn assert_not_sent_to(&self, link: &str, foreign: &str) {
+        let response = Browser::new().get_raw(link).await;
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            !location.contains(foreign),
+            "{link} answered {} to {location}",
+            response.status()
+        );
+    }
+
+    /// Opens an `/authorize/…` URL until the operator answers without redirecting anywhere.
+    async fn assert_no_redirect_soon(&self, link: &str) {
+        eventually(&format!("{link} redirects nowhere"), || async {
+            let response = Browser::new().get_raw(link).await;
+            (!response.status().is_redirection() && response.headers().get("location").is_none())
+                .then_some(())
+        })
+        .await;
     }
 
     /// Opens an `/authorize/…` URL; asserts the operator answers without redirecting anywhere.
@@ -200,8 +229,8 @@ async fn a_known_link_and_a_pending_callback_never_reach_a_foreign_host() {
         .await
         .expect("patch endpoints");
 
-    // At once, before any reconcile: the handlers validate the spec themselves.
-    env.assert_no_redirect(&link).await;
+    // At once, before any reconcile: the callback validates the spec it reads itself.
+    env.assert_not_sent_to(&link, &foreign).await;
     let page = admin.get(&callback).await;
     assert_eq!(page.status, 409, "callback page: {}", page.body);
     // Refused by the handler's own validation, or, once the controller has withdrawn the
@@ -214,7 +243,7 @@ async fn a_known_link_and_a_pending_callback_never_reach_a_foreign_host() {
 
     env.assert_refused("demo", "authorizeUrl", &foreign).await;
     env.assert_refused("demo", "tokenUrl", &foreign).await;
-    env.assert_no_redirect(&link).await;
+    env.assert_no_redirect_soon(&link).await;
     assert_eq!(trap.connections(), 0, "nothing was sent to {foreign}");
     assert_eq!(
         env.provider.grant_requests("authorization_code"),
