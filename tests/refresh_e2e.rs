@@ -2072,3 +2072,99 @@ async fn missing_or_forbidden_targets_are_reported_and_retried_calmly() {
     env.advance(secs(900)).await;
     assert_eq!(deployment_patches(&env, "locked"), 3);
 }
+
+/// Issue 11: the provider allows fewer requests per second than `--token-rate-limit` (4 against
+/// 10). The first requests of a storm of due refreshes draw 429s; the limiter halves its rate
+/// once per burst (10 → 5 → 3, the floor) and climbs back only to just below the rate that drew
+/// the last one, so every later refresh goes through without a 429. Paced at a fixed 10 per
+/// second, about every second request of the storm would draw one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_limit_below_the_configured_rate_costs_429s_only_until_the_limiter_adapts() {
+    const CLIENTS: usize = 40;
+    const PROVIDER_LIMIT: u32 = 4;
+    let env = Env::start().await;
+    let names: Vec<String> = (0..CLIENTS).map(|i| format!("storm-{i:02}")).collect();
+    for name in &names {
+        env.create(name, serde_json::json!({})).await;
+    }
+    for name in &names {
+        env.authorize(name).await;
+    }
+    env.quiet().await;
+    let before = env.provider.goto.token_requests().len();
+    let consent_expiry = schedules(&env)
+        .await
+        .iter()
+        .map(|(_, expires, _)| *expires)
+        .max()
+        .expect("clients");
+    let refreshes_since = |env: &Env| {
+        let mut storm: Vec<_> = env.provider.goto.token_requests()[before..]
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .map(|r| (r.at, r.status))
+            .collect();
+        storm.sort();
+        storm
+    };
+
+    env.provider.goto.set_rate_limit(Some(PROVIDER_LIMIT));
+    // Past every client's refresh time, before any expiry: all due at once. A client that draws
+    // a 429 backs off on the manual clock, which stands still: one request per client.
+    env.clock.advance(Duration::from_secs(45 * 60));
+    let storm = eventually(&format!("{CLIENTS} refresh requests"), || async {
+        let storm = refreshes_since(&env);
+        (storm.len() >= CLIENTS).then_some(storm)
+    })
+    .await;
+    env.quiet().await;
+    assert_eq!(
+        refreshes_since(&env).len(),
+        CLIENTS,
+        "one request per client: no retries on the standing clock"
+    );
+    let limited: Vec<usize> = storm
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, status))| *status == 429)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        !limited.is_empty(),
+        "the provider's lower limit was never hit: the test proves nothing"
+    );
+    // At most the first burst (10 at once) and the next (5, the halved rate) can draw a 429;
+    // from 3 per second the rate climbs back to 4 and stops below the 5 that drew the last one.
+    assert!(
+        limited.iter().all(|i| *i < 15),
+        "429s after the limiter adapted: requests {limited:?} of {CLIENTS}"
+    );
+    let metrics = env.metrics();
+    let rate = metric(&metrics, "goto_oauth_token_rate_limit_per_second", &[]).unwrap_or(0.0);
+    assert!(
+        (3.0..=4.0).contains(&rate),
+        "the allowed rate is {rate} per second"
+    );
+    let decreases =
+        metric(&metrics, "goto_oauth_token_rate_limit_decreases_total", &[]).unwrap_or(0.0);
+    assert!(
+        (1.0..=2.0).contains(&decreases),
+        "{decreases} decreases: one per burst"
+    );
+
+    // The clients that drew one retry after their backoff, without a 429 either.
+    env.advance(secs(60)).await;
+    eventually("every client refreshed", || async {
+        let now = schedules(&env).await;
+        (now.len() == CLIENTS && now.iter().all(|(_, expires, _)| *expires > consent_expiry))
+            .then_some(())
+    })
+    .await;
+    let statuses: Vec<u16> = refreshes_since(&env).iter().map(|(_, s)| *s).collect();
+    assert_eq!(statuses.len(), CLIENTS + limited.len());
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        limited.len(),
+        "no 429 among the retries"
+    );
+}

@@ -14,18 +14,15 @@ use std::{sync::Arc, time::Duration};
 
 use crate::metrics::{GrantType, Metrics, TokenRequestLabels};
 
-pub(crate) use limiter::RateLimiter;
+pub(crate) use limiter::Permit;
+use limiter::RateLimiter;
 pub use protocol::{ClientCredentials, OAuthError, TokenResponse};
-
-/// The right to send one request to GoTo's token endpoint now.
-#[must_use]
-pub(crate) struct Permit(());
 
 /// The token-endpoint client every refresh, code exchange and personal access token exchange
 /// goes through.
 pub(crate) struct GoTo {
     http: protocol::TokenClient,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     metrics: Arc<Metrics>,
 }
 
@@ -42,23 +39,29 @@ impl GoTo {
         per_second: u32,
         metrics: Arc<Metrics>,
     ) -> Result<GoTo, OAuthError> {
+        let limiter = RateLimiter::new(per_second);
+        metrics.token_rate_limit.set(i64::from(limiter.rate()));
         Ok(GoTo {
             http: protocol::TokenClient::new(timeout)?,
-            limiter: RateLimiter::new(per_second),
+            limiter,
             metrics,
         })
     }
 
-    /// Waits until a request may be sent within the rate limit.
+    /// Waits until a request may be sent within the rate limit. The permit counts until the
+    /// request it was for is answered (see [`limiter`]).
     pub(crate) async fn permit(&self) -> Permit {
-        self.limiter.acquire().await;
-        Permit(())
+        let permit = self.limiter.acquire().await;
+        self.metrics
+            .token_rate_limit
+            .set(i64::from(self.limiter.rate()));
+        permit
     }
 
     /// Exchanges an authorization code (once: GoTo rejects a second exchange of the same code).
     pub(crate) async fn exchange_code(
         &self,
-        _permit: Permit,
+        permit: Permit,
         token_url: &str,
         creds: &ClientCredentials,
         code: &str,
@@ -69,28 +72,28 @@ impl GoTo {
             .http
             .exchange_code(token_url, creds, code, redirect_uri)
             .await;
-        self.observe(GrantType::AuthorizationCode, &response, started);
+        self.observe(permit, GrantType::AuthorizationCode, &response, started);
         response
     }
 
     /// Uses a refresh token.
     pub(crate) async fn refresh(
         &self,
-        _permit: Permit,
+        permit: Permit,
         token_url: &str,
         creds: &ClientCredentials,
         refresh_token: &str,
     ) -> Result<TokenResponse, OAuthError> {
         let started = std::time::Instant::now();
         let response = self.http.refresh(token_url, creds, refresh_token).await;
-        self.observe(GrantType::RefreshToken, &response, started);
+        self.observe(permit, GrantType::RefreshToken, &response, started);
         response
     }
 
     /// Exchanges a personal access token for tokens (GoTo's grant without a browser).
     pub(crate) async fn exchange_personal_access_token(
         &self,
-        _permit: Permit,
+        permit: Permit,
         token_url: &str,
         creds: &ClientCredentials,
         pat: &str,
@@ -100,16 +103,24 @@ impl GoTo {
             .http
             .exchange_personal_access_token(token_url, creds, pat)
             .await;
-        self.observe(GrantType::PersonalAccessToken, &response, started);
+        self.observe(permit, GrantType::PersonalAccessToken, &response, started);
         response
     }
 
+    /// Records the answer: with the limiter (a 429 lowers the rate) and in the metrics.
     fn observe(
         &self,
+        permit: Permit,
         grant_type: GrantType,
         response: &Result<TokenResponse, OAuthError>,
         started: std::time::Instant,
     ) {
+        if permit.answered(matches!(response, Err(OAuthError::RateLimited { .. }))) {
+            self.metrics.token_rate_limit_decreases.inc();
+        }
+        self.metrics
+            .token_rate_limit
+            .set(i64::from(self.limiter.rate()));
         let result = match response {
             Ok(_) => "success",
             Err(e) => e.reason(),
