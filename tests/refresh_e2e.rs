@@ -2168,3 +2168,72 @@ async fn a_provider_limit_below_the_configured_rate_costs_429s_only_until_the_li
         "no 429 among the retries"
     );
 }
+
+/// Issue 11: a storm of due refreshes reaches GoTo earliest expiry first across all due clients,
+/// not in the controller queue's order (which, after a fail-over or an outage, is the order of a
+/// list). 30 clients whose tokens expire a second apart are all due at once; the first 10
+/// requests (sent before anyone had to wait) are answered slowly, so every other client has
+/// asked for its turn and parked by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_due_refreshes_is_served_earliest_expiry_first() {
+    const CLIENTS: usize = 30;
+    /// Turns out at once (`--max-concurrent-refreshes`): the first ones go in queue order, and
+    /// clients woken together may race each other to GoTo.
+    const TURNS: usize = 10;
+    let env = Env::start().await;
+    env.provider.goto.set_rate_limit(None);
+    let names: Vec<String> = (0..CLIENTS).map(|i| format!("order-{i:02}")).collect();
+    for name in &names {
+        env.create(name, serde_json::json!({})).await;
+    }
+    // One consent a second: each client's token expires a second after the previous one's.
+    for name in &names {
+        env.authorize(name).await;
+        env.clock.advance(Duration::from_secs(1));
+    }
+    env.quiet().await;
+    let before = env.provider.goto.token_requests().len();
+
+    for _ in 0..TURNS {
+        env.provider
+            .goto
+            .push_token_fault(TokenFault::SlowResponse(Duration::from_secs(2)));
+    }
+    env.clock.advance(Duration::from_secs(45 * 60));
+    let storm = eventually(&format!("{CLIENTS} refresh requests"), || async {
+        let mut storm: Vec<_> = env.provider.goto.token_requests()[before..]
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .map(|r| (r.at, r.status, r.refresh_token_seq))
+            .collect();
+        storm.sort();
+        (storm.len() >= CLIENTS).then_some(storm)
+    })
+    .await;
+    // Refresh tokens were issued in consent order, so their issue numbers follow the expiries.
+    let queued: Vec<u64> = storm[TURNS..]
+        .iter()
+        .map(|(_, status, seq)| {
+            assert_eq!(*status, 200);
+            seq.expect("a refresh token the provider issued")
+        })
+        .collect();
+    for (i, earlier) in queued.iter().enumerate() {
+        for later in queued.iter().skip(i + TURNS) {
+            assert!(
+                earlier < later,
+                "refresh token {later} (earlier expiry) reached GoTo {TURNS}+ places after \
+                 {earlier}: {queued:?}"
+            );
+        }
+    }
+    env.quiet().await;
+    assert_eq!(
+        env.provider.goto.token_requests()[before..]
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+            .count(),
+        CLIENTS,
+        "one refresh per client"
+    );
+}

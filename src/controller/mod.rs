@@ -9,6 +9,7 @@
 //! [`schedule`] says when tokens refresh and how failures back off.
 
 pub(crate) mod act;
+pub(crate) mod admission;
 pub(crate) mod events;
 pub(crate) mod first_look;
 #[cfg(test)]
@@ -24,7 +25,10 @@ pub(crate) mod watches;
 
 use std::{sync::Arc, time::Duration};
 
-use kube::{Client, ResourceExt, runtime::controller::Action};
+use kube::{
+    Client, ResourceExt,
+    runtime::{controller::Action, reflector::ObjectRef},
+};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, instrument, warn};
 
@@ -66,6 +70,8 @@ pub struct Context {
     pub(crate) clock: Clock,
     pub(crate) leadership: Leadership,
     pub(crate) refresh_slots: Semaphore,
+    /// Turns for due refreshes, earliest expiry first.
+    pub(crate) admission: admission::Admission,
     /// Which clients this leadership term has reconciled: refreshes wait for all of them.
     pub(crate) first_look: first_look::FirstLook,
     pub(crate) memory: memory::Memory,
@@ -104,6 +110,7 @@ impl Context {
                 metrics.clone(),
             )?,
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
+            admission: admission::Admission::new(settings.max_concurrent_refreshes.max(1) as usize),
             first_look: first_look::FirstLook::default(),
             memory: memory::Memory::default(),
             links: Arc::new(LinkIndex::new(settings.defaults.clone())),
@@ -127,6 +134,7 @@ impl Context {
     /// Forgets a client that is gone: its memory and its metric series.
     fn forget(&self, keys: &ObjectKeys) {
         self.memory.forget(&keys.uid);
+        self.admission.forget(&keys.uid);
         self.metrics.forget_client(&keys.namespace, &keys.name);
     }
 }
@@ -164,7 +172,21 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     if planned.refresh.is_some() && !ctx.first_look.refreshes_allowed(std::time::Instant::now()) {
         return Ok(Action::requeue(first_look::RETRY));
     }
+    // Due refreshes go earliest expiry first: without a turn the client parks until one is
+    // free (see [`admission`]). Tokens waiting to be stored are written first, never parked.
+    let turn = match (&planned.refresh, &planned.write) {
+        (Some(_), None) => {
+            let expires_at = planned.tokens.as_ref().map_or(now, |t| t.expires_at);
+            let client = ObjectRef::from_obj(observed.obj.as_ref());
+            match ctx.admission.enter(&keys.uid, expires_at, client) {
+                Some(turn) => Some(turn),
+                None => return Ok(Action::requeue(admission::PARKED_RETRY)),
+            }
+        }
+        _ => None,
+    };
     let outcome = act::act(&ctx, &observed, &planned).await?;
+    drop(turn);
     let refreshed = outcome.is_some();
     let observed_tokens = planned.tokens.clone();
     let mut settled = planned.settle(

@@ -114,6 +114,25 @@ async fn run_scope(
         namespace = scope.as_deref().unwrap_or("<all>"),
         "controller starting"
     );
+    // Parked clients whose turn came (see [`super::admission`]), of this scope.
+    let wake_scope = scope.clone();
+    let wakes = futures::stream::unfold(ctx.admission.wakes(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(client) => return Some((client, rx)),
+                // Lost wakes fall back on the parked client's own requeue.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .filter(move |client: &ObjectRef<GoToOAuthClient>| {
+        futures::future::ready(
+            wake_scope
+                .as_deref()
+                .is_none_or(|ns| client.namespace.as_deref() == Some(ns)),
+        )
+    });
     let pruner = prune_deleted(ctx.clone(), store.clone(), scope.clone());
     let controller = Controller::for_stream(client_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
@@ -121,6 +140,7 @@ async fn run_scope(
             referencing_clients(&mapper_ctx, &secret)
         })
         .reconcile_all_on(ticks)
+        .reconcile_on(wakes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
