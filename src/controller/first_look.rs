@@ -8,6 +8,10 @@
 //! with every cached client pending; a refresh waits until all of them have had their first
 //! reconcile, or until [`DEADLINE`] has passed (a client whose reconcile keeps failing must not
 //! hold back everyone's refreshes).
+//!
+//! A refresh also waits for the term's Secret watch to have listed (same deadline): until then
+//! no Secret's version is known, so every reconcile reads the Secrets it needs, and a refresh
+//! woken in expiry order (see [`super::admission`]) would read them a second time.
 
 use std::{
     collections::HashSet,
@@ -28,6 +32,8 @@ struct State {
     looked: HashSet<String>,
     /// Watched scopes whose cache has not been listed yet in this term.
     scopes_unlisted: usize,
+    /// Watched scopes whose Secret watch has not listed yet in this term.
+    secrets_unlisted: usize,
     started: Option<Instant>,
 }
 
@@ -44,6 +50,7 @@ impl FirstLook {
     pub(crate) fn begin(&self, scopes: usize, now: Instant) {
         *self.state() = State {
             scopes_unlisted: scopes,
+            secrets_unlisted: scopes,
             started: Some(now),
             ..State::default()
         };
@@ -60,6 +67,13 @@ impl FirstLook {
         state.scopes_unlisted = state.scopes_unlisted.saturating_sub(1);
     }
 
+    /// A scope's Secret watch has listed. A relist counts again: at worst refreshes start
+    /// before another scope's Secrets are listed, which costs reads, never correctness.
+    pub(crate) fn secrets_listed(&self) {
+        let mut state = self.state();
+        state.secrets_unlisted = state.secrets_unlisted.saturating_sub(1);
+    }
+
     /// The client was reconciled (its status corrected if it lied).
     pub(crate) fn looked_at(&self, uid: &str) {
         let mut state = self.state();
@@ -72,7 +86,8 @@ impl FirstLook {
     /// Whether refreshes may go out at `now`.
     pub(crate) fn refreshes_allowed(&self, now: Instant) -> bool {
         let state = self.state();
-        let done = state.scopes_unlisted == 0 && state.pending.is_empty();
+        let done =
+            state.scopes_unlisted == 0 && state.secrets_unlisted == 0 && state.pending.is_empty();
         done || state
             .started
             .is_none_or(|started| now.duration_since(started) >= DEADLINE)
@@ -97,6 +112,12 @@ mod tests {
         // A client looked at before its scope was listed is not pending again.
         look.looked_at("c");
         look.listed(["c".to_string()]);
+        look.secrets_listed();
+        assert!(
+            !look.refreshes_allowed(t0),
+            "one scope's Secrets still unlisted"
+        );
+        look.secrets_listed();
         assert!(look.refreshes_allowed(t0));
 
         look.begin(1, t0);

@@ -102,6 +102,9 @@ async fn run_scope(
                 versions_ctx
                     .secrets
                     .follow(versions_scope.as_deref(), event);
+                if matches!(event, watcher::Event::InitDone) {
+                    versions_ctx.first_look.secrets_listed();
+                }
             }
         })
         .touched_objects();
