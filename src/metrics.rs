@@ -182,7 +182,7 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub leader: Gauge,
-    /// Token requests per second the limiter allows now.
+    /// Token requests per second the limiter allowed at the last token request.
     pub token_rate_limit: Gauge,
     pub token_rate_limit_decreases: Counter,
     /// Set once the API server has answered; cleared when it stops answering.
@@ -281,7 +281,7 @@ impl Metrics {
         let token_rate_limit = Gauge::default();
         registry.register(
             "token_rate_limit_per_second",
-            "Token requests per second the limiter allows now: --token-rate-limit, lowered after a 429 from GoTo until it recovers",
+            "Token requests per second the limiter allowed at the last token request: --token-rate-limit, lowered after a 429 from GoTo until it recovers",
             token_rate_limit.clone(),
         );
         let token_rate_limit_decreases = Counter::default();

@@ -202,9 +202,11 @@ impl RateLimiter {
         self.pace.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Requests allowed per second now.
+    /// Requests allowed per second now (recovery counted up to this moment).
     pub(crate) fn rate(&self) -> u32 {
-        self.pace().rate()
+        let mut pace = self.pace();
+        pace.recover(Instant::now());
+        pace.rate()
     }
 
     /// Waits until a request may be sent within the limit.

@@ -39,22 +39,28 @@ impl GoTo {
         per_second: u32,
         metrics: Arc<Metrics>,
     ) -> Result<GoTo, OAuthError> {
-        let limiter = RateLimiter::new(per_second);
-        metrics.token_rate_limit.set(i64::from(limiter.rate()));
-        Ok(GoTo {
+        let goto = GoTo {
             http: protocol::TokenClient::new(timeout)?,
-            limiter,
+            limiter: RateLimiter::new(per_second),
             metrics,
-        })
+        };
+        goto.show_rate();
+        Ok(goto)
+    }
+
+    /// Sets `goto_oauth_token_rate_limit_per_second`: the rate as of the last token request
+    /// (the limiter climbs back lazily, when asked).
+    fn show_rate(&self) {
+        self.metrics
+            .token_rate_limit
+            .set(i64::from(self.limiter.rate()));
     }
 
     /// Waits until a request may be sent within the rate limit. The permit counts until the
     /// request it was for is answered (see [`limiter`]).
     pub(crate) async fn permit(&self) -> Permit {
         let permit = self.limiter.acquire().await;
-        self.metrics
-            .token_rate_limit
-            .set(i64::from(self.limiter.rate()));
+        self.show_rate();
         permit
     }
 
@@ -118,9 +124,7 @@ impl GoTo {
         if permit.answered(matches!(response, Err(OAuthError::RateLimited { .. }))) {
             self.metrics.token_rate_limit_decreases.inc();
         }
-        self.metrics
-            .token_rate_limit
-            .set(i64::from(self.limiter.rate()));
+        self.show_rate();
         let result = match response {
             Ok(_) => "success",
             Err(e) => e.reason(),
