@@ -192,7 +192,7 @@ fn footprint_per_client() {
         clients.iter().for_each(|c| metrics.observe(c));
         metrics
     });
-    rows.push(("per-client metric series", per_client(bytes), 2048));
+    rows.push(("per-client metric series", per_client(bytes), 512));
 
     let (_memory, bytes) = retained(|| {
         let memory = Memory::default();

@@ -27,13 +27,23 @@ use crate::{
 };
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        text::encode,
+    },
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
-/// A client's labels. Shared (`Arc`): each client has eight series (four of them its phases),
-/// and a `String` each would be sixteen copies of its namespace and name.
+/// A client's labels. Shared (`Arc`): a scrape writes each client's eight or more series with
+/// clones of the one key, not copies of its namespace and name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct ClientLabels {
     pub namespace: Arc<str>,
@@ -167,14 +177,119 @@ impl ClientFacts {
     }
 }
 
+/// One client's per-client series as plain values.
+#[derive(Debug, Default)]
+struct ClientEntry {
+    facts: ClientFacts,
+    /// `goto_oauth_refresh_total`, indexed by [`RefreshResult`] (`as usize`).
+    refreshes: [u64; RefreshResult::ALL.len()],
+}
+
+/// Every client's series, kept as values and written out at scrape time (a [`Collector`]):
+/// a `Family` would keep a labelled atomic per series, nine or more a client, which at 10,000
+/// clients was the largest store after the cached objects. `goto_oauth_client_ready` is worked
+/// out at the scrape from the clock.
+#[derive(Debug)]
+struct ClientSeries {
+    clients: Mutex<HashMap<ClientLabels, ClientEntry>>,
+    /// Whose "now" decides whether an access token has expired.
+    clock: Clock,
+}
+
+impl ClientSeries {
+    fn all(&self) -> std::sync::MutexGuard<'_, HashMap<ClientLabels, ClientEntry>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads or changes one client's entry, creating it if needed.
+    fn with(&self, namespace: &str, name: &str, f: impl FnOnce(&mut ClientEntry)) {
+        let mut all = self.all();
+        let probe = Metrics::client(namespace, name);
+        f(all.entry(probe).or_default());
+    }
+}
+
+impl Collector for ClientSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = self.clock.now();
+        let all = self.all();
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: &dyn Fn(&ClientFacts) -> Option<i64>|
+         -> Result<(), std::fmt::Error> {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, entry) in all.iter() {
+                if let Some(v) = value(&entry.facts) {
+                    ConstGauge::new(v).encode(family.encode_family(labels)?)?;
+                }
+            }
+            Ok(())
+        };
+        gauge(
+            &mut encoder,
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the stored access token expires",
+            &|f| f.access_token_expires_at.map(|t| t.as_second()),
+        )?;
+        gauge(
+            &mut encoder,
+            "client_ready",
+            "1 when the client's Ready condition is True and its access token has not expired, else 0",
+            &|f| Some(i64::from(f.ready_at(now))),
+        )?;
+        gauge(
+            &mut encoder,
+            "refresh_token_obtained_timestamp_seconds",
+            "Unix time at which GoTo issued the stored refresh token (consent or rotation)",
+            &|f| f.refresh_token_obtained_at.map(|t| t.as_second()),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "client_authorization_phase",
+            "1 for the client's current status.authorization.phase, 0 for the other phases",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, entry) in all.iter() {
+            let Some(current) = entry.facts.phase else {
+                continue;
+            };
+            for phase in AuthorizationPhase::ALL {
+                let labels = PhaseLabels {
+                    namespace: labels.namespace.clone(),
+                    name: labels.name.clone(),
+                    phase,
+                };
+                ConstGauge::new(i64::from(phase == current))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "refresh",
+            "Token refreshes by result (success, transient_error, rate_limited, invalid_grant, invalid_client, ...)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, entry) in all.iter() {
+            for result in RefreshResult::ALL {
+                let count = entry.refreshes[result as usize];
+                if count > 0 {
+                    let labels = RefreshLabels {
+                        namespace: labels.namespace.clone(),
+                        name: labels.name.clone(),
+                        result,
+                    };
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
-    pub token_expiry: Family<ClientLabels, Gauge>,
-    pub client_ready: Family<ClientLabels, Gauge>,
-    pub refresh_token_obtained: Family<ClientLabels, Gauge>,
-    pub authorization_phase: Family<PhaseLabels, Gauge>,
-    pub refreshes: Family<RefreshLabels, Counter>,
     pub token_request_duration: Family<TokenRequestLabels, Histogram>,
     /// From a token response received to its Secret write acknowledged: the window in which a
     /// killed process loses a rotated refresh token.
@@ -187,10 +302,8 @@ pub struct Metrics {
     pub token_rate_limit_decreases: Counter,
     /// Set once the API server has answered; cleared when it stops answering.
     api_reachable: AtomicBool,
-    /// The per-client series' source, by client.
-    clients: Mutex<HashMap<ClientLabels, ClientFacts>>,
-    /// Whose "now" decides whether an access token has expired.
-    clock: Clock,
+    /// The per-client series, written out at scrape time.
+    clients: Arc<ClientSeries>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -209,36 +322,11 @@ impl Metrics {
     /// The metrics, with `clock` deciding when an access token has expired.
     pub fn new(clock: Clock) -> Self {
         let mut registry = Registry::with_prefix("goto_oauth");
-        let token_expiry = Family::<ClientLabels, Gauge>::default();
-        registry.register(
-            "token_expiry_timestamp_seconds",
-            "Unix time at which the stored access token expires",
-            token_expiry.clone(),
-        );
-        let client_ready = Family::<ClientLabels, Gauge>::default();
-        registry.register(
-            "client_ready",
-            "1 when the client's Ready condition is True and its access token has not expired, else 0",
-            client_ready.clone(),
-        );
-        let refresh_token_obtained = Family::<ClientLabels, Gauge>::default();
-        registry.register(
-            "refresh_token_obtained_timestamp_seconds",
-            "Unix time at which GoTo issued the stored refresh token (consent or rotation)",
-            refresh_token_obtained.clone(),
-        );
-        let authorization_phase = Family::<PhaseLabels, Gauge>::default();
-        registry.register(
-            "client_authorization_phase",
-            "1 for the client's current status.authorization.phase, 0 for the other phases",
-            authorization_phase.clone(),
-        );
-        let refreshes = Family::<RefreshLabels, Counter>::default();
-        registry.register(
-            "refresh",
-            "Token refreshes by result (success, transient_error, rate_limited, invalid_grant, invalid_client, ...)",
-            refreshes.clone(),
-        );
+        let clients = Arc::new(ClientSeries {
+            clients: Mutex::default(),
+            clock,
+        });
+        registry.register_collector(Box::new(clients.clone()));
         let token_request_duration =
             Family::<TokenRequestLabels, Histogram>::new_with_constructor(|| {
                 Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
@@ -294,25 +382,18 @@ impl Metrics {
             registry,
             token_rate_limit,
             token_rate_limit_decreases,
-            token_expiry,
-            client_ready,
-            refresh_token_obtained,
-            authorization_phase,
-            refreshes,
             token_request_duration,
             token_store_duration,
             reconcile_duration,
             reconcile_errors,
             leader,
             api_reachable: AtomicBool::new(false),
-            clients: Mutex::default(),
-            clock,
+            clients,
         }
     }
 
     /// The text exposition format; `goto_oauth_client_ready` as of now.
     pub fn render(&self) -> String {
-        self.update_readiness(self.clock.now());
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -326,58 +407,12 @@ impl Metrics {
         }
     }
 
-    /// The client's labels, sharing the strings of its series that exist already.
-    fn shared(&self, namespace: &str, name: &str) -> ClientLabels {
-        let probe = Self::client(namespace, name);
-        match self.clients().get_key_value(&probe) {
-            Some((labels, _)) => labels.clone(),
-            None => probe,
-        }
-    }
-
-    /// Sets the client's phase series: 1 for `current`, 0 for the others; none when `None`.
-    pub fn set_authorization_phase(
-        &self,
-        namespace: &str,
-        name: &str,
-        current: Option<AuthorizationPhase>,
-    ) {
-        self.set_phase(&self.shared(namespace, name), current);
-    }
-
-    fn set_phase(&self, client: &ClientLabels, current: Option<AuthorizationPhase>) {
-        for phase in AuthorizationPhase::ALL {
-            let labels = PhaseLabels {
-                namespace: client.namespace.clone(),
-                name: client.name.clone(),
-                phase,
-            };
-            match current {
-                Some(current) => {
-                    self.authorization_phase
-                        .get_or_create(&labels)
-                        .set(i64::from(phase == current));
-                }
-                None => {
-                    self.authorization_phase.remove(&labels);
-                }
-            }
-        }
-    }
-
+    /// Counts one refresh of the client (a client not observed yet gets its entry now).
     pub fn count_refresh(&self, namespace: &str, name: &str, result: RefreshResult) {
-        let client = self.shared(namespace, name);
-        self.refreshes
-            .get_or_create(&RefreshLabels {
-                namespace: client.namespace,
-                name: client.name,
-                result,
-            })
-            .inc();
-    }
-
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ClientLabels, ClientFacts>> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        self.clients.with(namespace, name, |series| {
+            let count = &mut series.refreshes[result as usize];
+            *count = count.saturating_add(1);
+        });
     }
 
     /// Sets the client's series from its status (`None`: it has none yet).
@@ -387,29 +422,9 @@ impl Metrics {
         name: &str,
         status: Option<&GoToOAuthClientStatus>,
     ) {
-        let labels = self.shared(namespace, name);
         let facts = ClientFacts::of(status);
-        self.client_ready
-            .get_or_create(&labels)
-            .set(i64::from(facts.ready_at(self.clock.now())));
-        self.set_phase(&labels, facts.phase);
-        for (family, at) in [
-            (&self.token_expiry, facts.access_token_expires_at),
-            (
-                &self.refresh_token_obtained,
-                facts.refresh_token_obtained_at,
-            ),
-        ] {
-            match at {
-                Some(t) => {
-                    family.get_or_create(&labels).set(t.as_second());
-                }
-                None => {
-                    family.remove(&labels);
-                }
-            }
-        }
-        self.clients().insert(labels, facts);
+        self.clients
+            .with(namespace, name, |series| series.facts = facts);
     }
 
     /// [`Metrics::observe_client`] for a client as the watch delivers it.
@@ -426,48 +441,15 @@ impl Metrics {
         scope: Option<&str>,
         alive: &std::collections::HashSet<(String, String)>,
     ) {
-        let gone: Vec<ClientLabels> = self
-            .clients()
-            .keys()
-            .filter(|l| scope.is_none_or(|ns| ns == &*l.namespace))
-            .filter(|l| !alive.contains(&(l.namespace.to_string(), l.name.to_string())))
-            .cloned()
-            .collect();
-        for labels in gone {
-            self.forget_client(&labels.namespace, &labels.name);
-        }
-    }
-
-    /// Sets every client's `goto_oauth_client_ready` as of `now`.
-    fn update_readiness(&self, now: Timestamp) {
-        for (labels, facts) in self.clients().iter() {
-            self.client_ready
-                .get_or_create(labels)
-                .set(i64::from(facts.ready_at(now)));
-        }
+        self.clients.all().retain(|labels, _| {
+            scope.is_some_and(|ns| ns != &*labels.namespace)
+                || alive.contains(&(labels.namespace.to_string(), labels.name.to_string()))
+        });
     }
 
     /// Drops a deleted client's series so dashboards do not show ghosts.
     pub fn forget_client(&self, namespace: &str, name: &str) {
-        let labels = Self::client(namespace, name);
-        self.clients().remove(&labels);
-        self.token_expiry.remove(&labels);
-        self.client_ready.remove(&labels);
-        self.refresh_token_obtained.remove(&labels);
-        for phase in AuthorizationPhase::ALL {
-            self.authorization_phase.remove(&PhaseLabels {
-                namespace: labels.namespace.clone(),
-                name: labels.name.clone(),
-                phase,
-            });
-        }
-        for result in RefreshResult::ALL {
-            self.refreshes.remove(&RefreshLabels {
-                namespace: labels.namespace.clone(),
-                name: labels.name.clone(),
-                result,
-            });
-        }
+        self.clients.all().remove(&Self::client(namespace, name));
     }
 
     /// Observes the time until the returned guard is dropped as one reconcile's duration.
@@ -536,19 +518,27 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let m = Metrics::default();
-        m.token_expiry
-            .get_or_create(&Metrics::client("ns", "a"))
-            .set(1_800_000_000);
+        let mut status = ready_status("2027-01-15T08:00:00Z");
+        status.refresh_token_obtained_at =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2023-11-14T22:13:20Z".parse().unwrap(),
+            ));
+        if let Some(authorization) = &mut status.authorization {
+            authorization.phase = AuthorizationPhase::ReauthorizationRequired;
+        }
+        m.observe_client("ns", "a", Some(&status));
         m.count_refresh("ns", "a", RefreshResult::Success);
-        m.refresh_token_obtained
-            .get_or_create(&Metrics::client("ns", "a"))
-            .set(1_700_000_000);
-        m.set_authorization_phase("ns", "a", Some(AuthorizationPhase::ReauthorizationRequired));
+        m.count_refresh("ns", "a", RefreshResult::Success);
+        m.count_refresh("ns", "a", RefreshResult::RateLimited);
         m.leader.set(1);
         let text = m.render();
         for name in [
+            "# TYPE goto_oauth_token_expiry_timestamp_seconds gauge",
             "goto_oauth_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1800000000",
-            "goto_oauth_refresh_total{namespace=\"ns\",name=\"a\",result=\"success\"} 1",
+            "# TYPE goto_oauth_refresh counter",
+            "goto_oauth_refresh_total{namespace=\"ns\",name=\"a\",result=\"success\"} 2",
+            "goto_oauth_refresh_total{namespace=\"ns\",name=\"a\",result=\"rate_limited\"} 1",
+            "goto_oauth_client_ready{namespace=\"ns\",name=\"a\"} 1",
             "goto_oauth_leader 1",
             "goto_oauth_refresh_token_obtained_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1700000000",
             "goto_oauth_client_authorization_phase{namespace=\"ns\",name=\"a\",phase=\"ReauthorizationRequired\"} 1",
@@ -557,6 +547,10 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+        assert!(
+            !text.contains("result=\"transient_error\""),
+            "no series for a result that never happened:\n{text}"
+        );
         m.forget_client("ns", "a");
         assert!(!m.render().contains("name=\"a\""));
     }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,8 @@ pub const MANAGER: &str = "goto-oauth-operator";
 pub const ROTATE_LINK_ANNOTATION: &str = "goto-oauth.dev/rotate-authorization-link";
 /// Annotation that forces an immediate refresh when its value changes.
 pub const FORCE_REFRESH_ANNOTATION: &str = "goto-oauth.dev/refresh-requested";
+/// The prefix of the annotations the operator reads on a client (the two above).
+const OWN_ANNOTATION_PREFIX: &str = "goto-oauth.dev/";
 
 // CEL rules (`x-kubernetes-validations`) let the API server refuse a spec the operator could
 // never use, at `kubectl apply`, with a message naming the field. They only check what needs no
@@ -117,11 +119,11 @@ pub struct GoToOAuthClientSpec {
     /// Per-client override of the operator-wide GoTo endpoints (for example the legacy or a
     /// regional host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoints: Option<Endpoints>,
+    pub endpoints: Option<Box<Endpoints>>,
 
     /// Labels and annotations copied onto the token Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_template: Option<SecretTemplate>,
+    pub secret_template: Option<Box<SecretTemplate>>,
 
     /// The GoTo account that must give the consent: its e-mail address (compared without
     /// regard to case) or its account key. A consent by any other account is refused, and its
@@ -168,7 +170,7 @@ pub struct GoToOAuthClientSpec {
     /// token. A PAT GoTo rejects is not sent again until its Secret or this spec changes. The
     /// authorization link stays published: a consent still replaces the tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub personal_access_token_ref: Option<PersonalAccessTokenRef>,
+    pub personal_access_token_ref: Option<Box<PersonalAccessTokenRef>>,
 }
 
 /// A workload restarted when the tokens change.
@@ -378,7 +380,7 @@ pub struct GoToOAuthClientStatus {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "readable_or_none"
     )]
-    pub rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
+    pub rejected_personal_access_token: Option<Box<RejectedPersonalAccessToken>>,
 
     /// When the consent was given whose refresh token GoTo rejected. The client stays
     /// `ReauthorizationRequired` while the Secret holds tokens of that consent.
@@ -404,7 +406,7 @@ pub struct GoToOAuthClientStatus {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "readable_or_none"
     )]
-    pub rollout_restart: Option<RolloutRestartStatus>,
+    pub rollout_restart: Option<Box<RolloutRestartStatus>>,
 
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -612,15 +614,29 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 }
 
 impl GoToOAuthClient {
-    /// Drops what no cache of this operator reads and what makes up most of a stored
-    /// object's size: managedFields, and the copy of the whole object `kubectl apply` keeps in
-    /// an annotation.
+    /// Keeps of the metadata only what the operator reads: name, namespace, uid,
+    /// resourceVersion, generation, deletionTimestamp and its own `goto-oauth.dev/`
+    /// annotations. managedFields, the copy of the whole object `kubectl apply` keeps, other
+    /// tools' labels and annotations, owner references and finalizers make up most of a stored
+    /// object's size and are never read from a cached client.
     pub(crate) fn trim_for_cache(&mut self) {
-        use kube::ResourceExt;
-        self.managed_fields_mut().clear();
-        if let Some(annotations) = self.metadata.annotations.as_mut() {
-            annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-        }
+        let meta = std::mem::take(&mut self.metadata);
+        let annotations: BTreeMap<String, String> = meta
+            .annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(OWN_ANNOTATION_PREFIX))
+            .collect();
+        self.metadata = ObjectMeta {
+            name: meta.name,
+            namespace: meta.namespace,
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            generation: meta.generation,
+            deletion_timestamp: meta.deletion_timestamp,
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..ObjectMeta::default()
+        };
     }
 
     /// The target Secret's name: `spec.secretName` or `<name>-token`.
@@ -662,20 +678,40 @@ mod tests {
             "apiVersion": "goto-oauth.dev/v1alpha1", "kind": "GoToOAuthClient",
             "metadata": {
                 "name": "demo", "namespace": "ns",
+                "uid": "u-1", "resourceVersion": "7", "generation": 2,
+                "labels": {"app.kubernetes.io/part-of": "billing"},
                 "annotations": {
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}",
+                    "argocd.argoproj.io/tracking-id": "billing:goto-oauth.dev/GoToOAuthClient:ns/demo",
                     FORCE_REFRESH_ANNOTATION: "1",
+                    ROTATE_LINK_ANNOTATION: "2",
                 },
+                "finalizers": ["example.com/keep"],
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "o-1"}],
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
             },
             "spec": {"clientId": "c", "clientSecretRef": {"name": "creds"}},
         }))
         .unwrap();
         obj.trim_for_cache();
-        assert!(obj.metadata.managed_fields.unwrap_or_default().is_empty());
-        let annotations = obj.metadata.annotations.unwrap();
-        assert_eq!(annotations.len(), 1);
+        let meta = &obj.metadata;
+        assert_eq!(
+            (
+                meta.name.as_deref(),
+                meta.namespace.as_deref(),
+                meta.uid.as_deref(),
+                meta.resource_version.as_deref(),
+                meta.generation
+            ),
+            (Some("demo"), Some("ns"), Some("u-1"), Some("7"), Some(2))
+        );
+        assert!(meta.managed_fields.is_none());
+        assert!(meta.labels.is_none() && meta.finalizers.is_none());
+        assert!(meta.owner_references.is_none());
+        let annotations = meta.annotations.clone().unwrap();
+        assert_eq!(annotations.len(), 2, "{annotations:?}");
         assert_eq!(annotations[FORCE_REFRESH_ANNOTATION], "1");
+        assert_eq!(annotations[ROTATE_LINK_ANNOTATION], "2");
     }
 
     #[test]

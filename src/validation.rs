@@ -643,10 +643,10 @@ mod tests {
         c.spec.redirect_uri = Some("http://example.com/cb".into());
         c.spec.scopes = vec!["two words".into()];
         c.spec.refresh_before = Some("soon".into());
-        c.spec.endpoints = Some(Endpoints {
+        c.spec.endpoints = Some(Box::new(Endpoints {
             authorize_url: Some("ftp://x".into()),
             token_url: None,
-        });
+        }));
         let err = validate(&c, &defaults()).unwrap_err().to_string();
         for needle in [
             "spec.clientId",
@@ -845,10 +845,10 @@ mod tests {
     fn refusal_names_the_host_and_what_is_allowed() {
         let mut c =
             client(serde_json::json!({"clientId": "id", "clientSecretRef": {"name": "creds"}}));
-        c.spec.endpoints = Some(Endpoints {
+        c.spec.endpoints = Some(Box::new(Endpoints {
             authorize_url: None,
             token_url: Some("https://evil.example:8443/oauth/token".into()),
-        });
+        }));
         let err = validate(&c, &defaults()).unwrap_err().to_string();
         assert!(err.contains("\"evil.example:8443\""), "{err}");
         assert!(
@@ -963,10 +963,10 @@ mod tests {
         let problems = validate(&c, &defaults()).unwrap_err().problems;
         assert!(problems[0].starts_with("spec.redirectUri"), "{problems:?}");
         c.spec.redirect_uri = None;
-        c.spec.endpoints = Some(Endpoints {
+        c.spec.endpoints = Some(Box::new(Endpoints {
             authorize_url: None,
             token_url: Some(" https://auth.example/oauth/token".into()),
-        });
+        }));
         let problems = validate(&c, &defaults()).unwrap_err().problems;
         assert!(
             problems[0].starts_with("spec.endpoints.tokenUrl"),

@@ -29,8 +29,10 @@ use crate::resource::GoToOAuthClient;
 /// How soon a parked client asks again if no wake reaches it.
 pub(crate) const PARKED_RETRY: Duration = Duration::from_secs(30);
 /// Wakes not yet taken by a controller before the oldest are dropped (they fall back on
-/// [`PARKED_RETRY`]).
-const WAKES: usize = 1024;
+/// [`PARKED_RETRY`]). One wake per turn given back, and the controller takes them as they
+/// come: far more than are ever waiting, and the buffer (an object reference a slot) is
+/// allocated whole up front.
+const WAKES: usize = 256;
 
 /// The turns and the parked clients.
 pub(crate) struct Admission {

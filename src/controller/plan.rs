@@ -107,7 +107,7 @@ pub(crate) struct Plan {
     /// `status.rolloutRestart` as it stands; the reconcile's rollout step replaces it.
     pub(crate) rollout: Option<RolloutRestartStatus>,
     /// The personal access token GoTo rejected, while nothing it was sent with changed.
-    pub(crate) rejected_personal_access_token: Option<RejectedPersonalAccessToken>,
+    pub(crate) rejected_personal_access_token: Option<Box<RejectedPersonalAccessToken>>,
     /// What a personal access token sent now is sent with (spec generation, PAT Secret and
     /// client-secret Secret versions), to recognise it after a rejection.
     pub(crate) pat_sent_with: Option<String>,
@@ -291,7 +291,7 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         refresh_failure: o.memory.backoff.last_failure.clone(),
         secret_name,
         consumed_states: status.consumed_states.clone(),
-        rollout: status.rollout_restart.clone(),
+        rollout: status.rollout_restart.as_deref().cloned(),
         rejected_personal_access_token,
         pat_sent_with,
     }
@@ -423,7 +423,7 @@ impl Plan {
                 self.rejected_personal_access_token = self
                     .pat_sent_with
                     .clone()
-                    .map(|sent_with| RejectedPersonalAccessToken { sent_with, error });
+                    .map(|sent_with| Box::new(RejectedPersonalAccessToken { sent_with, error }));
                 self.refresh_failure = None;
                 self.handled_refresh_request = self.refresh_request.clone();
                 self.next_refresh = None;
@@ -488,7 +488,7 @@ impl Plan {
             rejected_personal_access_token: status.rejected_personal_access_token,
             pat_sent_with: None,
             consumed_states: status.consumed_states,
-            rollout: status.rollout_restart,
+            rollout: status.rollout_restart.map(|r| *r),
         }
     }
 
@@ -516,7 +516,7 @@ impl Plan {
             refresh_failure: None,
             secret_name: None,
             consumed_states: status.consumed_states.clone(),
-            rollout: status.rollout_restart.clone(),
+            rollout: status.rollout_restart.as_deref().cloned(),
             rejected_personal_access_token: status.rejected_personal_access_token.clone(),
             pat_sent_with: None,
         }
@@ -984,10 +984,10 @@ mod tests {
         }));
         let obj = Arc::make_mut(&mut o.obj);
         obj.metadata.generation = Some(3);
-        obj.spec.personal_access_token_ref = Some(PersonalAccessTokenRef {
+        obj.spec.personal_access_token_ref = Some(Box::new(PersonalAccessTokenRef {
             name: "pat".into(),
             key: "personalAccessToken".into(),
-        });
+        }));
         if let Ok(settings) = &mut o.settings {
             settings.personal_access_token = Some(SecretKeyRef {
                 name: "pat".into(),
@@ -1005,11 +1005,11 @@ mod tests {
         }
     }
 
-    fn rejected_pat(sent_with: &str) -> RejectedPersonalAccessToken {
-        RejectedPersonalAccessToken {
+    fn rejected_pat(sent_with: &str) -> Box<RejectedPersonalAccessToken> {
+        Box::new(RejectedPersonalAccessToken {
             sent_with: sent_with.into(),
             error: "GoTo rejected the grant (invalid_grant)".into(),
-        }
+        })
     }
 
     #[test]

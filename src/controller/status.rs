@@ -78,7 +78,7 @@ pub(crate) fn desired_status(
             .filter(|c| c.expires_at > now.as_second())
             .cloned()
             .collect(),
-        rollout_restart: plan.rollout.clone(),
+        rollout_restart: plan.rollout.clone().map(Box::new),
         observed_generation: generation,
     }
 }
@@ -387,10 +387,13 @@ mod tests {
 
         let metrics = Metrics::default();
         record_metrics(&metrics, &keys, &status);
-        let labels = Metrics::client("ns", "demo");
-        assert_eq!(
-            metrics.refresh_token_obtained.get_or_create(&labels).get(),
-            rotated_at.as_second()
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "goto_oauth_refresh_token_obtained_timestamp_seconds{{namespace=\"ns\",name=\"demo\"}} {}",
+                rotated_at.as_second()
+            )),
+            "{text}"
         );
         let text = metrics.render();
         assert!(text.contains(
