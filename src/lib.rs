@@ -3,6 +3,8 @@
 //! One module (or folder) per concern; the README's architecture section maps them. `app`
 //! starts everything and `main.rs` only wires flags to it.
 
+pub mod allocator;
+pub mod api_client;
 pub mod app;
 pub mod cli;
 pub(crate) mod client_cache;

@@ -13,8 +13,22 @@ use goto_oauth_operator::{
 use tokio::sync::watch;
 use tracing::{error, info};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    goto_oauth_operator::allocator::tune();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(operate()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn operate() -> ExitCode {
     match cli::parse() {
         Command::Crd => match resource::crd_yaml() {
             Ok(yaml) => {
@@ -43,9 +57,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     let lease_timing = args.lease_timing().map_err(|e| e.to_string())?;
-    let client = kube::Client::try_default().await.map_err(|e| {
-        format!("cannot configure a Kubernetes client (KUBECONFIG or in-cluster): {e}")
-    })?;
+    let client = goto_oauth_operator::api_client::infer()
+        .await
+        .map_err(|e| {
+            format!("cannot configure a Kubernetes client (KUBECONFIG or in-cluster): {e}")
+        })?;
     let web = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", args.listen))?;
@@ -87,6 +103,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Ends with the process.
+    tokio::spawn(goto_oauth_operator::allocator::give_back());
     tokio::spawn(async move {
         wait_for_signal().await;
         info!("shutdown signal received");

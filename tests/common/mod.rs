@@ -152,7 +152,7 @@ impl Cluster {
             http::header::USER_AGENT,
             http::HeaderValue::from_static(OPERATOR_AGENT),
         ));
-        Client::try_from(config).expect("operator client")
+        goto_oauth_operator::api_client::build(config).expect("operator client")
     }
 
     /// The requests sent with [`Self::operator_client`] since the log was last cleared, as
