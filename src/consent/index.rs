@@ -15,7 +15,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::RwLock,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -36,27 +36,29 @@ pub(crate) const MISS_DEADLINE: Duration = Duration::from_millis(500);
 /// Compared against when no link is stored, so a miss does the same work as a mismatch.
 const DUMMY_LINK: [u8; 43] = [b'x'; 43];
 
+/// One published link. Every replica keeps one per client, so the strings are boxed (no spare
+/// capacity) and the URLs most clients share (the operator's defaults) are shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
-    link: String,
+    link: Box<str>,
     start: Start,
 }
 
 /// What starting an authorization for one client needs, as the watch last showed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Start {
-    pub(crate) uid: String,
-    pub(crate) display_name: String,
+    pub(crate) uid: Box<str>,
+    pub(crate) display_name: Box<str>,
     pub(crate) request: Result<StartRequest, Refusal>,
 }
 
 /// The parts of the authorization request, from the validated spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StartRequest {
-    pub(crate) client_id: String,
-    pub(crate) authorize_url: String,
-    pub(crate) redirect_uri: String,
-    pub(crate) scopes: Vec<String>,
+    pub(crate) client_id: Box<str>,
+    pub(crate) authorize_url: Arc<str>,
+    pub(crate) redirect_uri: Arc<str>,
+    pub(crate) scopes: Box<[String]>,
 }
 
 /// Why an authorization cannot start.
@@ -67,6 +69,15 @@ pub(crate) enum Refusal {
     ClientSecretMissing,
 }
 
+/// `value`, as the shared `default` when it is the same.
+fn shared(default: &Arc<str>, value: &str) -> Arc<str> {
+    if **default == *value {
+        default.clone()
+    } else {
+        value.into()
+    }
+}
+
 /// Published links by namespace and name.
 #[derive(Debug)]
 pub(crate) struct LinkIndex {
@@ -75,6 +86,9 @@ pub(crate) struct LinkIndex {
     version: watch::Sender<u64>,
     /// To validate specs as the controller does.
     defaults: Defaults,
+    /// The default authorize URL and redirect URI, shared by the entries that use them.
+    default_authorize_url: Arc<str>,
+    default_redirect_uri: Arc<str>,
 }
 
 impl LinkIndex {
@@ -82,6 +96,8 @@ impl LinkIndex {
         LinkIndex {
             links: RwLock::default(),
             version: watch::channel(0).0,
+            default_authorize_url: defaults.authorize_url.as_str().into(),
+            default_redirect_uri: defaults.public_endpoint("callback").into(),
             defaults,
         }
     }
@@ -135,17 +151,17 @@ impl LinkIndex {
             Err(_) => Err(Refusal::InvalidSpec),
             Ok(_) if secret_missing => Err(Refusal::ClientSecretMissing),
             Ok(settings) => Ok(StartRequest {
-                client_id: settings.client_id,
-                authorize_url: settings.authorize_url.to_string(),
-                redirect_uri: settings.redirect_uri,
-                scopes: settings.scopes,
+                client_id: settings.client_id.into(),
+                authorize_url: shared(&self.default_authorize_url, settings.authorize_url.as_str()),
+                redirect_uri: shared(&self.default_redirect_uri, &settings.redirect_uri),
+                scopes: settings.scopes.into(),
             }),
         };
         Some(Entry {
-            link,
+            link: link.into(),
             start: Start {
-                uid: obj.metadata.uid.clone()?,
-                display_name: obj.display_name(),
+                uid: obj.metadata.uid.as_deref()?.into(),
+                display_name: obj.display_name().into(),
                 request,
             },
         })
@@ -213,7 +229,7 @@ mod tests {
     }
 
     fn uid(start: Option<Start>) -> Option<String> {
-        start.map(|s| s.uid)
+        start.map(|s| s.uid.into())
     }
 
     fn client(ns: &str, name: &str, uid: &str, link: Option<&str>) -> GoToOAuthClient {

@@ -158,10 +158,13 @@ pub(crate) struct References {
 
 #[derive(Debug, Default)]
 struct ReferencesInner {
-    /// Client → the Secrets it references.
-    by_client: HashMap<Key, Vec<Arc<str>>>,
-    /// Secret → the clients referencing it (mostly one: a `Vec`, not a set, saves a table).
-    by_secret: HashMap<Key, Vec<Arc<str>>>,
+    /// Client → the Secrets it references. Boxed slices, like the clients of a Secret: one a
+    /// client or a Secret, exactly sized (a `Vec` that grew by one push holds four).
+    by_client: HashMap<Key, Box<[Arc<str>]>>,
+    /// Secret → the clients referencing it (mostly one: a slice, not a set, saves a table).
+    by_secret: HashMap<Key, Box<[Arc<str>]>>,
+    /// Every namespace seen, so each client's key shares its namespace's one string.
+    namespaces: HashSet<Arc<str>>,
     /// A relist in progress, per scope: the clients listed so far with their Secrets.
     relisting: HashMap<Option<Box<str>>, Listed>,
 }
@@ -171,24 +174,37 @@ impl ReferencesInner {
         for secret in self.by_client.remove(client).unwrap_or_default() {
             let key = (client.0.clone(), secret);
             if let Some(clients) = self.by_secret.get_mut(&key) {
-                clients.retain(|c| c != &client.1);
-                if clients.is_empty() {
+                if clients.len() == 1 && clients[0] == client.1 {
                     self.by_secret.remove(&key);
+                } else {
+                    *clients = clients
+                        .iter()
+                        .filter(|c| **c != client.1)
+                        .cloned()
+                        .collect();
                 }
             }
         }
     }
 
-    fn insert(&mut self, client: Key, secrets: Vec<String>) {
+    fn insert(&mut self, (namespace, name): Key, secrets: Vec<String>) {
+        let namespace = match self.namespaces.get(&namespace) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.namespaces.insert(namespace.clone());
+                namespace
+            }
+        };
+        let client = (namespace, name);
         self.remove(&client);
-        let secrets: Vec<Arc<str>> = secrets.into_iter().map(Arc::from).collect();
+        let secrets: Box<[Arc<str>]> = secrets.into_iter().map(Arc::from).collect();
         for secret in &secrets {
             let clients = self
                 .by_secret
                 .entry((client.0.clone(), secret.clone()))
                 .or_default();
             if !clients.contains(&client.1) {
-                clients.push(client.1.clone());
+                *clients = clients.iter().chain([&client.1]).cloned().collect();
             }
         }
         self.by_client.insert(client, secrets);

@@ -46,7 +46,7 @@ pub(super) async fn authorize(
     let keys = ObjectKeys {
         namespace,
         name,
-        uid: start.uid,
+        uid: start.uid.into(),
     };
     let application = start.display_name;
     let not_ready = |title, what_happened, what_to_do, reason| {
@@ -86,7 +86,7 @@ pub(super) async fn authorize(
         namespace: keys.namespace.clone(),
         name: keys.name.clone(),
         uid: keys.uid.clone(),
-        client_id: request.client_id.clone(),
+        client_id: request.client_id.to_string(),
         nonce: random_token(16),
         expires_at: ctx.clock.now().as_second() + STATE_TTL_SECONDS,
         browser: ctx.state_key.browser_binding(&cookie),
