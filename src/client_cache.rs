@@ -64,7 +64,7 @@ pub(crate) async fn maintain(
             // A relist is applied object by object, and only the names are kept until its
             // end (a whole list of objects would be a second copy of every client at once).
             let mut listed = HashSet::new();
-            let mut events = watcher(api, watcher::Config::default())
+            let mut events = watcher(api, crate::controller::watches::list_pages())
                 .default_backoff()
                 .modify(GoToOAuthClient::trim_for_cache)
                 .boxed();

@@ -27,6 +27,20 @@ const CONCURRENCY: u16 = 16;
 /// How often memory of deleted clients is dropped (the controller is not called for them).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How the watches of the clients list: in pages of [`LIST_PAGE`] objects. kube's default of
+/// 500 full clients (managedFields included) is megabytes parsed at once, twice (the
+/// controller's watch and every replica's own), and the heap grown for it stays fragmented:
+/// with 1,000 clients the RSS right after a storm was 24.3 MiB with pages of 500, 22.4 with
+/// 250 and 21.7 with 100, but 10,000 clients took 33.6 s to be Ready with 100 (goal 30), 26.0
+/// with 250. The Secret watch asks for metadata only and keeps kube's default: with pages of
+/// 100 its list took long enough that reconciles read Secrets it had not listed yet.
+pub(crate) fn list_pages() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE)
+}
+
+/// Objects per LIST page of the client watches.
+pub(crate) const LIST_PAGE: u32 = 250;
+
 /// The clients that reference a Secret, as client secret, personal access token or token
 /// Secret (from the index the client watch keeps, not a scan of every client).
 fn referencing_clients(
@@ -84,7 +98,7 @@ async fn run_scope(
     let (store, writer) = kube::runtime::reflector::store();
     let (refs_ctx, versions_ctx) = (ctx.clone(), ctx.clone());
     let (refs_scope, versions_scope) = (scope.clone(), scope.clone());
-    let client_events = watcher(clients, watcher::Config::default())
+    let client_events = watcher(clients, list_pages())
         .default_backoff()
         .modify(GoToOAuthClient::trim_for_cache)
         .inspect(move |event| {
