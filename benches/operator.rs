@@ -1289,6 +1289,43 @@ impl Report {
     }
 }
 
+/// How many clients read their Secrets how often, and when the reads beyond two went relative
+/// to the Secret watch (a fresh process reads what the watch cannot tell it yet):
+/// `2 × 1,900, 3 × 100; beyond two: 80 before the Secret watch, 20 after`.
+fn secret_reads(requests: &[Rec]) -> String {
+    let watch_at = requests
+        .iter()
+        .find(|r| r.verb == "watch" && r.path.ends_with("/secrets"))
+        .map(|r| r.at);
+    let mut per_client: BTreeMap<String, Vec<SystemTime>> = BTreeMap::new();
+    for r in requests.iter().filter(|r| r.verb == "get") {
+        let Some((_, name)) = r.path.split_once("/secrets/") else {
+            continue;
+        };
+        let client = name
+            .trim_end_matches("-token")
+            .trim_end_matches("-credentials");
+        per_client.entry(client.to_string()).or_default().push(r.at);
+    }
+    let mut histogram: BTreeMap<usize, usize> = BTreeMap::new();
+    let (mut before, mut after) = (0, 0);
+    for reads in per_client.values() {
+        *histogram.entry(reads.len()).or_insert(0) += 1;
+        for at in reads.iter().skip(2) {
+            match watch_at {
+                Some(w) if *at >= w => after += 1,
+                _ => before += 1,
+            }
+        }
+    }
+    let counts = histogram
+        .iter()
+        .map(|(reads, clients)| format!("{reads} × {clients}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{counts}; beyond two: {before} before the Secret watch, {after} after")
+}
+
 /// With `BENCH_TRACE=<name>`, prints the operator's requests about one client in a phase.
 fn trace_client(phase: &str, requests: &[Rec]) {
     let Ok(name) = std::env::var("BENCH_TRACE") else {
@@ -2170,6 +2207,11 @@ async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
         &format!("3. storm of {n} (spawn → all refreshed → settled)"),
         &logs,
         Some((n, "refresh")),
+    );
+    report.row(
+        "3. storm: Secret reads per client (a fresh process reads two)",
+        "",
+        secret_reads(&logs.proxy),
     );
     trace_client("storm", &logs.proxy);
     let mem = op.mem();

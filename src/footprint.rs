@@ -85,9 +85,29 @@ fn retained<T>(fill: impl FnOnce() -> T) -> (T, usize) {
 
 const CLIENTS: usize = 1000;
 
-/// A JWT-sized token (GoTo's are about 1,200 characters).
+/// A JWT of GoTo's size (about 1,200 characters): header, a 598-byte payload and an RS512
+/// signature of 256 bytes, each base64url-encoded.
 fn jwt(seed: usize) -> String {
-    format!("eyJraWQiOiJvYXV0aHYyLmxt{seed:08}{}", "x".repeat(1170))
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let header = URL_SAFE_NO_PAD.encode(br#"{"kid":"oauthv2.lmi.com.0219","alg":"RS512"}"#);
+    let mut payload =
+        format!(r#"{{"sc":"identity: call-control.v1.calls.control","sub":"{seed:08}","#);
+    payload.extend(std::iter::repeat_n('x', 598 - payload.len() - 2));
+    payload.push_str(r#""}"#);
+    let mut state = seed as u64 + 1;
+    let signature: Vec<u8> = (0..256)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 56) as u8
+        })
+        .collect();
+    format!(
+        "{header}.{}.{}",
+        URL_SAFE_NO_PAD.encode(payload),
+        URL_SAFE_NO_PAD.encode(signature)
+    )
 }
 
 fn tokens(i: usize) -> StoredTokens {
@@ -201,12 +221,13 @@ fn footprint_per_client() {
             let uid = c.metadata.uid.clone().unwrap_or_default();
             memory.with(&uid, |m| {
                 m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
-                m.held = Some(HeldTokens::written(tokens(i), Some("200000".into())));
+                m.held = Some(HeldTokens::written(&tokens(i), Some("200000".into()), 1));
                 m.client_secret = Some(ReadValue {
                     name: c.spec.client_secret_ref.name.clone(),
                     key: "clientSecret".into(),
                     resource_version: Some("300000".into()),
                     value: Some(SecretString::from("x".repeat(40))),
+                    term: 1,
                 });
             });
         }

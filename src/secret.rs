@@ -49,13 +49,15 @@ pub const OBTAINED_BY_ANNOTATION: &str = "goto-oauth.dev/obtained-by";
 /// GoTo's documented access-token lifetime, used when a response omits `expires_in`.
 pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
 
-/// The tokens of one client and the non-secret facts about them.
+/// The tokens of one client and the non-secret facts about them. `S` is how the two secrets
+/// are kept: as text, or packed while a replica holds them in memory
+/// (`controller::packed`).
 #[derive(Clone)]
-pub struct StoredTokens {
-    pub access_token: SecretString,
+pub struct StoredTokens<S = SecretString> {
+    pub access_token: S,
     /// Absent only for tokens of a personal access token grant whose response had none: they
     /// are renewed by exchanging the PAT again.
-    pub refresh_token: Option<SecretString>,
+    pub refresh_token: Option<S>,
     pub token_type: String,
     pub expires_at: Timestamp,
     pub issued_at: Timestamp,
@@ -71,7 +73,51 @@ pub struct StoredTokens {
     pub obtained_by: TokenGrant,
 }
 
-impl std::fmt::Debug for StoredTokens {
+impl<S> StoredTokens<S> {
+    /// The same tokens with their secrets kept another way.
+    pub(crate) fn map_secrets<T>(&self, f: impl Fn(&S) -> T) -> StoredTokens<T> {
+        StoredTokens {
+            access_token: f(&self.access_token),
+            refresh_token: self.refresh_token.as_ref().map(&f),
+            token_type: self.token_type.clone(),
+            expires_at: self.expires_at,
+            issued_at: self.issued_at,
+            authorized_at: self.authorized_at,
+            refresh_token_obtained_at: self.refresh_token_obtained_at,
+            scope: self.scope.clone(),
+            principal: self.principal.clone(),
+            account_key: self.account_key.clone(),
+            organizer_key: self.organizer_key.clone(),
+            client_id: self.client_id.clone(),
+            token_url: self.token_url.clone(),
+            obtained_by: self.obtained_by,
+        }
+    }
+
+    /// Equal apart from the secrets, which `same` compares.
+    pub(crate) fn equals<T>(&self, other: &StoredTokens<T>, same: impl Fn(&S, &T) -> bool) -> bool {
+        same(&self.access_token, &other.access_token)
+            && match (&self.refresh_token, &other.refresh_token) {
+                (Some(a), Some(b)) => same(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.token_type == other.token_type
+            && self.expires_at == other.expires_at
+            && self.issued_at == other.issued_at
+            && self.authorized_at == other.authorized_at
+            && self.refresh_token_obtained_at == other.refresh_token_obtained_at
+            && self.scope == other.scope
+            && self.principal == other.principal
+            && self.account_key == other.account_key
+            && self.organizer_key == other.organizer_key
+            && self.client_id == other.client_id
+            && self.token_url == other.token_url
+            && self.obtained_by == other.obtained_by
+    }
+}
+
+impl<S> std::fmt::Debug for StoredTokens<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoredTokens")
             .field("access_token", &"<redacted>")
@@ -91,24 +137,7 @@ impl std::fmt::Debug for StoredTokens {
 
 impl PartialEq for StoredTokens {
     fn eq(&self, other: &Self) -> bool {
-        self.access_token.expose_secret() == other.access_token.expose_secret()
-            && self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
-                == other
-                    .refresh_token
-                    .as_ref()
-                    .map(ExposeSecret::expose_secret)
-            && self.token_type == other.token_type
-            && self.expires_at == other.expires_at
-            && self.issued_at == other.issued_at
-            && self.authorized_at == other.authorized_at
-            && self.refresh_token_obtained_at == other.refresh_token_obtained_at
-            && self.scope == other.scope
-            && self.principal == other.principal
-            && self.account_key == other.account_key
-            && self.organizer_key == other.organizer_key
-            && self.client_id == other.client_id
-            && self.token_url == other.token_url
-            && self.obtained_by == other.obtained_by
+        self.equals(other, |a, b| a.expose_secret() == b.expose_secret())
     }
 }
 

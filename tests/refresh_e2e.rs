@@ -663,6 +663,75 @@ async fn api_requests_per_consent_refresh_and_idle_reconcile() {
     );
 }
 
+/// Issue 11: until its Secret watch has listed, a new operator knows no Secret's version, so it
+/// reads the Secrets a client needs; it reads them once, not at every reconcile (a client held
+/// back by the first look or parked by the token limiter wakes many times in that while).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_secret_watch_has_listed_a_clients_secrets_are_read_once() {
+    let reads = |env: &Env| {
+        let mut reads: Vec<String> = env
+            .cluster
+            .operator_requests()
+            .into_iter()
+            .filter(|r| {
+                r.starts_with("get ")
+                    && (r.contains("/secrets/demo-token ") || r.contains("/secrets/creds "))
+            })
+            .collect();
+        reads.sort();
+        reads
+    };
+    let mut env = Env::start().await;
+    env.create("demo", serde_json::json!({})).await;
+    env.authorize("demo").await;
+    env.quiet().await;
+    env.stop_operator().await;
+
+    // The next operator's Secret watch cannot list (its reads of single Secrets go through).
+    env.proxy().inject_fault(Fault {
+        method: Some(http::Method::GET),
+        path_contains: "/secrets?".into(),
+        status: 500,
+        times: usize::MAX,
+    });
+    env.proxy().clear_request_log();
+    env.start_again().await;
+    for i in 0..3 {
+        let before = env.reconciles();
+        annotate(&env, "demo", "example.com/unrelated", &i.to_string()).await;
+        env.quiet_after(Some(before)).await;
+    }
+    let requests = env.cluster.operator_requests();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.starts_with("list ") && r.contains("/secrets") && r.ends_with(" 200")),
+        "the Secret watch listed: the test proves nothing: {requests:#?}"
+    );
+    let first = reads(&env);
+    assert_eq!(
+        first.len(),
+        2,
+        "the token Secret and the client secret: {first:#?}"
+    );
+    assert_ne!(first[0], first[1], "each read once: {first:#?}");
+
+    // Once the watch has listed, the versions it shows are what was read: nothing is read.
+    env.proxy().clear_faults();
+    eventually("the Secret watch lists", || async {
+        env.cluster
+            .operator_requests()
+            .iter()
+            .any(|r| r.starts_with("watch ") && r.contains("/secrets"))
+            .then_some(())
+    })
+    .await;
+    let before = env.reconciles();
+    annotate(&env, "demo", "example.com/unrelated", "listed").await;
+    env.quiet_after(Some(before)).await;
+    assert_eq!(reads(&env), first, "read again after the watch listed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_refresh_token_is_stored_even_when_the_first_secret_write_conflicts() {
     let env = Env::start().await;

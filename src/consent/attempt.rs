@@ -145,8 +145,9 @@ pub(crate) async fn complete(
     };
     ctx.memory.with(&keys.uid, |m| {
         m.held = Some(HeldTokens::written(
-            tokens.clone(),
+            &tokens,
             written.metadata.resource_version,
+            ctx.secrets.term(),
         ));
         m.backoff = Default::default();
     });

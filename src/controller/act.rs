@@ -55,8 +55,9 @@ pub(crate) async fn act(
                     };
                 ctx.memory.with(&o.keys.uid, |m| {
                     m.held = Some(HeldTokens::written(
-                        current.clone(),
+                        current,
                         written.metadata.resource_version,
+                        ctx.secrets.term(),
                     ));
                 });
                 if let SecretWrite::Move { from } = write {
@@ -108,18 +109,20 @@ pub(crate) async fn act(
 /// replica's own write when that is the version.
 fn remember_read(ctx: &Context, o: &Observed, tokens: &StoredTokens) {
     let resource_version = o.target.as_ref().and_then(|t| t.resource_version.clone());
+    let term = ctx.secrets.term();
     ctx.memory.with(&o.keys.uid, |m| {
         let written_at = m
             .held
             .as_ref()
             .filter(|h| h.resource_version == resource_version)
             .and_then(|h| h.written_at);
-        m.held = Some(HeldTokens {
-            tokens: tokens.clone(),
-            stored: true,
+        m.held = Some(HeldTokens::new(
+            tokens,
+            true,
             resource_version,
             written_at,
-        });
+            term,
+        ));
     });
 }
 
@@ -349,12 +352,7 @@ impl Request<'_> {
     async fn store(&self, new: StoredTokens, received: std::time::Instant) -> Result<StoredTokens> {
         let (ctx, keys) = (self.ctx, &self.o.keys);
         ctx.memory.with(&keys.uid, |m| {
-            m.held = Some(HeldTokens {
-                tokens: new.clone(),
-                stored: false,
-                resource_version: None,
-                written_at: None,
-            });
+            m.held = Some(HeldTokens::new(&new, false, None, None, ctx.secrets.term()));
             m.answered_refresh_request = self.refresh_request.clone();
             m.backoff.refresh_failures = 0;
             m.backoff.not_before = None;
@@ -380,6 +378,7 @@ impl Request<'_> {
                         held.stored = true;
                         held.resource_version = version;
                         held.written_at = Some(std::time::Instant::now());
+                        held.term = ctx.secrets.term();
                     }
                 });
                 Ok(new)

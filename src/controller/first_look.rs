@@ -10,8 +10,9 @@
 //! hold back everyone's refreshes).
 //!
 //! A refresh also waits for the term's Secret watch to have listed (same deadline): until then
-//! no Secret's version is known, so every reconcile reads the Secrets it needs, and a refresh
-//! woken in expiry order (see [`super::admission`]) would read them a second time.
+//! no Secret's version is known, so a reconcile reads the Secrets it needs (once a term: what
+//! it read in this term is taken as current until the watch shows a version), and a refresh
+//! sent before the watch could show another replica's write would rest on that read alone.
 
 use std::{
     collections::HashSet,

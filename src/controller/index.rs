@@ -48,6 +48,8 @@ pub(crate) struct SecretVersions {
 
 #[derive(Debug, Default)]
 struct VersionsInner {
+    /// How often [`SecretVersions::reset`] was called.
+    term: u64,
     versions: Versions,
     /// Namespaces whose list has completed (a scope of all namespaces: every one).
     listed_all: bool,
@@ -57,9 +59,20 @@ struct VersionsInner {
 }
 
 impl SecretVersions {
-    /// Forgets everything: until the next list, every Secret is unknown.
+    /// Forgets everything and begins a new term: until the next list, every Secret is unknown.
     pub(crate) fn reset(&self) {
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = VersionsInner::default();
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *inner = VersionsInner {
+            term: inner.term.wrapping_add(1),
+            ..VersionsInner::default()
+        };
+    }
+
+    /// The term of the watches: what this replica read or wrote in the current term is as
+    /// current as anything it knows until they have listed; what it read before is not
+    /// (another replica may have led meanwhile).
+    pub(crate) fn term(&self) -> u64 {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).term
     }
 
     /// What is known about the Secret `namespace/name`.

@@ -28,6 +28,7 @@ use std::{
 use jiff::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
 
+use super::packed::{self, PackedTokens};
 use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
 
 /// Consecutive failures and when to try again.
@@ -44,9 +45,10 @@ pub(crate) struct Backoff {
 }
 
 /// Tokens this replica holds for a client.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub(crate) struct HeldTokens {
-    pub(crate) tokens: StoredTokens,
+    /// Packed: two JWTs a client are most of what a replica holds ([`super::packed`]).
+    pub(crate) tokens: PackedTokens,
     /// `false` while the tokens came from GoTo and are not in the Secret yet: they are written
     /// before anything else happens, and no refresh is sent until they are.
     pub(crate) stored: bool,
@@ -54,17 +56,64 @@ pub(crate) struct HeldTokens {
     pub(crate) resource_version: Option<String>,
     /// When this replica wrote that version: until the watch delivers it, a reconcile waits.
     pub(crate) written_at: Option<std::time::Instant>,
+    /// The Secret watch's term ([`super::index::SecretVersions::term`]) in which this replica
+    /// read or wrote these tokens: until the watch of that term has listed, they are taken as
+    /// current instead of read again.
+    pub(crate) term: u64,
 }
 
 impl HeldTokens {
-    /// Tokens this replica has just written at `resource_version`.
-    pub(crate) fn written(tokens: StoredTokens, resource_version: Option<String>) -> HeldTokens {
+    pub(crate) fn new(
+        tokens: &StoredTokens,
+        stored: bool,
+        resource_version: Option<String>,
+        written_at: Option<std::time::Instant>,
+        term: u64,
+    ) -> HeldTokens {
         HeldTokens {
-            tokens,
-            stored: true,
+            tokens: packed::pack(tokens),
+            stored,
             resource_version,
-            written_at: Some(std::time::Instant::now()),
+            written_at,
+            term,
         }
+    }
+
+    /// Tokens this replica has just written at `resource_version` in the watches' `term`.
+    pub(crate) fn written(
+        tokens: &StoredTokens,
+        resource_version: Option<String>,
+        term: u64,
+    ) -> HeldTokens {
+        HeldTokens::new(
+            tokens,
+            true,
+            resource_version,
+            Some(std::time::Instant::now()),
+            term,
+        )
+    }
+
+    /// The tokens held, unpacked.
+    pub(crate) fn tokens(&self) -> StoredTokens {
+        packed::unpack(&self.tokens)
+    }
+}
+
+impl PartialEq for HeldTokens {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens.equals(&other.tokens, PartialEq::eq)
+            && (
+                self.stored,
+                &self.resource_version,
+                self.written_at,
+                self.term,
+            ) == (
+                other.stored,
+                &other.resource_version,
+                other.written_at,
+                other.term,
+            )
     }
 }
 
@@ -77,6 +126,8 @@ pub(crate) struct ReadValue {
     pub(crate) resource_version: Option<String>,
     /// `None`: the key is missing or blank.
     pub(crate) value: Option<SecretString>,
+    /// The Secret watch's term in which it was read (see [`HeldTokens::term`]).
+    pub(crate) term: u64,
 }
 
 impl std::fmt::Debug for ReadValue {
@@ -86,14 +137,15 @@ impl std::fmt::Debug for ReadValue {
             .field("key", &self.key)
             .field("resource_version", &self.resource_version)
             .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("term", &self.term)
             .finish()
     }
 }
 
 impl PartialEq for ReadValue {
     fn eq(&self, other: &Self) -> bool {
-        (&self.name, &self.key, &self.resource_version)
-            == (&other.name, &other.key, &other.resource_version)
+        (&self.name, &self.key, &self.resource_version, self.term)
+            == (&other.name, &other.key, &other.resource_version, other.term)
             && self.value.as_ref().map(|v| v.expose_secret())
                 == other.value.as_ref().map(|v| v.expose_secret())
     }

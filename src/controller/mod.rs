@@ -17,6 +17,7 @@ pub(crate) mod fixtures;
 pub(crate) mod index;
 pub(crate) mod memory;
 pub(crate) mod observe;
+pub(crate) mod packed;
 pub(crate) mod plan;
 pub(crate) mod rollout;
 pub(crate) mod schedule;

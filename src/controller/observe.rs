@@ -270,14 +270,15 @@ async fn read_target(
 ) -> Result<TargetRead> {
     let namespace = obj.metadata.namespace.as_deref().unwrap_or_default();
     let known = ctx.secrets.get(namespace, name);
-    match (known_target(&known, held), held) {
+    let term = ctx.secrets.term();
+    match (known_target(&known, held, term), held) {
         (TargetKnown::Held, Some(held)) => {
             return Ok(TargetRead::Seen(
                 Some(TargetSecret {
                     resource_version: held.resource_version.clone(),
                     owned: true,
                 }),
-                Some(Box::new(held.tokens.clone())),
+                Some(Box::new(held.tokens())),
             ));
         }
         (TargetKnown::Absent, _) => return Ok(TargetRead::Seen(None, None)),
@@ -299,15 +300,10 @@ async fn read_target(
                 // What `act` would hold after this reconcile (nothing held: the Secret's tokens
                 // are current), held now: a reconcile that ends before `act` (a refresh held
                 // back by the first look, an invalid spec) must not make the next read again.
-                let (tokens, resource_version) =
-                    ((**tokens).clone(), target.resource_version.clone());
+                let held =
+                    HeldTokens::new(tokens, true, target.resource_version.clone(), None, term);
                 ctx.memory.with(uid, |m| {
-                    m.held.get_or_insert(HeldTokens {
-                        tokens,
-                        stored: true,
-                        resource_version,
-                        written_at: None,
-                    });
+                    m.held.get_or_insert(held);
                 });
             }
             TargetRead::Seen(Some(target), stored)
@@ -319,7 +315,8 @@ async fn read_target(
 /// What the watch and memory together say about the token Secret (pure).
 #[derive(Debug, PartialEq, Eq)]
 enum TargetKnown {
-    /// The Secret is at the version the held tokens are stored at.
+    /// The Secret is at the version the held tokens are stored at, or the watch has not
+    /// listed yet and this replica read or wrote them in its term.
     Held,
     /// No Secret, and no tokens held that could be written.
     Absent,
@@ -329,12 +326,17 @@ enum TargetKnown {
     Read,
 }
 
-fn known_target(known: &Known, held: Option<&HeldTokens>) -> TargetKnown {
+fn known_target(known: &Known, held: Option<&HeldTokens>, term: u64) -> TargetKnown {
     let held_version = held
         .filter(|h| h.stored)
         .and_then(|h| h.resource_version.as_deref());
     match (known, held_version) {
         (Known::At(rv), Some(version)) if rv == version => TargetKnown::Held,
+        // Until the watch has listed, what this replica read or wrote in this term is the
+        // latest it knows: reading it again at every wake-up (a client parked by the token
+        // limiter wakes many times) would only repeat the read. A write stays conditional on
+        // the version, so a change made meanwhile is a conflict, never overwritten.
+        (Known::Unknown, Some(_)) if held.is_some_and(|h| h.term == term) => TargetKnown::Held,
         (Known::Absent, None) if held.is_none() => TargetKnown::Absent,
         (Known::Unknown, _) => TargetKnown::Read,
         (_, Some(_))
@@ -358,12 +360,16 @@ async fn read_value(
     cached: Option<&ReadValue>,
 ) -> Result<Option<ReadValue>> {
     let namespace = secrets_namespace(secrets);
+    let term = ctx.secrets.term();
+    let same = |c: &ReadValue| c.name == name && c.key == key;
     match ctx.secrets.get(&namespace, name) {
         Known::At(rv)
-            if cached.is_some_and(|c| {
-                c.name == name && c.key == key && c.resource_version.as_deref() == Some(&rv)
-            }) =>
+            if cached.is_some_and(|c| same(c) && c.resource_version.as_deref() == Some(&rv)) =>
         {
+            return Ok(cached.cloned());
+        }
+        // Read in this term before the watch has listed: as for the token Secret.
+        Known::Unknown if cached.is_some_and(|c| same(c) && c.term == term) => {
             return Ok(cached.cloned());
         }
         Known::Absent => return Ok(None),
@@ -372,7 +378,7 @@ async fn read_value(
     Ok(secrets
         .get_opt(name)
         .await?
-        .map(|secret| read_key(&secret, name, key)))
+        .map(|secret| read_key(&secret, name, key, term)))
 }
 
 fn secrets_namespace(secrets: &Api<Secret>) -> String {
@@ -380,8 +386,9 @@ fn secrets_namespace(secrets: &Api<Secret>) -> String {
 }
 
 /// The value of `key` in `secret`, trimmed; blank counts as missing (pure).
-fn read_key(secret: &Secret, name: &str, key: &str) -> ReadValue {
+fn read_key(secret: &Secret, name: &str, key: &str, term: u64) -> ReadValue {
     ReadValue {
+        term,
         name: name.to_string(),
         key: key.to_string(),
         resource_version: secret.metadata.resource_version.clone(),
@@ -489,6 +496,7 @@ mod tests {
             &secret_with("clientSecret", " s3cr+t/=\n", "3"),
             "creds",
             "clientSecret",
+            1,
         );
         assert_eq!(read.resource_version.as_deref(), Some("3"));
         let creds = credentials_in(Some(&read), "ns", &settings()).unwrap();
@@ -498,6 +506,7 @@ mod tests {
             &secret_with("clientSecret", "  ", "4"),
             "creds",
             "clientSecret",
+            1,
         );
         assert_eq!(
             credentials_in(Some(&blank), "ns", &settings()).unwrap_err(),
@@ -520,7 +529,7 @@ mod tests {
             key: "personalAccessToken".into(),
         };
         let secret = secret_with("personalAccessToken", " pat-value\n", "7");
-        let read = read_key(&secret, "pat", "personalAccessToken");
+        let read = read_key(&secret, "pat", "personalAccessToken", 1);
         let pat = personal_access_token_in(Some(&read), "ns", &pat_ref).unwrap();
         assert_eq!(pat.value.expose_secret(), "pat-value");
         assert_eq!(pat.resource_version.as_deref(), Some("7"));
@@ -532,7 +541,7 @@ mod tests {
                 name: "pat".into()
             }
         );
-        let other_key = read_key(&secret, "pat", "other");
+        let other_key = read_key(&secret, "pat", "other", 1);
         assert!(matches!(
             personal_access_token_in(Some(&other_key), "ns", &pat_ref),
             Err(PersonalAccessTokenProblem::KeyMissing { .. })
@@ -542,11 +551,20 @@ mod tests {
     #[test]
     fn the_token_secret_is_read_unless_the_watch_shows_the_held_version() {
         let t = tokens("2026-11-23T10:00:00Z", "2026-11-23T10:00:00Z", "r");
-        let held = |stored: bool, rv: Option<&str>, just_written: bool| HeldTokens {
-            tokens: t.clone(),
-            stored,
-            resource_version: rv.map(String::from),
-            written_at: just_written.then(std::time::Instant::now),
+        // Held in the current term (2) unless a case says otherwise.
+        const TERM: u64 = 2;
+        let held = |stored: bool, rv: Option<&str>, just_written: bool| {
+            HeldTokens::new(
+                &t,
+                stored,
+                rv.map(String::from),
+                just_written.then(std::time::Instant::now),
+                TERM,
+            )
+        };
+        let earlier_term = |mut h: HeldTokens| {
+            h.term = TERM - 1;
+            h
         };
         let at = |rv: &str| Known::At(rv.into());
         let cases = [
@@ -600,9 +618,39 @@ mod tests {
             ),
             ("nothing held, exists", at("5"), None, TargetKnown::Read),
             (
-                "not listed yet",
+                "not listed yet, written in this term",
                 Known::Unknown,
                 Some(held(true, Some("5"), true)),
+                TargetKnown::Held,
+            ),
+            (
+                "not listed yet, read in this term",
+                Known::Unknown,
+                Some(held(true, Some("5"), false)),
+                TargetKnown::Held,
+            ),
+            (
+                "not listed yet, held from an earlier term",
+                Known::Unknown,
+                Some(earlier_term(held(true, Some("5"), false))),
+                TargetKnown::Read,
+            ),
+            (
+                "not listed yet, unstored tokens",
+                Known::Unknown,
+                Some(held(false, None, false)),
+                TargetKnown::Read,
+            ),
+            (
+                "not listed yet, held without a version",
+                Known::Unknown,
+                Some(held(true, None, false)),
+                TargetKnown::Read,
+            ),
+            (
+                "not listed yet, nothing held",
+                Known::Unknown,
+                None,
                 TargetKnown::Read,
             ),
             (
@@ -619,7 +667,7 @@ mod tests {
             ),
         ];
         for (what, known, held, want) in cases {
-            assert_eq!(known_target(&known, held.as_ref()), want, "{what}");
+            assert_eq!(known_target(&known, held.as_ref(), TERM), want, "{what}");
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use secrecy::ExposeSecret;
 
 use super::{observe::Observed, schedule};
 use crate::{
@@ -308,12 +309,12 @@ fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<SecretWrite>) {
             if stored.authorized_at > held.tokens.authorized_at {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held.tokens.clone()), Some(SecretWrite::StoreHeld))
+                (Some(held.tokens()), Some(SecretWrite::StoreHeld))
             }
         }
         (Some(_), None) if o.conflict => (None, None),
         (Some(held), None) => (
-            Some(held.tokens.clone()),
+            Some(held.tokens()),
             Some(if held.stored {
                 SecretWrite::Restore
             } else {
@@ -323,10 +324,13 @@ fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<SecretWrite>) {
         (Some(held), Some(stored)) => {
             let newer = stored.issued_at > held.tokens.issued_at
                 || stored.authorized_at > held.tokens.authorized_at;
-            if *stored == held.tokens || newer {
+            let same = held.tokens.equals(stored, |held, stored| {
+                held.unpack().expose_secret() == stored.expose_secret()
+            });
+            if same || newer {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held.tokens.clone()), Some(SecretWrite::Restore))
+                (Some(held.tokens()), Some(SecretWrite::Restore))
             }
         }
         (None, stored) => (stored.clone(), None),
@@ -621,12 +625,7 @@ mod tests {
     }
 
     fn held(tokens: StoredTokens, stored: bool) -> Option<HeldTokens> {
-        Some(HeldTokens {
-            tokens,
-            stored,
-            resource_version: None,
-            written_at: None,
-        })
+        Some(HeldTokens::new(&tokens, stored, None, None, 0))
     }
 
     #[test]

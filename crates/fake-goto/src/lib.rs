@@ -61,7 +61,7 @@ use axum::serve::{IncomingStream, Listener};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1957,18 +1957,23 @@ fn random_string(rng: &mut impl Rng, alphabet: &[u8], len: usize) -> String {
 
 /// A random URL-safe string shaped like GoTo's tokens (a JWT: `eyJraWQiOiJvYXV0aHYyLmxt...`).
 fn jwt_like(len: usize) -> String {
+    // A JWT's shape: three base64url encodings (header, payload, signature), `len` characters
+    // in all; the payload and signature bytes are random. No encoding is 1 modulo 4 long.
     let mut rng = rand::rng();
     let header = URL_SAFE_NO_PAD.encode(br#"{"kid":"oauthv2.lmi.com.0219","alg":"RS512"}"#);
-    let mut token = header;
-    token.push('.');
-    let remaining = len.saturating_sub(token.len());
-    let payload_len = remaining * 2 / 3;
-    token.push_str(&random_string(&mut rng, URL_SAFE_ALPHABET, payload_len));
-    token.push('.');
-    let sig_len = len.saturating_sub(token.len());
-    token.push_str(&random_string(&mut rng, URL_SAFE_ALPHABET, sig_len));
-    token.truncate(len);
-    token
+    let remaining = len.saturating_sub(header.len() + 2);
+    let payload_len = (0..=remaining * 2 / 3)
+        .rev()
+        .find(|p| p % 4 != 1 && (remaining - p) % 4 != 1)
+        .unwrap_or(0);
+    let mut random_bytes = |chars: usize| {
+        let mut bytes = vec![0u8; chars * 3 / 4];
+        rng.fill_bytes(&mut bytes);
+        URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let payload = random_bytes(payload_len);
+    let signature = random_bytes(remaining - payload_len);
+    format!("{header}.{payload}.{signature}")
 }
 
 #[cfg(test)]
@@ -2282,6 +2287,12 @@ mod tests {
         for token in [access, refresh_token] {
             assert_eq!(token.len(), 1024);
             assert!(token.starts_with("eyJ"));
+            let segments: Vec<&str> = token.split('.').collect();
+            assert_eq!(segments.len(), 3, "header, payload, signature");
+            for segment in segments {
+                let bytes = URL_SAFE_NO_PAD.decode(segment).expect("base64url");
+                assert_eq!(URL_SAFE_NO_PAD.encode(bytes), segment);
+            }
             assert!(
                 token
                     .bytes()
