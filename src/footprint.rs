@@ -12,6 +12,7 @@ use std::{
     alloc::{GlobalAlloc, Layout, System},
     cell::Cell,
     sync::Arc,
+    time::Duration,
 };
 
 use jiff::Timestamp;
@@ -26,6 +27,7 @@ use crate::{
     clock::Clock,
     consent::index::LinkIndex,
     controller::{
+        alarms::Alarms,
         fixtures::{demo_client, settings},
         index::{References, SecretVersions},
         memory::{HeldTokens, Memory, ReadValue},
@@ -236,8 +238,20 @@ fn footprint_per_client() {
     rows.push((
         "memory: held tokens, client secret",
         per_client(bytes),
-        4096,
+        3712,
     ));
+
+    let (_alarms, bytes) = retained(|| {
+        let alarms = Arc::new(Alarms::default());
+        // A running scope, as the controller registers it.
+        let ringing = alarms.ringing(None);
+        for (i, c) in clients.iter().enumerate() {
+            let name = c.metadata.name.as_deref().unwrap_or_default();
+            alarms.set("ns", name, Some(Duration::from_secs(1800 + i as u64)));
+        }
+        (alarms, ringing)
+    });
+    rows.push(("refresh alarms", per_client(bytes), 256));
 
     let (_versions, bytes) = retained(|| {
         let versions = SecretVersions::default();

@@ -10,6 +10,7 @@
 
 pub(crate) mod act;
 pub(crate) mod admission;
+pub(crate) mod alarms;
 pub(crate) mod events;
 pub(crate) mod first_look;
 #[cfg(test)]
@@ -73,6 +74,8 @@ pub struct Context {
     pub(crate) refresh_slots: Semaphore,
     /// Turns for due refreshes, earliest expiry first.
     pub(crate) admission: admission::Admission,
+    /// When each client is next due, rung into the controller of its scope.
+    pub(crate) alarms: Arc<alarms::Alarms>,
     /// Which clients this leadership term has reconciled: refreshes wait for all of them.
     pub(crate) first_look: first_look::FirstLook,
     pub(crate) memory: memory::Memory,
@@ -112,6 +115,7 @@ impl Context {
             )?,
             refresh_slots: Semaphore::new(settings.max_concurrent_refreshes.max(1) as usize),
             admission: admission::Admission::new(settings.max_concurrent_refreshes.max(1) as usize),
+            alarms: Arc::default(),
             first_look: first_look::FirstLook::default(),
             memory: memory::Memory::default(),
             links: Arc::new(LinkIndex::new(settings.defaults.clone())),
@@ -246,10 +250,10 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     }
     ctx.memory
         .with(&keys.uid, |m| m.backoff.reconcile_errors = 0);
-    Ok(match settled.requeue_after(now) {
-        Some(delay) => Action::requeue(delay),
-        None => Action::await_change(),
-    })
+    // Waiting for time alone: an alarm, not a requeue (see [`alarms`]).
+    ctx.alarms
+        .set(&keys.namespace, &keys.name, settled.requeue_after(now));
+    Ok(Action::await_change())
 }
 
 /// How soon a client whose stale status was corrected is reconciled again (to refresh); the

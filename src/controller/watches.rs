@@ -76,6 +76,7 @@ pub async fn run(
     // What the previous term's watches saw may be stale now (another replica led meanwhile):
     // nothing is taken from them until this term's watches have listed again.
     ctx.secrets.reset();
+    ctx.alarms.reset();
     let runs = scopes
         .into_iter()
         .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone()));
@@ -150,6 +151,7 @@ async fn run_scope(
                 .is_none_or(|ns| client.namespace.as_deref() == Some(ns)),
         )
     });
+    let alarms = ctx.alarms.ringing(scope.as_deref());
     let pruner = prune_deleted(ctx.clone(), store.clone(), scope.clone());
     let controller = Controller::for_stream(client_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
@@ -158,6 +160,7 @@ async fn run_scope(
         })
         .reconcile_all_on(ticks)
         .reconcile_on(wakes)
+        .reconcile_on(alarms)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
