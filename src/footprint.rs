@@ -30,7 +30,7 @@ use crate::{
         alarms::Alarms,
         fixtures::{demo_client, settings},
         index::{References, SecretVersions},
-        memory::{HeldTokens, Memory, ReadValue},
+        memory::{HeldTokens, Memory, ReadValue, Seen},
         plan::Plan,
         status::desired_status,
     },
@@ -229,7 +229,7 @@ fn footprint_per_client() {
                     key: "clientSecret".into(),
                     resource_version: Some("300000".into()),
                     value: Some(SecretString::from("x".repeat(40))),
-                    term: 1,
+                    seen: Seen::now(1),
                 });
             });
         }

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Context,
-    memory::HeldTokens,
+    memory::{HeldTokens, Seen},
     observe::{Observed, TargetSecret},
     plan::{Plan, RefreshOutcome, SecretWrite, TokenRequest},
     schedule,
@@ -106,23 +106,21 @@ pub(crate) async fn act(
 }
 
 /// Holds the tokens the target Secret holds at the version read, keeping the moment of this
-/// replica's own write when that is the version.
+/// replica's own write and when it last saw them when that is the version held.
 fn remember_read(ctx: &Context, o: &Observed, tokens: &StoredTokens) {
     let resource_version = o.target.as_ref().and_then(|t| t.resource_version.clone());
     let term = ctx.secrets.term();
     ctx.memory.with(&o.keys.uid, |m| {
-        let written_at = m
+        let same = m
             .held
             .as_ref()
-            .filter(|h| h.resource_version == resource_version)
-            .and_then(|h| h.written_at);
-        m.held = Some(HeldTokens::new(
-            tokens,
-            true,
-            resource_version,
-            written_at,
-            term,
-        ));
+            .filter(|h| h.resource_version == resource_version);
+        let (written_at, seen) = (same.and_then(|h| h.written_at), same.map(|h| h.seen));
+        let mut held = HeldTokens::new(tokens, true, resource_version, written_at, term);
+        if let Some(seen) = seen {
+            held.seen = seen;
+        }
+        m.held = Some(held);
     });
 }
 
@@ -378,7 +376,7 @@ impl Request<'_> {
                         held.stored = true;
                         held.resource_version = version;
                         held.written_at = Some(std::time::Instant::now());
-                        held.term = ctx.secrets.term();
+                        held.seen = Seen::now(ctx.secrets.term());
                     }
                 });
                 Ok(new)

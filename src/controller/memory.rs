@@ -56,10 +56,38 @@ pub(crate) struct HeldTokens {
     pub(crate) resource_version: Option<String>,
     /// When this replica wrote that version: until the watch delivers it, a reconcile waits.
     pub(crate) written_at: Option<std::time::Instant>,
-    /// The Secret watch's term ([`super::index::SecretVersions::term`]) in which this replica
-    /// read or wrote these tokens: until the watch of that term has listed, they are taken as
-    /// current instead of read again.
+    /// When and in which term this replica read or wrote these tokens (see [`Seen`]).
+    pub(crate) seen: Seen,
+}
+
+/// How long a value read or written in the current term stands in for a read while the term's
+/// Secret watch has not listed: long enough for any start-up's list (a storm's reconciles retry
+/// every 250 ms meanwhile), short enough that a watch that cannot list at all (no RBAC to list
+/// Secrets, an API server that keeps failing the list) still sees a change within a minute.
+pub(crate) const UNLISTED_TRUST: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When, and in which term of the Secret watch ([`super::index::SecretVersions::term`]), this
+/// replica last read or wrote a value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Seen {
     pub(crate) term: u64,
+    pub(crate) at: std::time::Instant,
+}
+
+impl Seen {
+    pub(crate) fn now(term: u64) -> Seen {
+        Seen {
+            term,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether the value may stand in for a read while the watch of `term` has not listed:
+    /// seen in that term (what came before may be stale: another replica may have led
+    /// meanwhile) and within [`UNLISTED_TRUST`].
+    pub(crate) fn stands_in(&self, term: u64) -> bool {
+        self.term == term && self.at.elapsed() < UNLISTED_TRUST
+    }
 }
 
 impl HeldTokens {
@@ -75,7 +103,7 @@ impl HeldTokens {
             stored,
             resource_version,
             written_at,
-            term,
+            seen: Seen::now(term),
         }
     }
 
@@ -107,12 +135,12 @@ impl PartialEq for HeldTokens {
                 self.stored,
                 &self.resource_version,
                 self.written_at,
-                self.term,
+                self.seen,
             ) == (
                 other.stored,
                 &other.resource_version,
                 other.written_at,
-                other.term,
+                other.seen,
             )
     }
 }
@@ -126,8 +154,8 @@ pub(crate) struct ReadValue {
     pub(crate) resource_version: Option<String>,
     /// `None`: the key is missing or blank.
     pub(crate) value: Option<SecretString>,
-    /// The Secret watch's term in which it was read (see [`HeldTokens::term`]).
-    pub(crate) term: u64,
+    /// When and in which term it was read.
+    pub(crate) seen: Seen,
 }
 
 impl std::fmt::Debug for ReadValue {
@@ -137,15 +165,15 @@ impl std::fmt::Debug for ReadValue {
             .field("key", &self.key)
             .field("resource_version", &self.resource_version)
             .field("value", &self.value.as_ref().map(|_| "<redacted>"))
-            .field("term", &self.term)
+            .field("seen", &self.seen)
             .finish()
     }
 }
 
 impl PartialEq for ReadValue {
     fn eq(&self, other: &Self) -> bool {
-        (&self.name, &self.key, &self.resource_version, self.term)
-            == (&other.name, &other.key, &other.resource_version, other.term)
+        (&self.name, &self.key, &self.resource_version, self.seen)
+            == (&other.name, &other.key, &other.resource_version, other.seen)
             && self.value.as_ref().map(|v| v.expose_secret())
                 == other.value.as_ref().map(|v| v.expose_secret())
     }

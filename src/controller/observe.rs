@@ -15,7 +15,7 @@ use std::fmt;
 use super::{
     Context,
     index::Known,
-    memory::{ClientMemory, HeldTokens, ReadValue},
+    memory::{ClientMemory, HeldTokens, ReadValue, Seen},
 };
 use crate::{
     Error, Result,
@@ -294,6 +294,20 @@ async fn read_target(
                 .then(|| StoredTokens::from_secret(&secret))
                 .flatten()
                 .map(Box::new);
+            if let (Some(held), Some(uid)) = (held, obj.metadata.uid.as_deref())
+                && held.resource_version == target.resource_version
+            {
+                // Read again at the version held: what is held was seen just now.
+                ctx.memory.with(uid, |m| {
+                    if let Some(h) = m
+                        .held
+                        .as_mut()
+                        .filter(|h| h.resource_version == held.resource_version)
+                    {
+                        h.seen = Seen::now(term);
+                    }
+                });
+            }
             if held.is_none()
                 && let (Some(tokens), Some(uid)) = (&stored, obj.metadata.uid.as_deref())
             {
@@ -336,7 +350,9 @@ fn known_target(known: &Known, held: Option<&HeldTokens>, term: u64) -> TargetKn
         // latest it knows: reading it again at every wake-up (a client parked by the token
         // limiter wakes many times) would only repeat the read. A write stays conditional on
         // the version, so a change made meanwhile is a conflict, never overwritten.
-        (Known::Unknown, Some(_)) if held.is_some_and(|h| h.term == term) => TargetKnown::Held,
+        (Known::Unknown, Some(_)) if held.is_some_and(|h| h.seen.stands_in(term)) => {
+            TargetKnown::Held
+        }
         (Known::Absent, None) if held.is_none() => TargetKnown::Absent,
         (Known::Unknown, _) => TargetKnown::Read,
         (_, Some(_))
@@ -369,7 +385,7 @@ async fn read_value(
             return Ok(cached.cloned());
         }
         // Read in this term before the watch has listed: as for the token Secret.
-        Known::Unknown if cached.is_some_and(|c| same(c) && c.term == term) => {
+        Known::Unknown if cached.is_some_and(|c| same(c) && c.seen.stands_in(term)) => {
             return Ok(cached.cloned());
         }
         Known::Absent => return Ok(None),
@@ -388,7 +404,7 @@ fn secrets_namespace(secrets: &Api<Secret>) -> String {
 /// The value of `key` in `secret`, trimmed; blank counts as missing (pure).
 fn read_key(secret: &Secret, name: &str, key: &str, term: u64) -> ReadValue {
     ReadValue {
-        term,
+        seen: Seen::now(term),
         name: name.to_string(),
         key: key.to_string(),
         resource_version: secret.metadata.resource_version.clone(),
@@ -477,7 +493,10 @@ fn personal_access_token_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::{settings, tokens};
+    use crate::controller::{
+        fixtures::{settings, tokens},
+        memory::UNLISTED_TRUST,
+    };
     use k8s_openapi::ByteString;
     use secrecy::ExposeSecret;
 
@@ -563,7 +582,13 @@ mod tests {
             )
         };
         let earlier_term = |mut h: HeldTokens| {
-            h.term = TERM - 1;
+            h.seen.term = TERM - 1;
+            h
+        };
+        let long_ago = |mut h: HeldTokens| {
+            h.seen.at = std::time::Instant::now()
+                .checked_sub(UNLISTED_TRUST)
+                .expect("an instant that long ago");
             h
         };
         let at = |rv: &str| Known::At(rv.into());
@@ -633,6 +658,12 @@ mod tests {
                 "not listed yet, held from an earlier term",
                 Known::Unknown,
                 Some(earlier_term(held(true, Some("5"), false))),
+                TargetKnown::Read,
+            ),
+            (
+                "not listed yet, read in this term but long ago",
+                Known::Unknown,
+                Some(long_ago(held(true, Some("5"), false))),
                 TargetKnown::Read,
             ),
             (
