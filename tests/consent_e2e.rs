@@ -441,6 +441,60 @@ async fn changes_during_consent_are_refused() {
     assert_eq!(obj.condition("Authorized").unwrap().status, "False");
 }
 
+/// A refused consent keeps its condition when its status write meets a conflict (the
+/// controller wrote meanwhile): the callback reads the client again and writes once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_consent_is_recorded_after_a_status_conflict() {
+    let env = Stack::start(&[]).await;
+    let (mut browser, back) = consent_pending(&env, "changed").await;
+    let patch = serde_json::json!({"spec": {"clientId": "another-client"}});
+    let changed = env
+        .cluster
+        .clients()
+        .patch("changed", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    // The controller has written its status for the change: the next status write is the
+    // callback's.
+    eventually("the controller saw the change", || async {
+        let obj = env.cluster.clients().get("changed").await.ok()?;
+        let observed = obj.status.as_ref()?.observed_generation;
+        (observed == changed.metadata.generation).then_some(())
+    })
+    .await;
+    env.cluster.proxy().clear_request_log();
+    // The callback's first status write claims the attempt; the second records the refusal.
+    env.cluster.proxy().inject_fault_after(
+        1,
+        kube_fault_proxy::Fault {
+            method: Some(http::Method::PATCH),
+            path_contains: "/gotooauthclients/changed/status".into(),
+            status: 409,
+            times: 1,
+        },
+    );
+
+    let page = browser.get(&back).await;
+    assert_eq!(page.status, 409, "{}", page.body);
+    assert!(page.body.contains("reconfigured"));
+    env.cluster
+        .wait_condition(
+            "changed",
+            "Authorized",
+            "False",
+            reason::AUTHORIZATION_FAILED,
+        )
+        .await;
+    let conflicts = env
+        .cluster
+        .proxy()
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/gotooauthclients/changed/status") && r.status == 409)
+        .count();
+    assert_eq!(conflicts, 1, "the injected conflict was served");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_secret_is_never_overwritten() {
     let env = Stack::start(&[]).await;

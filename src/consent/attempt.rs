@@ -27,7 +27,7 @@ use crate::{
         },
     },
     goto::{OAuthError, TokenResponse},
-    resource::{ConsumedState, GoToOAuthClient},
+    resource::{ConsumedState, GoToOAuthClient, GoToOAuthClientStatus},
     secret::StoredTokens,
     validation::ClientSettings,
 };
@@ -152,34 +152,20 @@ pub(crate) async fn complete(
         m.backoff = Default::default();
     });
 
-    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
-    // The claimed object is the latest this replica knows; after a conflict, read it again.
-    let first = std::sync::atomic::AtomicBool::new(true);
-    let write = || async {
-        let latest = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            obj.clone()
-        } else {
-            match api.get_opt(&keys.name).await? {
-                Some(latest) => latest,
-                None => return Ok(false),
-            }
-        };
-        let plan = Plan::after_consent(&latest, settings, tokens.clone(), &keys.uid);
+    let written = write_from_latest(ctx, obj, keys, |latest| {
+        let plan = Plan::after_consent(latest, settings, tokens.clone(), &keys.uid);
         // The used link is spent; the next re-authorization gets a fresh one.
         let link = plan.link.resolve(|| random_token(32));
-        let status = desired_status(
-            &latest,
+        Some(desired_status(
+            latest,
             keys,
             &plan,
             link.as_deref(),
             &ctx.settings.defaults,
             now,
-        );
-        // The consent's own Event below tells what happened; the conditions' transitions
-        // would only repeat it.
-        apply_status(ctx, &latest, keys, status, Events::Never).await
-    };
-    let written = write.retry(on_conflict(4)).when(Error::is_conflict).await;
+        ))
+    })
+    .await;
     ctx.memory.with(&keys.uid, |m| m.consent_in_flight = None);
     if let Err(e) = written {
         // The Secret holds the tokens; the leader's reconcile derives the status from it.
@@ -194,6 +180,37 @@ pub(crate) async fn complete(
     })
 }
 
+/// Writes the status `status_of` computes from the client: first from `obj` (the latest this
+/// replica knows), and after a conflict (the controller wrote meanwhile, say after a spec
+/// change) from the client read again, up to four more times. A status lost to a conflict would
+/// leave a refused consent without its condition. `Ok(false)`: nothing written (no change,
+/// `status_of` had none, or the client is gone or was replaced). The Event that follows tells
+/// what happened; the conditions' transitions would only repeat it.
+async fn write_from_latest(
+    ctx: &Context,
+    obj: &GoToOAuthClient,
+    keys: &ObjectKeys,
+    status_of: impl Fn(&GoToOAuthClient) -> Option<GoToOAuthClientStatus>,
+) -> Result<bool> {
+    let api: Api<GoToOAuthClient> = Api::namespaced(ctx.client.clone(), &keys.namespace);
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let write = || async {
+        let latest = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            obj.clone()
+        } else {
+            match api.get_opt(&keys.name).await? {
+                Some(latest) if latest.metadata.uid.as_deref() == Some(keys.uid.as_str()) => latest,
+                _ => return Ok(false),
+            }
+        };
+        match status_of(&latest) {
+            Some(status) => apply_status(ctx, &latest, keys, status, Events::Never).await,
+            None => Ok(false),
+        }
+    };
+    write.retry(on_conflict(4)).when(Error::is_conflict).await
+}
+
 /// Records a failed attempt: `Authorized` (and `Ready`) carry the failure only while no tokens
 /// are stored, so a failed attempt never spoils a working client; an Event always.
 pub(crate) async fn record_failure(
@@ -204,8 +221,11 @@ pub(crate) async fn record_failure(
     action: EventAction,
     message: &str,
 ) -> Result<()> {
-    let status = obj.status.clone().unwrap_or_default();
-    if status.access_token_expires_at.is_none() {
+    let written = write_from_latest(ctx, obj, keys, |latest| {
+        let status = latest.status.clone().unwrap_or_default();
+        if status.access_token_expires_at.is_some() {
+            return None;
+        }
         let plan = Plan::failed_consent(
             &status,
             Authorization::ConsentFailed {
@@ -214,19 +234,21 @@ pub(crate) async fn record_failure(
             },
         );
         let link = plan.link.resolve(|| random_token(32));
-        let desired = desired_status(
-            obj,
+        Some(desired_status(
+            latest,
             keys,
             &plan,
             link.as_deref(),
             &ctx.settings.defaults,
             ctx.clock.now(),
-        );
-        match apply_status(ctx, obj, keys, desired, Events::Never).await {
-            Ok(_) => {}
-            Err(e) if e.is_conflict() => {}
-            Err(e) => return Err(e),
-        }
+        ))
+    })
+    .await;
+    match written {
+        Ok(_) => {}
+        // Someone kept writing the status; the Event below still tells the failure.
+        Err(e) if e.is_conflict() => warn!(error = %e, "failed consent not recorded in status"),
+        Err(e) => return Err(e),
     }
     publish(
         ctx,

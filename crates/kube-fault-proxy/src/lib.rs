@@ -67,7 +67,8 @@ pub struct Fault {
 struct Shared {
     upstream: kube::Client,
     log: Mutex<VecDeque<LoggedRequest>>,
-    faults: Mutex<Vec<Fault>>,
+    /// Each fault with the matching requests it still lets through first.
+    faults: Mutex<Vec<(Fault, usize)>>,
     /// Cancelled (and replaced) by [`FaultProxy::cut_watches`]; a child of `shutdown`.
     watch_cancel: Mutex<CancellationToken>,
     /// While set, the API server is "unreachable": every request gets a 503.
@@ -164,7 +165,13 @@ impl FaultProxy {
 
     /// Adds a fault; faults are tried in the order they were injected.
     pub fn inject_fault(&self, fault: Fault) {
-        lock(&self.shared.faults).push(fault);
+        self.inject_fault_after(0, fault);
+    }
+
+    /// Adds a fault that lets the first `skip` requests it matches through (to fail, say, the
+    /// second status write of a flow and not the first).
+    pub fn inject_fault_after(&self, skip: usize, fault: Fault) {
+        lock(&self.shared.faults).push((fault, skip));
     }
 
     /// Drops every injected fault that has not fired yet.
@@ -274,11 +281,15 @@ fn take_fault(shared: &Shared, method: &http::Method, path: &str, query: &str) -
         format!("{path}?{query}")
     };
     let mut faults = lock(&shared.faults);
-    let hit = faults.iter_mut().find(|f| {
+    let (hit, skip) = faults.iter_mut().find(|(f, _)| {
         f.times > 0
             && f.method.as_ref().is_none_or(|m| m == method)
             && target.contains(&f.path_contains)
     })?;
+    if *skip > 0 {
+        *skip -= 1;
+        return None;
+    }
     hit.times -= 1;
     Some(hit.status)
 }

@@ -62,6 +62,7 @@ async fn a_fault_fires_exactly_times_times_and_is_logged() {
         }
     }
     assert_eq!(codes, [409, 409, 200], "two faults, then the real server");
+
     // A GET on the same path was never a candidate (the fault names PATCH).
     secrets.get("s").await.expect("get is not faulted");
 
@@ -88,6 +89,31 @@ async fn a_fault_fires_exactly_times_times_and_is_logged() {
     assert_eq!(first.method, "PATCH");
     proxy.clear_request_log();
     assert!(proxy.request_log().is_empty());
+    // A fault injected after one request: the first match goes through, the second fails.
+    proxy.inject_fault_after(
+        1,
+        Fault {
+            method: Some(http::Method::PATCH),
+            path_contains: "/secrets/s".into(),
+            status: 409,
+            times: 1,
+        },
+    );
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        after.push(
+            match secrets.patch("s", &PatchParams::default(), &patch).await {
+                Ok(_) => 200,
+                Err(kube::Error::Api(status)) => status.code,
+                Err(e) => panic!("unexpected error: {e}"),
+            },
+        );
+    }
+    assert_eq!(
+        after,
+        [200, 409, 200],
+        "one let through, one fault, then none"
+    );
 }
 
 #[tokio::test]
