@@ -2232,6 +2232,14 @@ async fn storm_phase(bench: &Bench, report: &mut Report) -> Result<()> {
         per_client(mem, bench.baseline, n),
     );
     report.row("3. storm: open fds (sampled every 50 ms)", "", op.fds());
+    // What the storm leaves behind once nothing is due: phase 2's idle window again.
+    let window = Duration::from_secs(bench.s.idle_secs);
+    tokio::time::sleep(window).await;
+    report.row(
+        &format!("3. storm: RSS after another {} s idle", window.as_secs()),
+        if n == 1_000 { "≤ 20 MiB" } else { "" },
+        op.mem().show(),
+    );
     let warnings = op.stop().await?;
     report.row(
         "3. storm: operator WARN/ERROR log lines",
