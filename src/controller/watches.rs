@@ -81,6 +81,9 @@ pub async fn run(
         .into_iter()
         .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone()));
     futures::future::join_all(runs).await;
+    // Nothing rings for a replica that no longer leads: the alarms' memory goes now, not at
+    // the next term.
+    ctx.alarms.reset();
     info!("controller stopped");
 }
 
