@@ -380,6 +380,22 @@ async fn token_endpoint_failures_are_reported_and_store_nothing() {
     env.provider.assert_no_secret_material(&env.op.logs());
 }
 
+/// The callback of client `changed`, whose client id changed during its consent: a refusal
+/// page, and `Authorized=False/AuthorizationFailed` on the client.
+async fn refused_as_reconfigured(env: &Stack, browser: &mut Browser, back: &str) {
+    let page = browser.get(back).await;
+    assert_eq!(page.status, 409, "{}", page.body);
+    assert!(page.body.contains("reconfigured"));
+    env.cluster
+        .wait_condition(
+            "changed",
+            "Authorized",
+            "False",
+            reason::AUTHORIZATION_FAILED,
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_during_consent_are_refused() {
     let env = Stack::start(&[]).await;
@@ -403,17 +419,7 @@ async fn changes_during_consent_are_refused() {
         .patch("changed", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    let page = browser.get(&back).await;
-    assert_eq!(page.status, 409, "{}", page.body);
-    assert!(page.body.contains("reconfigured"));
-    env.cluster
-        .wait_condition(
-            "changed",
-            "Authorized",
-            "False",
-            reason::AUTHORIZATION_FAILED,
-        )
-        .await;
+    refused_as_reconfigured(&env, &mut browser, &back).await;
     assert!(env.cluster.token_secret("changed").await.is_none());
 
     // Client secret removed meanwhile.
@@ -474,17 +480,7 @@ async fn a_refused_consent_is_recorded_after_a_status_conflict() {
         },
     );
 
-    let page = browser.get(&back).await;
-    assert_eq!(page.status, 409, "{}", page.body);
-    assert!(page.body.contains("reconfigured"));
-    env.cluster
-        .wait_condition(
-            "changed",
-            "Authorized",
-            "False",
-            reason::AUTHORIZATION_FAILED,
-        )
-        .await;
+    refused_as_reconfigured(&env, &mut browser, &back).await;
     let conflicts = env
         .cluster
         .proxy()

@@ -105,22 +105,20 @@ pub(crate) async fn act(
     }
 }
 
-/// Holds the tokens the target Secret holds at the version read, keeping the moment of this
-/// replica's own write and when it last saw them when that is the version held.
+/// Holds the tokens the target Secret holds at the version read. Tokens already held as stored
+/// at that version are those very tokens (what `observe` relies on too): they stay as they are,
+/// with the moment of this replica's write and when it last saw them.
 fn remember_read(ctx: &Context, o: &Observed, tokens: &StoredTokens) {
     let resource_version = o.target.as_ref().and_then(|t| t.resource_version.clone());
     let term = ctx.secrets.term();
     ctx.memory.with(&o.keys.uid, |m| {
-        let same = m
-            .held
+        if m.held
             .as_ref()
-            .filter(|h| h.resource_version == resource_version);
-        let (written_at, seen) = (same.and_then(|h| h.written_at), same.map(|h| h.seen));
-        let mut held = HeldTokens::new(tokens, true, resource_version, written_at, term);
-        if let Some(seen) = seen {
-            held.seen = seen;
+            .is_some_and(|h| h.stored && h.resource_version == resource_version)
+        {
+            return;
         }
-        m.held = Some(held);
+        m.held = Some(HeldTokens::new(tokens, true, resource_version, None, term));
     });
 }
 

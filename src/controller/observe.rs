@@ -294,30 +294,26 @@ async fn read_target(
                 .then(|| StoredTokens::from_secret(&secret))
                 .flatten()
                 .map(Box::new);
-            if let (Some(held), Some(uid)) = (held, obj.metadata.uid.as_deref())
-                && held.resource_version == target.resource_version
-            {
-                // Read again at the version held: what is held was seen just now.
-                ctx.memory.with(uid, |m| {
-                    if let Some(h) = m
-                        .held
-                        .as_mut()
-                        .filter(|h| h.resource_version == held.resource_version)
-                    {
+            if let (Some(tokens), Some(uid)) = (&stored, obj.metadata.uid.as_deref()) {
+                ctx.memory.with(uid, |m| match &mut m.held {
+                    // Read again at the version held: what is held was seen just now.
+                    Some(h) if h.resource_version == target.resource_version => {
                         h.seen = Seen::now(term);
                     }
-                });
-            }
-            if held.is_none()
-                && let (Some(tokens), Some(uid)) = (&stored, obj.metadata.uid.as_deref())
-            {
-                // What `act` would hold after this reconcile (nothing held: the Secret's tokens
-                // are current), held now: a reconcile that ends before `act` (a refresh held
-                // back by the first look, an invalid spec) must not make the next read again.
-                let held =
-                    HeldTokens::new(tokens, true, target.resource_version.clone(), None, term);
-                ctx.memory.with(uid, |m| {
-                    m.held.get_or_insert(held);
+                    // What `act` would hold after this reconcile (nothing held: the Secret's
+                    // tokens are current), held now: a reconcile that ends before `act` (a
+                    // refresh held back by the first look, an invalid spec) must not make the
+                    // next read again.
+                    None => {
+                        m.held = Some(HeldTokens::new(
+                            tokens,
+                            true,
+                            target.resource_version.clone(),
+                            None,
+                            term,
+                        ));
+                    }
+                    Some(_) => {}
                 });
             }
             TargetRead::Seen(Some(target), stored)

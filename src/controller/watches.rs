@@ -33,7 +33,8 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// with 1,000 clients the RSS right after a storm was 24.3 MiB with pages of 500, 22.4 with
 /// 250 and 21.7 with 100, but 10,000 clients took 33.6 s to be Ready with 100 (goal 30), 26.0
 /// with 250. The Secret watch asks for metadata only and keeps kube's default: with pages of
-/// 100 its list took long enough that reconciles read Secrets it had not listed yet.
+/// 100 its list took long enough that reconciles read Secrets it had not listed yet (now once
+/// a term, see `observe`, but a longer list still delays the term's first refreshes).
 pub(crate) fn list_pages() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE)
 }
