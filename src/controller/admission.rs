@@ -21,10 +21,9 @@ use std::{
 };
 
 use jiff::Timestamp;
-use kube::runtime::reflector::ObjectRef;
 use tokio::sync::broadcast;
 
-use crate::resource::GoToOAuthClient;
+use super::cached::ClientRef;
 
 /// How soon a parked client asks again if no wake reaches it.
 pub(crate) const PARKED_RETRY: Duration = Duration::from_secs(30);
@@ -38,14 +37,14 @@ const WAKES: usize = 256;
 pub(crate) struct Admission {
     capacity: usize,
     inner: Mutex<Inner>,
-    wake: broadcast::Sender<ObjectRef<GoToOAuthClient>>,
+    wake: broadcast::Sender<ClientRef>,
 }
 
 #[derive(Default)]
 struct Inner {
     out: usize,
     /// Parked clients by (expiry, uid).
-    parked: BTreeMap<(Timestamp, String), ObjectRef<GoToOAuthClient>>,
+    parked: BTreeMap<(Timestamp, String), ClientRef>,
     /// The expiry each parked client is keyed by.
     by_uid: HashMap<String, Timestamp>,
 }
@@ -76,7 +75,7 @@ impl Admission {
     }
 
     /// The clients to reconcile because their turn came.
-    pub(crate) fn wakes(&self) -> broadcast::Receiver<ObjectRef<GoToOAuthClient>> {
+    pub(crate) fn wakes(&self) -> broadcast::Receiver<ClientRef> {
         self.wake.subscribe()
     }
 
@@ -86,7 +85,7 @@ impl Admission {
         &self,
         uid: &str,
         expires_at: Timestamp,
-        client: ObjectRef<GoToOAuthClient>,
+        client: ClientRef,
     ) -> Option<Turn<'_>> {
         let mut inner = self.inner();
         if let Some(at) = inner.by_uid.remove(uid) {
@@ -137,8 +136,8 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + 60 * minute).unwrap()
     }
 
-    fn client(name: &str) -> ObjectRef<GoToOAuthClient> {
-        ObjectRef::new(name).within("ns")
+    fn client(name: &str) -> ClientRef {
+        super::super::cached::client_ref("ns", name)
     }
 
     #[test]

@@ -23,10 +23,9 @@ use std::{
 };
 
 use futures::Stream;
-use kube::runtime::reflector::ObjectRef;
 use tokio::{sync::Notify, time::Instant};
 
-use crate::resource::GoToOAuthClient;
+use super::cached::{ClientRef, client_ref};
 
 /// `namespace/name` (neither may contain a slash).
 type Key = Arc<str>;
@@ -61,7 +60,7 @@ pub(crate) struct Alarms {
 /// What a scope's stream does next.
 #[derive(Debug, PartialEq)]
 enum Next {
-    Ring(ObjectRef<GoToOAuthClient>),
+    Ring(ClientRef),
     SleepUntil(Instant),
     Wait,
 }
@@ -109,7 +108,7 @@ impl Alarms {
     pub(crate) fn ringing(
         self: &Arc<Self>,
         scope: Option<&str>,
-    ) -> impl Stream<Item = ObjectRef<GoToOAuthClient>> + Send + use<> {
+    ) -> impl Stream<Item = ClientRef> + Send + use<> {
         let scope: Option<Box<str>> = scope.map(Box::from);
         self.lock().entry(scope.clone()).or_default();
         futures::stream::unfold((self.clone(), scope), |(alarms, scope)| async move {
@@ -156,7 +155,7 @@ impl Alarms {
                     let Some((namespace, name)) = key.split_once('/') else {
                         continue;
                     };
-                    Next::Ring(ObjectRef::new(name).within(namespace))
+                    Next::Ring(client_ref(namespace, name))
                 }
                 Some((at, _)) => Next::SleepUntil(*at),
                 None => Next::Wait,
@@ -175,8 +174,8 @@ mod tests {
 
     use super::*;
 
-    fn client(namespace: &str, name: &str) -> ObjectRef<GoToOAuthClient> {
-        ObjectRef::new(name).within(namespace)
+    fn client(namespace: &str, name: &str) -> ClientRef {
+        client_ref(namespace, name)
     }
 
     #[tokio::test(start_paused = true)]

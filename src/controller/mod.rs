@@ -4,13 +4,15 @@
 //! A reconcile is a pipeline, one module per step: [`observe`] reads what is stored,
 //! [`plan`] decides (pure, table-tested), [`act`] performs the token request and the writes,
 //! and [`status`] derives the status from what was written. [`watches`] runs the controller
-//! over the watched namespaces and feeds [`index`] (Secret versions, who references what), by
-//! which `observe` skips the reads whose answer it already holds; [`memory`] holds the little that cannot live in the API server;
+//! over the watched namespaces, keeps its cache of clients compact ([`cached`]) and feeds
+//! [`index`] (Secret versions, who references what), by which `observe` skips the reads whose
+//! answer it already holds; [`memory`] holds the little that cannot live in the API server;
 //! [`schedule`] says when tokens refresh and how failures back off.
 
 pub(crate) mod act;
 pub(crate) mod admission;
 pub(crate) mod alarms;
+pub(crate) mod cached;
 pub(crate) mod events;
 pub(crate) mod first_look;
 #[cfg(test)]
@@ -27,10 +29,7 @@ pub(crate) mod watches;
 
 use std::{sync::Arc, time::Duration};
 
-use kube::{
-    Client, ResourceExt,
-    runtime::{controller::Action, reflector::ObjectRef},
-};
+use kube::{Client, ResourceExt, runtime::controller::Action};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, instrument, warn};
 
@@ -44,7 +43,7 @@ use crate::{
     goto::GoTo,
     leader::Leadership,
     metrics::{Metrics, ReasonLabels},
-    resource::{GoToOAuthClient, MANAGER},
+    resource::MANAGER,
     validation::Defaults,
 };
 
@@ -145,8 +144,13 @@ impl Context {
 }
 
 /// Reconciles one client: observe → plan → act → status → requeue.
-#[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
-pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> Result<Action> {
+#[instrument(skip_all, fields(namespace = cached.namespace().unwrap_or_default(), name = cached.name_any()))]
+pub(crate) async fn reconcile(
+    cached: Arc<cached::CachedClient>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let obj = cached::expand(&cached)?;
+    drop(cached);
     let _timer = ctx.metrics.time_reconcile();
     ctx.metrics.set_api_reachable(true);
     let keys = ObjectKeys::of(&obj)?;
@@ -182,7 +186,7 @@ pub(crate) async fn reconcile(obj: Arc<GoToOAuthClient>, ctx: Arc<Context>) -> R
     let turn = match (&planned.refresh, &planned.write) {
         (Some(_), None) => {
             let expires_at = planned.tokens.as_ref().map_or(now, |t| t.expires_at);
-            let client = ObjectRef::from_obj(observed.obj.as_ref());
+            let client = cached::client_ref(&keys.namespace, &keys.name);
             match ctx.admission.enter(&keys.uid, expires_at, client) {
                 Some(turn) => Some(turn),
                 None => return Ok(Action::requeue(admission::PARKED_RETRY)),
@@ -293,7 +297,11 @@ async fn correct_stale_status(
 
 /// Backs off per object: a bad spec or missing Secret waits for a change; transient errors
 /// retry after 1 s doubling to 5 min; unstored tokens retry quickly.
-pub(crate) fn error_policy(obj: Arc<GoToOAuthClient>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(
+    obj: Arc<cached::CachedClient>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ReasonLabels {

@@ -5,20 +5,20 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api,
     core::PartialObjectMeta,
-    runtime::{
-        Controller, WatchStreamExt,
-        reflector::{ObjectRef, Store},
-        watcher,
-    },
+    runtime::{Controller, WatchStreamExt, reflector::Store, watcher},
 };
 use tracing::{debug, info};
 
-use super::{Context, error_policy, reconcile};
+use super::{
+    Context,
+    cached::{CachedClient, ClientRef, cache_event, client_ref},
+    error_policy, reconcile,
+};
 use crate::resource::GoToOAuthClient;
 
 /// Reconciles at most this many clients at once: a thousand at once would each hold an API
@@ -44,10 +44,7 @@ pub(crate) const LIST_PAGE: u32 = 250;
 
 /// The clients that reference a Secret, as client secret, personal access token or token
 /// Secret (from the index the client watch keeps, not a scan of every client).
-fn referencing_clients(
-    ctx: &Context,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<GoToOAuthClient>> {
+fn referencing_clients(ctx: &Context, secret: &PartialObjectMeta<Secret>) -> Vec<ClientRef> {
     let (Some(namespace), Some(name)) = (
         secret.metadata.namespace.as_deref(),
         secret.metadata.name.as_deref(),
@@ -57,7 +54,7 @@ fn referencing_clients(
     ctx.references
         .clients_of(namespace, name)
         .into_iter()
-        .map(|client| ObjectRef::new(&client).within(namespace))
+        .map(|client| client_ref(namespace, &client))
         .collect()
 }
 
@@ -105,12 +102,12 @@ async fn run_scope(
     let (refs_scope, versions_scope) = (scope.clone(), scope.clone());
     let client_events = watcher(clients, list_pages())
         .default_backoff()
-        .modify(GoToOAuthClient::trim_for_cache)
         .inspect(move |event| {
             if let Ok(event) = event {
                 refs_ctx.references.follow(refs_scope.as_deref(), event);
             }
         })
+        .map_ok(cache_event)
         .reflect(writer)
         .touched_objects();
     // Metadata only: the controller needs a Secret's version, not its data.
@@ -148,7 +145,7 @@ async fn run_scope(
             }
         }
     })
-    .filter(move |client: &ObjectRef<GoToOAuthClient>| {
+    .filter(move |client: &ClientRef| {
         futures::future::ready(
             wake_scope
                 .as_deref()
@@ -182,7 +179,7 @@ async fn run_scope(
 
 /// Once the scope's cache is listed, makes its clients pending for the term's first look;
 /// then forgets clients of `scope` that no longer exist, with their metric series.
-async fn prune_deleted(ctx: Arc<Context>, store: Store<GoToOAuthClient>, scope: Option<String>) {
+async fn prune_deleted(ctx: Arc<Context>, store: Store<CachedClient>, scope: Option<String>) {
     if store.wait_until_ready().await.is_err() {
         return futures::future::pending().await;
     }
