@@ -954,6 +954,28 @@ impl Operator {
     }
 }
 
+/// User plus system CPU time of `/proc/<pid>` (`self` for the bench), in seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces) close with ')': utime and stime
+    // are the 12th and 13th after it.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf only reads a system setting.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks
+        / if per_second > 0 {
+            per_second as f64
+        } else {
+            100.0
+        }
+}
+
 fn proc_field_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
@@ -1487,6 +1509,7 @@ async fn startup_phase(bench: &Bench, op: &Operator, report: &mut Report) -> Res
     let poll = Duration::from_millis(if n > 2_000 { 250 } else { 100 });
     let mut last_list: Option<Instant> = None;
     let mut ready_after = None;
+    let bench_cpu_at_start = cpu_seconds("self");
     let scheduled_after = loop {
         let status_writes = bench.operator_count(|verb, path, status| {
             verb == "patch" && path.ends_with("/status") && status == 200
@@ -1524,6 +1547,17 @@ async fn startup_phase(bench: &Bench, op: &Operator, report: &mut Report) -> Res
         "1. start-up: all Ready=True and scheduled (nextRefreshTime) after",
         if n >= 10_000 { "≤ 30 s" } else { "" },
         format!("{:.1} s (from spawn)", scheduled_after.as_secs_f64()),
+    );
+    // Who used the two cores until then: the operator, or the bench's in-memory API server
+    // (with the fake GoTo and the proxy)?
+    report.row(
+        "1. start-up: CPU time until then",
+        "",
+        format!(
+            "operator {:.1} s, bench process (in-memory API server, proxy, fake GoTo) {:.1} s",
+            cpu_seconds(&op.pid.to_string()),
+            cpu_seconds("self") - bench_cpu_at_start
+        ),
     );
     let reconciles = op
         .settle(Duration::from_secs(3), Duration::from_secs(60))

@@ -815,11 +815,7 @@ fn resource(
                 .get_obj(&def, &ns, &name)
                 .ok_or_else(|| ApiError::not_found(&def, &name))?;
             if req.metadata_only {
-                return Ok(Reply::Json(
-                    200,
-                    partial(&Store::view(&def, obj)),
-                    Order::generic(),
-                ));
+                return Ok(Reply::Json(200, partial_of(&def, obj), Order::generic()));
             }
             Ok(Reply::Json(200, Store::view(&def, obj), order))
         }
@@ -953,6 +949,16 @@ pub(crate) fn partial(view: &Value) -> Value {
         "apiVersion": "meta.k8s.io/v1",
         "metadata": view.get("metadata").cloned().unwrap_or_else(|| json!({})),
     })
+}
+
+/// The PartialObjectMetadata form of a stored object. Only the events.k8s.io view changes the
+/// metadata; the others are the stored metadata, so the object (a Secret's data, say) is not
+/// copied to take it.
+pub(crate) fn partial_of(def: &ResourceDef, stored: &Value) -> Value {
+    match def.flavor {
+        store::Flavor::EventV1 => partial(&Store::view(def, stored)),
+        _ => partial(stored),
+    }
 }
 
 fn list_item(def: &ResourceDef, stored: &Value) -> Value {
@@ -1101,7 +1107,7 @@ fn list(
             continue;
         }
         if req.metadata_only {
-            items.push(partial(&Store::view(def, obj)));
+            items.push(partial_of(def, obj));
         } else {
             items.push(list_item(def, obj));
         }
@@ -1122,7 +1128,8 @@ fn list(
             "kind": "PartialObjectMetadataList",
             "apiVersion": "meta.k8s.io/v1",
             "metadata": Value::Object(meta),
-            "items": items,
+            // Moved in: `json!` would serialize a copy of every item.
+            "items": Value::Array(items),
         });
         return Ok(Reply::Json(200, body, Order::generic()));
     }
@@ -1130,7 +1137,7 @@ fn list(
         "kind": def.list_kind,
         "apiVersion": def.api_version(),
         "metadata": Value::Object(meta),
-        "items": items,
+        "items": Value::Array(items),
     });
     Ok(Reply::Json(200, body, def.order()))
 }

@@ -186,10 +186,11 @@ impl Order {
 
 /// Encode `value` as one compact JSON line (with the trailing newline the server always sends).
 pub(crate) fn encode(value: &Value, order: Order) -> String {
-    let mut out = String::with_capacity(256);
+    let mut out = Vec::with_capacity(256);
     write_value(&mut out, value, order, Ctx::Top);
-    out.push('\n');
-    out
+    out.push(b'\n');
+    // Only JSON was written: always UTF-8.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -298,38 +299,50 @@ const SPEC_ANY: &[&str] = &[
     "preserveUnknownFields",
 ];
 
-fn write_value(out: &mut String, value: &Value, order: Order, ctx: Ctx) {
+fn write_value(out: &mut Vec<u8>, value: &Value, order: Order, ctx: Ctx) {
     match value {
         Value::Object(map) => write_object(out, map, order, ctx),
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_value(out, item, order, ctx);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => push_json(out, other),
     }
 }
 
-fn write_object(out: &mut String, map: &Map<String, Value>, order: Order, ctx: Ctx) {
+/// Appends a scalar as JSON, without a copy of it first.
+fn push_json(out: &mut Vec<u8>, value: &Value) {
+    // Writing a scalar into a Vec does not fail.
+    let _ = serde_json::to_writer(out, value);
+}
+
+/// Appends a key as a JSON string.
+fn push_key(out: &mut Vec<u8>, key: &str) {
+    // Writing a string into a Vec does not fail.
+    let _ = serde_json::to_writer(out, key);
+}
+
+fn write_object(out: &mut Vec<u8>, map: &Map<String, Value>, order: Order, ctx: Ctx) {
     let table: &[&str] = match (order, ctx) {
         (Order::Sorted, _) | (_, Ctx::Opaque) => &[],
         (Order::Typed(top), Ctx::Top) => top,
         (_, Ctx::Nested(t)) => t,
     };
-    out.push('{');
+    out.push(b'{');
     let mut first = true;
-    let mut emit = |out: &mut String, k: &str, v: &Value| {
+    let mut emit = |out: &mut Vec<u8>, k: &str, v: &Value| {
         if !first {
-            out.push(',');
+            out.push(b',');
         }
         first = false;
-        out.push_str(&Value::String(k.to_owned()).to_string());
-        out.push(':');
+        push_key(out, k);
+        out.push(b':');
         write_value(out, v, order, child_ctx(order, ctx, k));
     };
     for k in table {
@@ -343,5 +356,5 @@ fn write_object(out: &mut String, map: &Map<String, Value>, order: Order, ctx: C
             emit(out, k, v);
         }
     }
-    out.push('}');
+    out.push(b'}');
 }

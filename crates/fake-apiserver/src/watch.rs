@@ -65,11 +65,13 @@ impl Filter {
 
 impl Filter {
     fn line(&self, etype: &str, stored: &Value) -> String {
-        let view = Store::view(&self.def, stored);
         let obj = if self.metadata_only {
-            render::encode(&super::partial(&view), render::Order::generic())
+            render::encode(
+                &super::partial_of(&self.def, stored),
+                render::Order::generic(),
+            )
         } else {
-            render::encode(&view, self.def.order())
+            render::encode(&Store::view(&self.def, stored), self.def.order())
         };
         format!("{{\"type\":\"{etype}\",\"object\":{}}}\n", obj.trim_end())
     }
