@@ -174,10 +174,6 @@ mod tests {
 
     use super::*;
 
-    fn client(namespace: &str, name: &str) -> ClientRef {
-        client_ref(namespace, name)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn alarms_ring_in_time_order_and_the_latest_setting_wins() {
         let alarms = Arc::new(Alarms::default());
@@ -198,9 +194,9 @@ mod tests {
         assert_eq!(
             rang,
             vec![
-                (client("a", "early"), 10),
-                (client("b", "moved"), 20),
-                (client("a", "late"), 30),
+                (client_ref("a", "early"), 10),
+                (client_ref("b", "moved"), 20),
+                (client_ref("a", "late"), 30),
             ]
         );
         assert!(
@@ -221,7 +217,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         alarms.set("a", "sooner", Some(Duration::from_secs(5)));
         let first = waiter.await.expect("joined");
-        assert_eq!(first, Some(client("a", "sooner")));
+        assert_eq!(first, Some(client_ref("a", "sooner")));
         assert_eq!(start.elapsed().as_secs(), 6);
     }
 
@@ -233,8 +229,8 @@ mod tests {
         alarms.set("one", "a", Some(Duration::from_secs(2)));
         alarms.set("two", "b", Some(Duration::from_secs(1)));
         alarms.set("unwatched", "c", Some(Duration::from_secs(1)));
-        assert_eq!(one.next().await, Some(client("one", "a")));
-        assert_eq!(two.next().await, Some(client("two", "b")));
+        assert_eq!(one.next().await, Some(client_ref("one", "a")));
+        assert_eq!(two.next().await, Some(client_ref("two", "b")));
 
         alarms.set("one", "a", Some(Duration::from_secs(1)));
         alarms.reset();

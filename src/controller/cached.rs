@@ -13,7 +13,7 @@
 //! The expanded object is exactly the object the watch delivered, trimmed: the controller
 //! decides on the same data as before, only kept smaller in between.
 
-use std::{borrow::Cow, sync::Arc};
+use std::borrow::Cow;
 
 use kube::{
     Resource,
@@ -147,11 +147,6 @@ impl<'de> Deserialize<'de> for CachedClient {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         GoToOAuthClient::deserialize(deserializer).map(CachedClient::new)
     }
-}
-
-/// The typed client of a cache entry, for a reconcile.
-pub(crate) fn expand(cached: &CachedClient) -> crate::Result<Arc<GoToOAuthClient>> {
-    cached.expand().map(Arc::new)
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub(crate) async fn reconcile(
     cached: Arc<cached::CachedClient>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
-    let obj = cached::expand(&cached)?;
+    let obj = Arc::new(cached.expand()?);
     drop(cached);
     let _timer = ctx.metrics.time_reconcile();
     ctx.metrics.set_api_reachable(true);
