@@ -224,7 +224,10 @@ fn footprint_per_client() {
             let uid = c.metadata.uid.clone().unwrap_or_default();
             memory.with(&uid, |m| {
                 m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
-                m.held = Some(HeldTokens::written(&tokens(i), Some("200000".into()), 1));
+                // As held once the Secret watch has shown the Secret written: shed.
+                let mut held = HeldTokens::written(&tokens(i), Some("200000".into()), 1);
+                held.shed_access_token();
+                m.held = Some(held);
                 m.client_secret = Some(ReadValue {
                     name: c.spec.client_secret_ref.name.clone(),
                     key: "clientSecret".into(),

@@ -74,26 +74,6 @@ pub struct StoredTokens<S = SecretString> {
 }
 
 impl<S> StoredTokens<S> {
-    /// The same tokens with their secrets kept another way.
-    pub(crate) fn map_secrets<T>(&self, f: impl Fn(&S) -> T) -> StoredTokens<T> {
-        StoredTokens {
-            access_token: f(&self.access_token),
-            refresh_token: self.refresh_token.as_ref().map(&f),
-            token_type: self.token_type.clone(),
-            expires_at: self.expires_at,
-            issued_at: self.issued_at,
-            authorized_at: self.authorized_at,
-            refresh_token_obtained_at: self.refresh_token_obtained_at,
-            scope: self.scope.clone(),
-            principal: self.principal.clone(),
-            account_key: self.account_key.clone(),
-            organizer_key: self.organizer_key.clone(),
-            client_id: self.client_id.clone(),
-            token_url: self.token_url.clone(),
-            obtained_by: self.obtained_by,
-        }
-    }
-
     /// Equal apart from the secrets, which `same` compares.
     pub(crate) fn equals<T>(&self, other: &StoredTokens<T>, same: impl Fn(&S, &T) -> bool) -> bool {
         same(&self.access_token, &other.access_token)

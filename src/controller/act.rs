@@ -135,6 +135,11 @@ pub(crate) async fn write_secret(
     let namespace = obj
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
+    if tokens.access_token.expose_secret().is_empty() {
+        // Held tokens whose access token was shed are never written back (`plan` restores by
+        // a refresh instead); a blank access token would break every pod mounting the Secret.
+        return Err(Error::TokensUnstored("no access token to write".into()));
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut desired = desired_secret(obj, settings, tokens);
     let params = match current {

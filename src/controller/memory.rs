@@ -3,7 +3,8 @@
 //!
 //! - Tokens obtained from GoTo but not yet written (a rotated refresh token must never be lost
 //!   to a failed write), and the tokens last written, so a deleted or hand-edited Secret is
-//!   restored without a new consent.
+//!   restored without a new consent: whole until the Secret watch shows them stored, then
+//!   without the access token (a restore refreshes with the refresh token instead).
 //! - The forced-refresh request those tokens answered, in case the status write that records it
 //!   failed: the request is not sent twice.
 //! - Backoff: consecutive refresh failures, when the next attempt may go, the last failure
@@ -28,7 +29,7 @@ use std::{
 use jiff::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::packed::{self, PackedTokens};
+use super::packed::PackedTokens;
 use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
 
 /// Consecutive failures and when to try again.
@@ -48,7 +49,7 @@ pub(crate) struct Backoff {
 #[derive(Clone, Debug)]
 pub(crate) struct HeldTokens {
     /// Packed: two JWTs a client are most of what a replica holds ([`super::packed`]).
-    pub(crate) tokens: PackedTokens,
+    tokens: PackedTokens,
     /// `false` while the tokens came from GoTo and are not in the Secret yet: they are written
     /// before anything else happens, and no refresh is sent until they are.
     pub(crate) stored: bool,
@@ -99,7 +100,7 @@ impl HeldTokens {
         term: u64,
     ) -> HeldTokens {
         HeldTokens {
-            tokens: packed::pack(tokens),
+            tokens: PackedTokens::pack(tokens),
             stored,
             resource_version,
             written_at,
@@ -122,15 +123,26 @@ impl HeldTokens {
         )
     }
 
-    /// The tokens held, unpacked.
+    /// The tokens held, unpacked; the access token is empty once shed.
     pub(crate) fn tokens(&self) -> StoredTokens {
-        packed::unpack(&self.tokens)
+        self.tokens.unpack()
+    }
+
+    /// Whether the access token is held ([`PackedTokens::shed_access_token`]).
+    pub(crate) fn holds_access_token(&self) -> bool {
+        self.tokens.holds_access_token()
+    }
+
+    /// Drops the access token once the Secret watch shows these tokens stored: the refresh
+    /// token, which restores a lost Secret, stays.
+    pub(crate) fn shed_access_token(&mut self) {
+        self.tokens.shed_access_token();
     }
 }
 
 impl PartialEq for HeldTokens {
     fn eq(&self, other: &Self) -> bool {
-        self.tokens.equals(&other.tokens, PartialEq::eq)
+        self.tokens == other.tokens
             && (
                 self.stored,
                 &self.resource_version,

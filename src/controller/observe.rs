@@ -273,6 +273,23 @@ async fn read_target(
     let term = ctx.secrets.term();
     match (known_target(&known, held, term), held) {
         (TargetKnown::Held, Some(held)) => {
+            if matches!(known, Known::At(_))
+                && held.holds_access_token()
+                && let Some(uid) = obj.metadata.uid.as_deref()
+            {
+                // The watch shows the Secret at the version holding these tokens: the access
+                // token is safe there. Only the refresh token must stay in memory, to restore a
+                // lost Secret by a refresh (`plan`); the access token is a kilobyte a client.
+                ctx.memory.with(uid, |m| {
+                    if let Some(h) = m
+                        .held
+                        .as_mut()
+                        .filter(|h| h.stored && h.resource_version == held.resource_version)
+                    {
+                        h.shed_access_token();
+                    }
+                });
+            }
             return Ok(TargetRead::Seen(
                 Some(TargetSecret {
                     resource_version: held.resource_version.clone(),

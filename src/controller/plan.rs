@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
-use secrecy::ExposeSecret;
 
 use super::{observe::Observed, schedule};
 use crate::{
@@ -42,6 +41,10 @@ pub(crate) enum RefreshTrigger {
     /// No tokens the refresh token can renew: none stored, or GoTo rejected the refresh token,
     /// or they were issued to another client. The personal access token replaces them.
     NoUsableTokens,
+    /// The Secret was deleted or edited, and this replica holds only the refresh token of what
+    /// it stored (the access token is shed once the Secret holds it, see
+    /// [`super::packed`]): the refresh's new tokens restore it.
+    Restore,
 }
 
 /// Which grant a token request uses.
@@ -156,7 +159,17 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
     let refresh_request = annotation(FORCE_REFRESH_ANNOTATION);
 
     let (tokens, mut write) = choose_tokens(o);
-    if !o.conflict
+    // Only tokens held whole can be written back; once their access token is shed, a refresh
+    // with the held refresh token writes the Secret (under a new `secretName` too: a Secret
+    // left under the old name is this client's and goes with it).
+    let restore_by_refresh = write.is_some()
+        && o.memory
+            .held
+            .as_ref()
+            .is_some_and(|held| !held.holds_access_token());
+    if restore_by_refresh {
+        write = None;
+    } else if !o.conflict
         && let Some(from) = &o.previous_secret_name
     {
         write = Some(SecretWrite::Move { from: from.clone() });
@@ -231,16 +244,17 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
                 (None, false) => None,
             };
             let due = schedule::next_refresh_at(current, settings.refresh_before, &o.keys.uid);
-            let when = if requested {
+            let when = if requested || restore_by_refresh {
                 not_before
             } else {
                 due.max(not_before)
             };
             if let Some(request) = request {
                 if when <= now {
-                    let trigger = match requested {
-                        true => RefreshTrigger::Requested,
-                        false => RefreshTrigger::Due,
+                    let trigger = match (restore_by_refresh, requested) {
+                        (true, _) => RefreshTrigger::Restore,
+                        (false, true) => RefreshTrigger::Requested,
+                        (false, false) => RefreshTrigger::Due,
                     };
                     refresh = Some(Refresh { trigger, request });
                 }
@@ -303,37 +317,42 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
 /// (a refresh or consent on another replica); otherwise what this replica last stored is
 /// written back over a deleted or edited Secret.
 fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<SecretWrite>) {
-    let held = o.memory.held.as_ref();
-    match (held, &o.stored) {
-        (Some(held), Some(stored)) if !held.stored => {
-            if stored.authorized_at > held.tokens.authorized_at {
+    let Some(held) = o.memory.held.as_ref() else {
+        return (o.stored.clone(), None);
+    };
+    let (stored_before, shed, held) = (held.stored, !held.holds_access_token(), held.tokens());
+    match &o.stored {
+        Some(stored) if !stored_before => {
+            if stored.authorized_at > held.authorized_at {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held.tokens()), Some(SecretWrite::StoreHeld))
+                (Some(held), Some(SecretWrite::StoreHeld))
             }
         }
-        (Some(_), None) if o.conflict => (None, None),
-        (Some(held), None) => (
-            Some(held.tokens()),
-            Some(if held.stored {
+        None if o.conflict => (None, None),
+        None => (
+            Some(held),
+            Some(if stored_before {
                 SecretWrite::Restore
             } else {
                 SecretWrite::StoreHeld
             }),
         ),
-        (Some(held), Some(stored)) => {
-            let newer = stored.issued_at > held.tokens.issued_at
-                || stored.authorized_at > held.tokens.authorized_at;
-            let same = held.tokens.equals(stored, |held, stored| {
-                held.unpack().expose_secret() == stored.expose_secret()
-            });
-            if same || newer {
+        Some(stored) => {
+            let newer =
+                stored.issued_at > held.issued_at || stored.authorized_at > held.authorized_at;
+            // A shed access token is whatever the Secret holds: the rest says whether the
+            // Secret is as this replica stored it.
+            let mut as_stored = held.clone();
+            if shed {
+                as_stored.access_token = stored.access_token.clone();
+            }
+            if *stored == as_stored || newer {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held.tokens()), Some(SecretWrite::Restore))
+                (Some(held), Some(SecretWrite::Restore))
             }
         }
-        (None, stored) => (stored.clone(), None),
     }
 }
 
@@ -563,7 +582,7 @@ mod tests {
     use std::sync::Arc;
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use secrecy::SecretString;
+    use secrecy::{ExposeSecret, SecretString};
 
     use super::*;
     use crate::{
@@ -717,6 +736,96 @@ mod tests {
             assert_eq!(p.tokens.as_ref(), want_tokens, "{what}: tokens");
             assert_eq!(p.write, want_write, "{what}: write");
         }
+    }
+
+    /// Held as stored at `rv`, with the access token shed as the watch confirmed it.
+    fn shed(tokens: &StoredTokens) -> Option<HeldTokens> {
+        let mut held = HeldTokens::new(tokens, true, Some("5".into()), None, 0);
+        held.shed_access_token();
+        Some(held)
+    }
+
+    #[test]
+    fn a_shed_access_token_is_never_written_back_a_refresh_restores_instead() {
+        let t = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "r1");
+        let mut without_access = t.clone();
+        without_access.access_token = SecretString::from(String::new());
+        let edited = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "garbage");
+        // (what, the Secret's tokens, the previous Secret's name)
+        //   → (write, refresh trigger, the refresh token of the tokens chosen)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a StoredTokens>,
+            Option<&'a str>,
+            Option<SecretWrite>,
+            Option<RefreshTrigger>,
+            &'a str,
+        );
+        let restore = Some(RefreshTrigger::Restore);
+        let cases: Vec<Case> = vec![
+            (
+                "the Secret as held",
+                Some(&without_access),
+                None,
+                None,
+                None,
+                "r1",
+            ),
+            (
+                "the Secret read as stored",
+                Some(&t),
+                None,
+                None,
+                None,
+                "r1",
+            ),
+            ("deleted", None, None, None, restore, "r1"),
+            ("edited", Some(&edited), None, None, restore, "r1"),
+            (
+                "renamed: the old Secret's tokens are moved",
+                Some(&t),
+                Some("old-token"),
+                Some(SecretWrite::Move {
+                    from: "old-token".into(),
+                }),
+                None,
+                "r1",
+            ),
+            (
+                "renamed, the old Secret gone too",
+                None,
+                Some("old-token"),
+                None,
+                restore,
+                "r1",
+            ),
+        ];
+        for (what, stored, previous, want_write, want_refresh, want_refresh_token) in cases {
+            let mut o = observed(stored.cloned());
+            o.memory.held = shed(&t);
+            o.previous_secret_name = previous.map(str::to_string);
+            let p = plan(&o, at(NOW));
+            assert_eq!(p.write, want_write, "{what}: write");
+            assert_eq!(
+                p.refresh.map(|r| r.trigger),
+                want_refresh,
+                "{what}: refresh"
+            );
+            let refresh_token = p.tokens.and_then(|t| t.refresh_token);
+            assert_eq!(
+                refresh_token.as_ref().map(|r| r.expose_secret()),
+                Some(want_refresh_token),
+                "{what}: the held refresh token"
+            );
+        }
+
+        // A restore waits out a backoff like any refresh.
+        let mut o = observed(None);
+        o.memory.held = shed(&t);
+        o.memory.backoff.not_before = Some(at("2026-11-23T10:00:05Z"));
+        let p = plan(&o, at(NOW));
+        assert_eq!((p.write, p.refresh), (None, None));
+        assert_eq!(p.next_refresh, Some(at("2026-11-23T10:00:05Z")));
     }
 
     #[test]
