@@ -39,6 +39,9 @@ pub enum Reason {
     ReauthorizationRequired,
     /// The access token expired and could not be refreshed.
     TokenExpired,
+    /// The token Secret was deleted or edited; a refresh with the refresh token the operator
+    /// holds restores it.
+    TokenSecretLost,
     /// The GoTo admin clicked Deny.
     AccessDenied,
     /// The consent or the code exchange failed; the admin can open the link again.
@@ -65,7 +68,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Authorized,
         Reason::AwaitingAuthorization,
         Reason::InvalidSpec,
@@ -74,6 +77,7 @@ impl Reason {
         Reason::RefreshFailing,
         Reason::ReauthorizationRequired,
         Reason::TokenExpired,
+        Reason::TokenSecretLost,
         Reason::AccessDenied,
         Reason::AuthorizationFailed,
         Reason::UnexpectedAccount,
@@ -102,6 +106,7 @@ impl Reason {
             Reason::RefreshFailing => "RefreshFailing",
             Reason::ReauthorizationRequired => "ReauthorizationRequired",
             Reason::TokenExpired => "TokenExpired",
+            Reason::TokenSecretLost => "TokenSecretLost",
             Reason::AccessDenied => "AccessDenied",
             Reason::AuthorizationFailed => "AuthorizationFailed",
             Reason::UnexpectedAccount => "UnexpectedAccount",
@@ -140,6 +145,7 @@ pub mod reason {
     pub const REFRESH_FAILING: &str = Reason::RefreshFailing.as_str();
     pub const REAUTHORIZATION_REQUIRED: &str = Reason::ReauthorizationRequired.as_str();
     pub const TOKEN_EXPIRED: &str = Reason::TokenExpired.as_str();
+    pub const TOKEN_SECRET_LOST: &str = Reason::TokenSecretLost.as_str();
     pub const ACCESS_DENIED: &str = Reason::AccessDenied.as_str();
     pub const AUTHORIZATION_FAILED: &str = Reason::AuthorizationFailed.as_str();
     pub const UNEXPECTED_ACCOUNT: &str = Reason::UnexpectedAccount.as_str();
@@ -388,6 +394,9 @@ pub struct Observation {
     pub authorization: Authorization,
     /// The last refresh failed transiently with this message.
     pub refresh_failure: Option<String>,
+    /// The token Secret no longer holds `tokens` (deleted or edited), and the refresh that
+    /// restores it has not succeeded yet.
+    pub secret_lost: bool,
 }
 
 /// A condition before timestamps are attached.
@@ -468,6 +477,19 @@ pub fn desired_conditions(obs: &Observation, now: Timestamp) -> [DesiredConditio
                 "waiting for a GoTo admin to open status.authorizationUrl and click Allow".into(),
             ),
         },
+        (None, Some(_), _) if obs.secret_lost => cond(
+            READY,
+            false,
+            Reason::TokenSecretLost,
+            match &obs.refresh_failure {
+                Some(failure) => format!(
+                    "the token Secret was deleted or edited; restoring it with a refresh fails ({failure}); retrying"
+                ),
+                None => {
+                    "the token Secret was deleted or edited; restoring it with a refresh".into()
+                }
+            },
+        ),
         (None, Some(t), _) => match &obs.refresh_failure {
             Some(failure) => cond(
                 READY,
@@ -594,6 +616,7 @@ mod tests {
             tokens: expires.map(|e| TokenFacts { expires_at: at(e) }),
             authorization: auth,
             refresh_failure: None,
+            secret_lost: false,
         }
     }
 
@@ -685,6 +708,36 @@ mod tests {
             (ready.status, ready.reason.as_str()),
             ("False", reason::REFRESH_FAILING)
         );
+    }
+
+    #[test]
+    fn a_lost_token_secret_is_not_ready_until_restored() {
+        let mut o = obs(
+            None,
+            Some("2026-11-23T10:30:00Z"),
+            Authorization::Authorized { principal: None },
+        );
+        o.secret_lost = true;
+        let [ready, authorized] = desired_conditions(&o, at(NOW));
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            ("False", reason::TOKEN_SECRET_LOST)
+        );
+        assert!(!ready.message.contains("valid until"), "{}", ready.message);
+        assert_eq!(authorized.status, "True", "the consent stands");
+        o.refresh_failure = Some("GoTo token endpoint failed (HTTP 503)".into());
+        let [ready, _] = desired_conditions(&o, at(NOW));
+        assert_eq!(ready.reason.as_str(), reason::TOKEN_SECRET_LOST);
+        assert!(ready.message.contains("HTTP 503"), "{}", ready.message);
+        // A blocker (nothing can be restored) says so first.
+        o.blocker = Some(Blocker::ClientSecretMissing(
+            ClientSecretProblem::SecretNotFound {
+                namespace: "ns".into(),
+                name: "creds".into(),
+            },
+        ));
+        let [ready, _] = desired_conditions(&o, at(NOW));
+        assert_eq!(ready.reason.as_str(), reason::CLIENT_SECRET_MISSING);
     }
 
     #[test]

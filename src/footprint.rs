@@ -224,10 +224,7 @@ fn footprint_per_client() {
             let uid = c.metadata.uid.clone().unwrap_or_default();
             memory.with(&uid, |m| {
                 m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
-                // As held once the Secret watch has shown the Secret written: shed.
-                let mut held = HeldTokens::written(&tokens(i), Some("200000".into()), 1);
-                held.shed_access_token();
-                m.held = Some(held);
+                m.held = Some(HeldTokens::written(&tokens(i), Some("200000".into()), 1));
                 m.client_secret = Some(ReadValue {
                     name: c.spec.client_secret_ref.name.clone(),
                     key: "clientSecret".into(),
@@ -242,7 +239,7 @@ fn footprint_per_client() {
     rows.push((
         "memory: held tokens, client secret",
         per_client(bytes),
-        3712,
+        2304,
     ));
 
     let (_alarms, bytes) = retained(|| {
@@ -283,7 +280,7 @@ fn footprint_per_client() {
     rows.push((
         "Secret versions (4 Secrets a client)",
         per_client(bytes),
-        512,
+        192,
     ));
 
     let (_references, bytes) = retained(|| {
@@ -293,7 +290,7 @@ fn footprint_per_client() {
             .for_each(|c| references.follow(None, &watcher::Event::Apply(c.clone())));
         references
     });
-    rows.push(("Secret references", per_client(bytes), 768));
+    rows.push(("Secret references", per_client(bytes), 512));
 
     let total: usize = rows.iter().map(|(_, b, _)| b).sum();
     println!("bytes per client, {CLIENTS} clients:");

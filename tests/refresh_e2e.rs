@@ -1324,17 +1324,50 @@ async fn deleted_or_edited_secret_is_restored_by_a_refresh_from_memory() {
             .collect::<BTreeMap<_, _>>()
     };
 
+    // GoTo fails the first attempt: until a refresh succeeds, Ready says the Secret is lost.
+    env.provider
+        .goto
+        .push_token_fault(TokenFault::service_unavailable());
     env.cluster
         .secrets()
         .delete("demo-token", &DeleteParams::default())
         .await
         .expect("delete Secret");
+    // The status is corrected before the refresh is sent, then says why the refresh failed.
+    let obj = eventually("Ready says restoring fails", || async {
+        let obj = env.get("demo").await;
+        let message = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        message
+            .contains("restoring it with a refresh fails")
+            .then_some(obj)
+    })
+    .await;
+    assert_eq!(
+        condition(&obj, "Ready"),
+        pair("False", reason::TOKEN_SECRET_LOST)
+    );
+    assert_eq!(
+        condition(&obj, "Authorized"),
+        pair("True", reason::AUTHORIZED),
+        "the consent stands"
+    );
+    assert_eq!(env.refresh_requests(), 1);
+    assert!(env.tokens("demo-token").await.is_none());
+    env.advance(secs(6)).await;
     let restored = env
         .new_demo_tokens("deleted Secret restored", &original["access_token"])
         .await;
     assert_eq!(unchanged(&restored), unchanged(&original));
     assert!(unchanged(&original).contains_key("principal"));
-    assert_eq!(env.refresh_requests(), 1, "restored by one refresh");
+    assert_eq!(env.refresh_requests(), 2, "restored by the retried refresh");
+    env.cluster
+        .wait_condition("demo", "Ready", "True", reason::AUTHORIZED)
+        .await;
     let secret = env
         .cluster
         .secrets()
@@ -1366,7 +1399,7 @@ async fn deleted_or_edited_secret_is_restored_by_a_refresh_from_memory() {
     assert_eq!(unchanged(&repaired), unchanged(&original));
     assert_eq!(
         env.refresh_requests(),
-        2,
+        3,
         "one refresh with the held refresh token, not the edited one"
     );
     assert_eq!(env.tokens("demo-token").await, Some(repaired));

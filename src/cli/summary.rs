@@ -268,6 +268,9 @@ fn what_to_do(reason: Reason) -> &'static str {
         Reason::TokenExpired => {
             "As for `RefreshFailing`. Workloads have no valid token until it recovers."
         }
+        Reason::TokenSecretLost => {
+            "Usually nothing. If it persists, as for `RefreshFailing`; pods cannot mount the Secret until it is back."
+        }
         Reason::AccessDenied => "Ask them to open the link again and click **Allow**.",
         Reason::UnexpectedAccount => {
             "Sign in to GoTo with the expected account and open the link again."

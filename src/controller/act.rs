@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Context,
-    memory::{HeldTokens, Seen},
+    memory::HeldTokens,
     observe::{Observed, TargetSecret},
     plan::{Plan, RefreshOutcome, SecretWrite, TokenRequest},
     schedule,
@@ -114,7 +114,7 @@ fn remember_read(ctx: &Context, o: &Observed, tokens: &StoredTokens) {
     ctx.memory.with(&o.keys.uid, |m| {
         if m.held
             .as_ref()
-            .is_some_and(|h| h.stored && h.resource_version == resource_version)
+            .is_some_and(|h| h.stored() && h.resource_version == resource_version)
         {
             return;
         }
@@ -136,8 +136,8 @@ pub(crate) async fn write_secret(
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
     if tokens.access_token.expose_secret().is_empty() {
-        // Held tokens whose access token was shed are never written back (`plan` restores by
-        // a refresh instead); a blank access token would break every pod mounting the Secret.
+        // Stored tokens are held without their access token and never written back (`plan`
+        // restores by a refresh instead); a blank one would break every pod mounting the Secret.
         return Err(Error::TokensUnstored("no access token to write".into()));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -376,10 +376,7 @@ impl Request<'_> {
                     .observe(received.elapsed().as_secs_f64());
                 ctx.memory.with(&keys.uid, |m| {
                     if let Some(held) = &mut m.held {
-                        held.stored = true;
-                        held.resource_version = version;
-                        held.written_at = Some(std::time::Instant::now());
-                        held.seen = Seen::now(ctx.secrets.term());
+                        held.now_stored(version, ctx.secrets.term());
                     }
                 });
                 Ok(new)

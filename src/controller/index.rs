@@ -4,9 +4,9 @@
 //!
 //! A reconcile reads a Secret only when it cannot know it: [`SecretVersions`] says whether the
 //! Secret exists and at which version, and the reconcile re-uses what it read or wrote at that
-//! version (see `observe`). Only names and versions are kept (tens of bytes a Secret, no data),
-//! so the unrelated Secrets of a namespace cost little, and knowing them all is what lets an
-//! absent Secret be known absent without a GET.
+//! version (see `observe`). Only digests of names and versions are kept ([`Digest`]: sixteen
+//! bytes a Secret, no strings, no data), so the unrelated Secrets of a namespace cost little,
+//! and knowing them all is what lets an absent Secret be known absent without a GET.
 //!
 //! [`References`] turns a Secret's watch event into the clients to reconcile in constant time;
 //! scanning every cached client per Secret event is quadratic at start-up (every Secret is an
@@ -18,26 +18,55 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, RwLock},
+    hash::{BuildHasher, RandomState},
+    sync::{Arc, LazyLock, RwLock},
 };
 
 use kube::runtime::watcher;
 
 use crate::resource::GoToOAuthClient;
 
+/// A Secret's name or resourceVersion as [`SecretVersions`] keeps it: a 64-bit digest keyed
+/// per process. Every Secret of the watched namespaces has an entry, related to a client or
+/// not (at 10,000 clients with two unrelated Secrets each, 40,000): two digests are sixteen
+/// bytes, the two strings they replace some ninety with their allocations.
+///
+/// A digest only ever stands for equality, and a collision never makes a reconcile act on a
+/// Secret it has not seen: two names of one digest share an entry, so one Secret is reported
+/// at the other's version, which is never the version this replica read or wrote it at
+/// (resourceVersions are unique in a cluster): it is read, as after any change. A deleted one
+/// of the two makes the other look absent, and two versions of one Secret with one digest would
+/// hide a change until the next: each a chance of 2^-64 per pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Digest(u64);
+
+/// The keys of every [`Digest`] this process makes.
+static DIGEST_KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+impl Digest {
+    pub(crate) fn of(text: &str) -> Digest {
+        Digest(DIGEST_KEYS.hash_one(text))
+    }
+
+    /// Whether this is the digest of `text`.
+    pub(crate) fn is(self, text: &str) -> bool {
+        self == Digest::of(text)
+    }
+}
+
 /// What the Secret watch says about one Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Known {
-    /// It exists at this resourceVersion (as of the last event delivered).
-    At(String),
+    /// It exists at the resourceVersion of this digest (as of the last event delivered).
+    At(Digest),
     /// The namespace was listed and the Secret is not there.
     Absent,
     /// Not listed yet, or delivered without a version: read it.
     Unknown,
 }
 
-/// name → resourceVersion, per namespace.
-type Versions = HashMap<Box<str>, HashMap<Box<str>, Box<str>>>;
+/// name → resourceVersion, as digests, per namespace.
+type Versions = HashMap<Box<str>, HashMap<Digest, Digest>>;
 
 /// The resourceVersion of every Secret in the watched namespaces, fed by the Secret metadata
 /// watch of each scope (all namespaces, or one each).
@@ -78,8 +107,12 @@ impl SecretVersions {
     /// What is known about the Secret `namespace/name`.
     pub(crate) fn get(&self, namespace: &str, name: &str) -> Known {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        match inner.versions.get(namespace).and_then(|n| n.get(name)) {
-            Some(rv) => Known::At(rv.to_string()),
+        match inner
+            .versions
+            .get(namespace)
+            .and_then(|n| n.get(&Digest::of(name)))
+        {
+            Some(rv) => Known::At(*rv),
             None if inner.listed_all || inner.listed.contains(namespace) => Known::Absent,
             None => Known::Unknown,
         }
@@ -124,19 +157,19 @@ impl SecretVersions {
                 if let (Some(ns), Some(name)) = (&meta.namespace, &meta.name)
                     && let Some(names) = inner.versions.get_mut(ns.as_str())
                 {
-                    names.remove(name.as_str());
+                    names.remove(&Digest::of(name));
                 }
             }
         }
     }
 }
 
-fn keys<M: kube::Resource>(obj: &M) -> Option<(Box<str>, Box<str>, Box<str>)> {
+fn keys<M: kube::Resource>(obj: &M) -> Option<(Box<str>, Digest, Digest)> {
     let meta = obj.meta();
     Some((
         meta.namespace.as_deref()?.into(),
-        meta.name.as_deref()?.into(),
-        meta.resource_version.as_deref()?.into(),
+        Digest::of(meta.name.as_deref()?),
+        Digest::of(meta.resource_version.as_deref()?),
     ))
 }
 
@@ -158,8 +191,11 @@ pub(crate) fn referenced_secrets(client: &GoToOAuthClient) -> Vec<String> {
     names
 }
 
-/// (namespace, name). Shared: a client's namespace and each Secret's name appear in both maps.
+/// A client: (namespace, name). The namespace is shared by its clients and their Secrets.
 type Key = (Arc<str>, Arc<str>);
+/// A Secret: its namespace and the [`Digest`] of its name. Two names of one digest share an
+/// entry: a change to either wakes the clients of both, a reconcile with nothing to do.
+type SecretKey = (Arc<str>, Digest);
 /// Clients listed so far in a relist, with the Secrets each references.
 type Listed = Vec<(Key, Vec<String>)>;
 
@@ -173,9 +209,9 @@ pub(crate) struct References {
 struct ReferencesInner {
     /// Client → the Secrets it references. Boxed slices, like the clients of a Secret: one a
     /// client or a Secret, exactly sized (a `Vec` that grew by one push holds four).
-    by_client: HashMap<Key, Box<[Arc<str>]>>,
+    by_client: HashMap<Key, Box<[Digest]>>,
     /// Secret → the clients referencing it (mostly one: a slice, not a set, saves a table).
-    by_secret: HashMap<Key, Box<[Arc<str>]>>,
+    by_secret: HashMap<SecretKey, Box<[Arc<str>]>>,
     /// Every namespace seen, so each client's key shares its namespace's one string.
     namespaces: HashSet<Arc<str>>,
     /// A relist in progress, per scope: the clients listed so far with their Secrets.
@@ -210,11 +246,11 @@ impl ReferencesInner {
         };
         let client = (namespace, name);
         self.remove(&client);
-        let secrets: Box<[Arc<str>]> = secrets.into_iter().map(Arc::from).collect();
+        let secrets: Box<[Digest]> = secrets.iter().map(|s| Digest::of(s)).collect();
         for secret in &secrets {
             let clients = self
                 .by_secret
-                .entry((client.0.clone(), secret.clone()))
+                .entry((client.0.clone(), *secret))
                 .or_default();
             if !clients.contains(&client.1) {
                 *clients = clients.iter().chain([&client.1]).cloned().collect();
@@ -237,7 +273,7 @@ impl References {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .by_secret
-            .get(&(namespace.into(), name.into()))
+            .get(&(namespace.into(), Digest::of(name)))
             .map(|clients| clients.iter().map(|c| c.to_string()).collect())
             .unwrap_or_default()
     }
@@ -318,7 +354,7 @@ mod tests {
             "a relist applies at its end"
         );
         versions.follow(Some("a"), &Event::InitDone);
-        assert_eq!(versions.get("a", "s"), Known::At("1".into()));
+        assert_eq!(versions.get("a", "s"), Known::At(Digest::of("1")));
         assert_eq!(versions.get("a", "other"), Known::Absent);
         assert_eq!(
             versions.get("b", "s"),
@@ -327,7 +363,7 @@ mod tests {
         );
 
         versions.follow(Some("a"), &watcher::Event::Apply(secret("a", "s", "2")));
-        assert_eq!(versions.get("a", "s"), Known::At("2".into()));
+        assert_eq!(versions.get("a", "s"), Known::At(Digest::of("2")));
         versions.follow(Some("a"), &watcher::Event::Delete(secret("a", "s", "3")));
         assert_eq!(versions.get("a", "s"), Known::Absent);
     }
@@ -350,10 +386,10 @@ mod tests {
         ] {
             versions.follow(None, &event);
         }
-        assert_eq!(versions.get("a", "gone"), Known::At("1".into()));
+        assert_eq!(versions.get("a", "gone"), Known::At(Digest::of("1")));
         versions.follow(None, &watcher::Event::<PartialObjectMeta<Secret>>::InitDone);
         assert_eq!(versions.get("a", "gone"), Known::Absent);
-        assert_eq!(versions.get("b", "kept"), Known::At("5".into()));
+        assert_eq!(versions.get("b", "kept"), Known::At(Digest::of("5")));
     }
 
     fn client(ns: &str, name: &str, client_secret: &str, target: &str) -> GoToOAuthClient {

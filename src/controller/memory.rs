@@ -2,9 +2,9 @@
 //! cannot hold for it.
 //!
 //! - Tokens obtained from GoTo but not yet written (a rotated refresh token must never be lost
-//!   to a failed write), and the tokens last written, so a deleted or hand-edited Secret is
-//!   restored without a new consent: whole until the Secret watch shows them stored, then
-//!   without the access token (a restore refreshes with the refresh token instead).
+//!   to a failed write), and the tokens last written or read without their access token, so a
+//!   deleted or hand-edited Secret is restored by a refresh, without a new consent. The access
+//!   token is a kilobyte a client, and only a write back from memory would need it.
 //! - The forced-refresh request those tokens answered, in case the status write that records it
 //!   failed: the request is not sent twice.
 //! - Backoff: consecutive refresh failures, when the next attempt may go, the last failure
@@ -48,11 +48,12 @@ pub(crate) struct Backoff {
 /// Tokens this replica holds for a client.
 #[derive(Clone, Debug)]
 pub(crate) struct HeldTokens {
-    /// Packed: two JWTs a client are most of what a replica holds ([`super::packed`]).
+    /// Packed ([`super::packed`]); without the access token once stored: [`Self::tokens`]
+    /// then gives an empty one.
     tokens: PackedTokens,
     /// `false` while the tokens came from GoTo and are not in the Secret yet: they are written
     /// before anything else happens, and no refresh is sent until they are.
-    pub(crate) stored: bool,
+    stored: bool,
     /// The resourceVersion of the token Secret that holds exactly these tokens, when known.
     pub(crate) resource_version: Option<String>,
     /// When this replica wrote that version: until the watch delivers it, a reconcile waits.
@@ -99,8 +100,12 @@ impl HeldTokens {
         written_at: Option<std::time::Instant>,
         term: u64,
     ) -> HeldTokens {
+        let mut packed = PackedTokens::pack(tokens);
+        if stored {
+            packed.shed_access_token();
+        }
         HeldTokens {
-            tokens: PackedTokens::pack(tokens),
+            tokens: packed,
             stored,
             resource_version,
             written_at,
@@ -123,20 +128,24 @@ impl HeldTokens {
         )
     }
 
-    /// The tokens held, unpacked; the access token is empty once shed.
+    /// The tokens held, unpacked; the access token is empty once they are stored.
     pub(crate) fn tokens(&self) -> StoredTokens {
         self.tokens.unpack()
     }
 
-    /// Whether the access token is held ([`PackedTokens::shed_access_token`]).
-    pub(crate) fn holds_access_token(&self) -> bool {
-        self.tokens.holds_access_token()
+    /// Whether these tokens are in the Secret.
+    pub(crate) fn stored(&self) -> bool {
+        self.stored
     }
 
-    /// Drops the access token once the Secret watch shows these tokens stored: the refresh
-    /// token, which restores a lost Secret, stays.
-    pub(crate) fn shed_access_token(&mut self) {
+    /// The tokens are in the Secret at `resource_version`, written by this replica just now in
+    /// the watches' `term`: the access token goes, the refresh token stays.
+    pub(crate) fn now_stored(&mut self, resource_version: Option<String>, term: u64) {
         self.tokens.shed_access_token();
+        self.stored = true;
+        self.resource_version = resource_version;
+        self.written_at = Some(std::time::Instant::now());
+        self.seen = Seen::now(term);
     }
 }
 

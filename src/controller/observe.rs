@@ -273,23 +273,6 @@ async fn read_target(
     let term = ctx.secrets.term();
     match (known_target(&known, held, term), held) {
         (TargetKnown::Held, Some(held)) => {
-            if matches!(known, Known::At(_))
-                && held.holds_access_token()
-                && let Some(uid) = obj.metadata.uid.as_deref()
-            {
-                // The watch shows the Secret at the version holding these tokens: the access
-                // token is safe there. Only the refresh token must stay in memory, to restore a
-                // lost Secret by a refresh (`plan`); the access token is a kilobyte a client.
-                ctx.memory.with(uid, |m| {
-                    if let Some(h) = m
-                        .held
-                        .as_mut()
-                        .filter(|h| h.stored && h.resource_version == held.resource_version)
-                    {
-                        h.shed_access_token();
-                    }
-                });
-            }
             return Ok(TargetRead::Seen(
                 Some(TargetSecret {
                     resource_version: held.resource_version.clone(),
@@ -355,10 +338,10 @@ enum TargetKnown {
 
 fn known_target(known: &Known, held: Option<&HeldTokens>, term: u64) -> TargetKnown {
     let held_version = held
-        .filter(|h| h.stored)
+        .filter(|h| h.stored())
         .and_then(|h| h.resource_version.as_deref());
     match (known, held_version) {
-        (Known::At(rv), Some(version)) if rv == version => TargetKnown::Held,
+        (Known::At(rv), Some(version)) if rv.is(version) => TargetKnown::Held,
         // Until the watch has listed, what this replica read or wrote in this term is the
         // latest it knows: reading it again at every wake-up (a client parked by the token
         // limiter wakes many times) would only repeat the read. A write stays conditional on
@@ -393,7 +376,9 @@ async fn read_value(
     let same = |c: &ReadValue| c.name == name && c.key == key;
     match ctx.secrets.get(&namespace, name) {
         Known::At(rv)
-            if cached.is_some_and(|c| same(c) && c.resource_version.as_deref() == Some(&rv)) =>
+            if cached.is_some_and(|c| {
+                same(c) && c.resource_version.as_deref().is_some_and(|v| rv.is(v))
+            }) =>
         {
             return Ok(cached.cloned());
         }
@@ -506,6 +491,7 @@ fn personal_access_token_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::index::Digest;
     use crate::controller::{
         fixtures::{settings, tokens},
         memory::UNLISTED_TRUST,
@@ -604,7 +590,7 @@ mod tests {
                 .expect("an instant that long ago");
             h
         };
-        let at = |rv: &str| Known::At(rv.into());
+        let at = |rv: &str| Known::At(Digest::of(rv));
         let cases = [
             (
                 "held at the version shown",

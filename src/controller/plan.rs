@@ -1,6 +1,7 @@
 //! Plan: the pure decision of a reconcile. From what [`observe`](super::observe) read and the
-//! time, [`plan`] decides which tokens are current, whether the Secret must be written (stored
-//! tokens held in memory, a restore, a move to a new `secretName`), whether to refresh now, what
+//! time, [`plan`] decides which tokens are current, whether the Secret must be written (tokens
+//! held in memory unstored, a move to a new `secretName`; a deleted or edited Secret is restored
+//! by a refresh), whether to refresh now, what
 //! blocks the client, where it stands with GoTo, what happens to the link, and when to look
 //! again, and which grant a token request uses (the refresh token, or the personal access
 //! token when there is no usable refresh token). [`Plan::settle`] folds in what the request did; the result is what the status is
@@ -26,8 +27,6 @@ use crate::{
 pub(crate) enum SecretWrite {
     /// Tokens from GoTo this replica holds but has not stored yet.
     StoreHeld,
-    /// The Secret was deleted or edited by hand: write back what the operator last stored.
-    Restore,
     /// `spec.secretName` changed: write the new Secret, then delete the old one.
     Move { from: String },
 }
@@ -42,8 +41,7 @@ pub(crate) enum RefreshTrigger {
     /// or they were issued to another client. The personal access token replaces them.
     NoUsableTokens,
     /// The Secret was deleted or edited, and this replica holds only the refresh token of what
-    /// it stored (the access token is shed once the Secret holds it, see
-    /// [`super::packed`]): the refresh's new tokens restore it.
+    /// it stored ([`super::memory::HeldTokens`]): the refresh's new tokens restore it.
     Restore,
 }
 
@@ -105,6 +103,9 @@ pub(crate) struct Plan {
     /// When the next refresh is due (only while refreshing is possible).
     pub(crate) next_refresh: Option<Timestamp>,
     pub(crate) refresh_failure: Option<String>,
+    /// The token Secret lost the tokens (deleted or edited) and a refresh is to restore it:
+    /// until one succeeds, `Ready` says so rather than that the Secret holds a valid token.
+    pub(crate) secret_lost: bool,
     /// The Secret the tokens are stored in once `write` is done.
     pub(crate) secret_name: Option<String>,
     pub(crate) consumed_states: Vec<ConsumedState>,
@@ -158,18 +159,13 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
     let rotate_request = annotation(ROTATE_LINK_ANNOTATION);
     let refresh_request = annotation(FORCE_REFRESH_ANNOTATION);
 
-    let (tokens, mut write) = choose_tokens(o);
-    // Only tokens held whole can be written back; once their access token is shed, a refresh
-    // with the held refresh token writes the Secret (under a new `secretName` too: a Secret
-    // left under the old name is this client's and goes with it).
-    let restore_by_refresh = write.is_some()
-        && o.memory
-            .held
-            .as_ref()
-            .is_some_and(|held| !held.holds_access_token());
-    if restore_by_refresh {
-        write = None;
-    } else if !o.conflict
+    let (tokens, mend) = choose_tokens(o);
+    let restore_by_refresh = mend == Some(Mend::RefreshToRestore);
+    let mut write = (mend == Some(Mend::StoreHeld)).then_some(SecretWrite::StoreHeld);
+    // A restore's refresh writes the Secret under the new name too; a Secret left under the
+    // old one is this client's and goes with it.
+    if !o.conflict
+        && !restore_by_refresh
         && let Some(from) = &o.previous_secret_name
     {
         write = Some(SecretWrite::Move { from: from.clone() });
@@ -304,6 +300,7 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
         refresh_request,
         next_refresh,
         refresh_failure: o.memory.backoff.last_failure.clone(),
+        secret_lost: restore_by_refresh,
         secret_name,
         consumed_states: status.consumed_states.clone(),
         rollout: status.rollout_restart.as_deref().cloned(),
@@ -312,45 +309,50 @@ pub(crate) fn plan(o: &Observed, now: Timestamp) -> Plan {
     }
 }
 
-/// Which tokens are current, and whether the Secret must be written to hold them: tokens held
-/// unstored win unless a newer consent replaced them; the Secret's win when they are newer
-/// (a refresh or consent on another replica); otherwise what this replica last stored is
-/// written back over a deleted or edited Secret.
-fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<SecretWrite>) {
+/// How the current tokens reach the Secret, when it does not hold them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mend {
+    /// Write the tokens held unstored.
+    StoreHeld,
+    /// What this replica stored is gone from the Secret (deleted or edited): it holds only the
+    /// refresh token of those tokens (see [`super::memory::HeldTokens`]), so a refresh with it
+    /// writes the Secret anew.
+    RefreshToRestore,
+}
+
+/// Which tokens are current, and how the Secret comes to hold them: tokens held unstored win
+/// unless a newer consent replaced them; the Secret's win when they are newer (a refresh or
+/// consent on another replica) or are what this replica stored; otherwise what it stored was
+/// deleted or edited, and is restored.
+fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<Mend>) {
     let Some(held) = o.memory.held.as_ref() else {
         return (o.stored.clone(), None);
     };
-    let (stored_before, shed, held) = (held.stored, !held.holds_access_token(), held.tokens());
+    let (stored_before, held) = (held.stored(), held.tokens());
     match &o.stored {
         Some(stored) if !stored_before => {
             if stored.authorized_at > held.authorized_at {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held), Some(SecretWrite::StoreHeld))
+                (Some(held), Some(Mend::StoreHeld))
             }
         }
         None if o.conflict => (None, None),
-        None => (
-            Some(held),
-            Some(if stored_before {
-                SecretWrite::Restore
-            } else {
-                SecretWrite::StoreHeld
-            }),
-        ),
+        None if stored_before => (Some(held), Some(Mend::RefreshToRestore)),
+        None => (Some(held), Some(Mend::StoreHeld)),
         Some(stored) => {
             let newer =
                 stored.issued_at > held.issued_at || stored.authorized_at > held.authorized_at;
-            // A shed access token is whatever the Secret holds: the rest says whether the
+            // Stored tokens are held without their access token: the rest says whether the
             // Secret is as this replica stored it.
-            let mut as_stored = held.clone();
-            if shed {
-                as_stored.access_token = stored.access_token.clone();
-            }
+            let as_stored = StoredTokens {
+                access_token: stored.access_token.clone(),
+                ..held.clone()
+            };
             if *stored == as_stored || newer {
                 (Some(stored.clone()), None)
             } else {
-                (Some(held), Some(SecretWrite::Restore))
+                (Some(held), Some(Mend::RefreshToRestore))
             }
         }
     }
@@ -418,6 +420,7 @@ impl Plan {
                     settings.map(|s| schedule::next_refresh_at(&new, s.refresh_before, uid));
                 self.tokens = Some(*new);
                 self.refresh_failure = None;
+                self.secret_lost = false;
                 self.handled_refresh_request = self.refresh_request.clone();
             }
             Some(RefreshOutcome::NotLeader) => {
@@ -435,6 +438,7 @@ impl Plan {
                 };
                 self.tokens = Some(*new);
                 self.refresh_failure = None;
+                self.secret_lost = false;
                 self.rejected_authorization = None;
                 self.rejected_personal_access_token = None;
                 self.handled_refresh_request = self.refresh_request.clone();
@@ -507,6 +511,7 @@ impl Plan {
             handled_refresh_request: refresh_request.clone(),
             refresh_request,
             refresh_failure: None,
+            secret_lost: false,
             secret_name: Some(settings.secret_name.clone()),
             rejected_personal_access_token: status.rejected_personal_access_token,
             pat_sent_with: None,
@@ -537,6 +542,7 @@ impl Plan {
             refresh_request: None,
             next_refresh: None,
             refresh_failure: None,
+            secret_lost: false,
             secret_name: None,
             consumed_states: status.consumed_states.clone(),
             rollout: status.rollout_restart.as_deref().cloned(),
@@ -696,22 +702,6 @@ mod tests {
                 None,
             ),
             (
-                "a deleted Secret is restored",
-                None,
-                held(old.clone(), true),
-                false,
-                Some(&old),
-                Some(SecretWrite::Restore),
-            ),
-            (
-                "an edited Secret is restored",
-                Some(&old),
-                held(new.clone(), true),
-                false,
-                Some(&new),
-                Some(SecretWrite::Restore),
-            ),
-            (
                 "another replica's refresh is newer",
                 Some(&new),
                 held(old.clone(), true),
@@ -738,15 +728,13 @@ mod tests {
         }
     }
 
-    /// Held as stored at `rv`, with the access token shed as the watch confirmed it.
+    /// Held as stored at version 5: without the access token.
     fn shed(tokens: &StoredTokens) -> Option<HeldTokens> {
-        let mut held = HeldTokens::new(tokens, true, Some("5".into()), None, 0);
-        held.shed_access_token();
-        Some(held)
+        Some(HeldTokens::new(tokens, true, Some("5".into()), None, 0))
     }
 
     #[test]
-    fn a_shed_access_token_is_never_written_back_a_refresh_restores_instead() {
+    fn stored_tokens_are_never_written_back_a_refresh_restores_instead() {
         let t = tokens("2026-11-23T09:50:00Z", "2026-11-01T00:00:00Z", "r1");
         let mut without_access = t.clone();
         without_access.access_token = SecretString::from(String::new());
@@ -811,6 +799,7 @@ mod tests {
                 want_refresh,
                 "{what}: refresh"
             );
+            assert_eq!(p.secret_lost, want_refresh.is_some(), "{what}: lost");
             let refresh_token = p.tokens.and_then(|t| t.refresh_token);
             assert_eq!(
                 refresh_token.as_ref().map(|r| r.expose_secret()),
@@ -824,7 +813,7 @@ mod tests {
         o.memory.held = shed(&t);
         o.memory.backoff.not_before = Some(at("2026-11-23T10:00:05Z"));
         let p = plan(&o, at(NOW));
-        assert_eq!((p.write, p.refresh), (None, None));
+        assert_eq!((p.write, p.refresh, p.secret_lost), (None, None, true));
         assert_eq!(p.next_refresh, Some(at("2026-11-23T10:00:05Z")));
     }
 

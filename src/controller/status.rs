@@ -52,6 +52,7 @@ pub(crate) fn desired_status(
         }),
         authorization: plan.authorization.clone(),
         refresh_failure: plan.refresh_failure.clone(),
+        secret_lost: plan.secret_lost,
     };
     let mut desired = conditions::desired_conditions(&observation, now).to_vec();
     desired.extend(plan.rollout.as_ref().map(super::rollout::condition));
