@@ -1402,11 +1402,28 @@ async fn deleted_or_edited_secret_is_restored_by_a_refresh_from_memory() {
         3,
         "one refresh with the held refresh token, not the edited one"
     );
-    assert_eq!(env.tokens("demo-token").await, Some(repaired));
+    assert_eq!(env.tokens("demo-token").await, Some(repaired.clone()));
     assert_eq!(
         condition(&env.get("demo").await, "Ready"),
         pair("True", reason::AUTHORIZED)
     );
+
+    // An edited access token is told too, though memory keeps only its digest.
+    let garbage = "hand-edited-access-token-value";
+    let edit = serde_json::json!({"data": {"access_token": base64_encode(garbage)}});
+    env.cluster
+        .secrets()
+        .patch("demo-token", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit Secret");
+    eventually("edited access token replaced", || async {
+        env.tokens("demo-token").await.filter(|d| {
+            d["access_token"] != garbage && d["access_token"] != repaired["access_token"]
+        })
+    })
+    .await;
+    env.quiet().await;
+    assert_eq!(env.refresh_requests(), 4);
 
     // A restarted operator has no memory: a Secret lost while it was down means a new consent.
     env.stop_operator().await;

@@ -29,7 +29,7 @@ use std::{
 use jiff::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::packed::PackedTokens;
+use super::{index::Digest, packed::PackedTokens};
 use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
 
 /// Consecutive failures and when to try again.
@@ -51,9 +51,10 @@ pub(crate) struct HeldTokens {
     /// Packed ([`super::packed`]); without the access token once stored: [`Self::tokens`]
     /// then gives an empty one.
     tokens: PackedTokens,
-    /// `false` while the tokens came from GoTo and are not in the Secret yet: they are written
-    /// before anything else happens, and no refresh is sent until they are.
-    stored: bool,
+    /// `None` while the tokens came from GoTo and are not in the Secret yet: they are written
+    /// before anything else happens, and no refresh is sent until they are. Once stored, the
+    /// digest of the access token in place of it: enough to tell a hand-edited access token.
+    stored_access_token: Option<Digest>,
     /// The resourceVersion of the token Secret that holds exactly these tokens, when known.
     pub(crate) resource_version: Option<String>,
     /// When this replica wrote that version: until the watch delivers it, a reconcile waits.
@@ -100,17 +101,26 @@ impl HeldTokens {
         written_at: Option<std::time::Instant>,
         term: u64,
     ) -> HeldTokens {
-        let mut packed = PackedTokens::pack(tokens);
-        if stored {
-            packed.shed_access_token();
-        }
-        HeldTokens {
-            tokens: packed,
-            stored,
+        let mut held = HeldTokens {
+            tokens: PackedTokens::pack(tokens),
+            stored_access_token: None,
             resource_version,
             written_at,
             seen: Seen::now(term),
+        };
+        if stored {
+            held.shed_access_token(tokens);
         }
+        held
+    }
+
+    /// Keeps the digest of the access token in place of it (`tokens` are those held).
+    fn shed_access_token(&mut self, tokens: &StoredTokens) {
+        self.stored_access_token = Some(Digest::of(tokens.access_token.expose_secret()));
+        self.tokens = PackedTokens::pack(&StoredTokens {
+            access_token: SecretString::from(String::new()),
+            ..tokens.clone()
+        });
     }
 
     /// Tokens this replica has just written at `resource_version` in the watches' `term`.
@@ -135,14 +145,25 @@ impl HeldTokens {
 
     /// Whether these tokens are in the Secret.
     pub(crate) fn stored(&self) -> bool {
-        self.stored
+        self.stored_access_token.is_some()
+    }
+
+    /// Whether `secret` holds exactly the tokens this replica stored.
+    pub(crate) fn stored_as(&self, secret: &StoredTokens) -> bool {
+        self.stored_access_token
+            .is_some_and(|digest| digest.is(secret.access_token.expose_secret()))
+            && StoredTokens {
+                access_token: secret.access_token.clone(),
+                ..self.tokens()
+            } == *secret
     }
 
     /// The tokens are in the Secret at `resource_version`, written by this replica just now in
     /// the watches' `term`: the access token goes, the refresh token stays.
     pub(crate) fn now_stored(&mut self, resource_version: Option<String>, term: u64) {
-        self.tokens.shed_access_token();
-        self.stored = true;
+        if !self.stored() {
+            self.shed_access_token(&self.tokens());
+        }
         self.resource_version = resource_version;
         self.written_at = Some(std::time::Instant::now());
         self.seen = Seen::now(term);
@@ -153,12 +174,12 @@ impl PartialEq for HeldTokens {
     fn eq(&self, other: &Self) -> bool {
         self.tokens == other.tokens
             && (
-                self.stored,
+                self.stored_access_token,
                 &self.resource_version,
                 self.written_at,
                 self.seen,
             ) == (
-                other.stored,
+                other.stored_access_token,
                 &other.resource_version,
                 other.written_at,
                 other.seen,
@@ -265,6 +286,40 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_tokens_are_held_without_their_access_token() {
+        let tokens = crate::controller::fixtures::tokens(
+            "2026-12-03T10:00:00Z",
+            "2026-12-01T10:00:00Z",
+            "refresh-1",
+        );
+        let mut held = HeldTokens::new(&tokens, false, None, None, 1);
+        assert!(!held.stored());
+        assert_eq!(held.tokens(), tokens, "unstored: whole");
+        assert!(!held.stored_as(&tokens), "not stored yet");
+
+        held.now_stored(Some("7".into()), 1);
+        assert!(held.stored());
+        assert_eq!(held.tokens().access_token.expose_secret(), "");
+        assert_eq!(
+            held.tokens()
+                .refresh_token
+                .map(|r| r.expose_secret().to_string()),
+            Some("refresh-1".into())
+        );
+        assert!(held.stored_as(&tokens));
+        let mut edited = tokens.clone();
+        edited.access_token = SecretString::from("hand-edited");
+        assert!(!held.stored_as(&edited), "an edited access token is told");
+        edited = tokens.clone();
+        edited.principal = Some("someone@else".into());
+        assert!(!held.stored_as(&edited));
+        assert_eq!(
+            HeldTokens::written(&tokens, Some("7".into()), 1).tokens(),
+            held.tokens()
+        );
+    }
 
     #[test]
     fn prune_keeps_the_living_and_other_scopes() {

@@ -9,10 +9,8 @@
 //!   segment's bytes take three quarters of its text, so a token whose every segment is
 //!   canonical unpadded base64url is kept as those bytes; any other token as its text.
 //! - The non-secret facts follow as length-prefixed strings, whole seconds and tags.
-//! - Once the Secret watch shows the Secret at the version holding these tokens, the access
-//!   token may be shed ([`PackedTokens::shed_access_token`]): only a write that restores the
-//!   Secret needs it, and that write is done by a refresh instead (`plan`). The refresh token
-//!   is never shed: it is what a deleted Secret is restored from.
+//!
+//! Stored tokens are packed without their access token ([`super::memory::HeldTokens`]).
 //!
 //! Decoding is total and packing checks the round trip, falling back to holding the tokens
 //! as they are, so unpacking gives back exactly what was packed, whatever GoTo sends. The
@@ -52,26 +50,6 @@ impl PackedTokens {
         }
     }
 
-    /// Whether the access token is still held ([`Self::shed_access_token`]).
-    pub(crate) fn holds_access_token(&self) -> bool {
-        match self {
-            PackedTokens::Packed(packed) => {
-                Reader(packed.expose_secret()).bytes().len() > usize::from(TAG_LEN)
-            }
-            PackedTokens::Plain(tokens) => !tokens.access_token.expose_secret().is_empty(),
-        }
-    }
-
-    /// Drops the access token: [`Self::unpack`] then gives an empty one. GoTo never issues an
-    /// empty access token (such a response is malformed), so empty means shed.
-    pub(crate) fn shed_access_token(&mut self) {
-        if self.holds_access_token() {
-            let mut tokens = self.unpack();
-            tokens.access_token = SecretString::from(String::new());
-            *self = PackedTokens::pack(&tokens);
-        }
-    }
-
     /// Bytes held on the heap (for the footprint test).
     #[cfg(test)]
     pub(crate) fn heap_len(&self) -> usize {
@@ -99,8 +77,6 @@ const TEXT: u8 = 0;
 /// A packed secret's form tag: dot-separated base64url segments follow, each as a
 /// little-endian `u16` length and the decoded bytes.
 const SEGMENTS: u8 = 1;
-/// The tag's length: a shed (empty) access token is a tag alone.
-const TAG_LEN: u8 = 1;
 
 fn encode(t: &StoredTokens, out: &mut Vec<u8>) {
     put_secret(out, t.access_token.expose_secret());
@@ -345,7 +321,6 @@ mod tests {
         let packed = PackedTokens::pack(&tokens);
         assert!(matches!(packed, PackedTokens::Packed(_)));
         assert_eq!(packed.unpack(), tokens);
-        assert!(packed.holds_access_token());
         let text = tokens.access_token.expose_secret().len()
             + tokens
                 .refresh_token
@@ -355,29 +330,6 @@ mod tests {
             packed.heap_len() * 4 < text * 3 + 800,
             "{} bytes for {text} characters of tokens",
             packed.heap_len()
-        );
-    }
-
-    #[test]
-    fn shedding_drops_only_the_access_token() {
-        let tokens = tokens();
-        let mut packed = PackedTokens::pack(&tokens);
-        let before = packed.heap_len();
-        packed.shed_access_token();
-        assert!(!packed.holds_access_token());
-        assert!(
-            packed.heap_len() + 800 < before,
-            "{} of {before}",
-            packed.heap_len()
-        );
-        let back = packed.unpack();
-        assert_eq!(back.access_token.expose_secret(), "");
-        assert_eq!(
-            StoredTokens {
-                access_token: tokens.access_token.clone(),
-                ..back
-            },
-            tokens
         );
     }
 

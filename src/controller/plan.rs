@@ -328,7 +328,8 @@ fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<Mend>) {
     let Some(held) = o.memory.held.as_ref() else {
         return (o.stored.clone(), None);
     };
-    let (stored_before, held) = (held.stored(), held.tokens());
+    let (entry, held) = (held, held.tokens());
+    let stored_before = entry.stored();
     match &o.stored {
         Some(stored) if !stored_before => {
             if stored.authorized_at > held.authorized_at {
@@ -343,13 +344,12 @@ fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<Mend>) {
         Some(stored) => {
             let newer =
                 stored.issued_at > held.issued_at || stored.authorized_at > held.authorized_at;
-            // Stored tokens are held without their access token: the rest says whether the
-            // Secret is as this replica stored it.
-            let as_stored = StoredTokens {
-                access_token: stored.access_token.clone(),
-                ..held.clone()
-            };
-            if *stored == as_stored || newer {
+            // At the version this replica stored them at, the Secret holds them (that is how
+            // `observe` answers without a read: with the held tokens, the access token left out).
+            let at_stored_version = o.target.as_ref().is_some_and(|t| {
+                t.resource_version.is_some() && t.resource_version == entry.resource_version
+            });
+            if at_stored_version || entry.stored_as(stored) || newer {
                 (Some(stored.clone()), None)
             } else {
                 (Some(held), Some(Mend::RefreshToRestore))
@@ -596,7 +596,7 @@ mod tests {
         controller::{
             fixtures::{at, settings, tokens},
             memory::{Backoff, ClientMemory, HeldTokens},
-            observe::PersonalAccessToken,
+            observe::{PersonalAccessToken, TargetSecret},
         },
         goto::ClientCredentials,
         resource::{
@@ -743,36 +743,48 @@ mod tests {
         //   → (write, refresh trigger, the refresh token of the tokens chosen)
         type Case<'a> = (
             &'a str,
-            Option<&'a StoredTokens>,
-            Option<&'a str>,
+            Option<(StoredTokens, String)>,
+            Option<(&'a str, Option<&'a StoredTokens>)>,
             Option<SecretWrite>,
             Option<RefreshTrigger>,
             &'a str,
         );
         let restore = Some(RefreshTrigger::Restore);
+        let mut access_edited = t.clone();
+        access_edited.access_token = SecretString::from("hand-edited-access-token");
+        // The Secret's tokens and version (`None`: no Secret under the target name).
+        let secret_at = |tokens: &StoredTokens, rv: &str| Some((tokens.clone(), rv.to_string()));
         let cases: Vec<Case> = vec![
             (
                 "the Secret as held",
-                Some(&without_access),
+                secret_at(&without_access, "5"),
                 None,
                 None,
                 None,
                 "r1",
             ),
             (
-                "the Secret read as stored",
-                Some(&t),
+                "read again at another version",
+                secret_at(&t, "6"),
                 None,
                 None,
                 None,
                 "r1",
             ),
             ("deleted", None, None, None, restore, "r1"),
-            ("edited", Some(&edited), None, None, restore, "r1"),
+            ("edited", secret_at(&edited, "6"), None, None, restore, "r1"),
+            (
+                "the access token edited",
+                secret_at(&access_edited, "6"),
+                None,
+                None,
+                restore,
+                "r1",
+            ),
             (
                 "renamed: the old Secret's tokens are moved",
-                Some(&t),
-                Some("old-token"),
+                None,
+                Some(("old-token", Some(&t))),
                 Some(SecretWrite::Move {
                     from: "old-token".into(),
                 }),
@@ -782,16 +794,24 @@ mod tests {
             (
                 "renamed, the old Secret gone too",
                 None,
-                Some("old-token"),
+                Some(("old-token", None)),
                 None,
                 restore,
                 "r1",
             ),
         ];
-        for (what, stored, previous, want_write, want_refresh, want_refresh_token) in cases {
-            let mut o = observed(stored.cloned());
+        for (what, secret, previous, want_write, want_refresh, want_refresh_token) in cases {
+            let mut o = observed(secret.as_ref().map(|(tokens, _)| tokens.clone()));
+            o.target = secret.map(|(_, rv)| TargetSecret {
+                resource_version: Some(rv),
+                owned: true,
+            });
             o.memory.held = shed(&t);
-            o.previous_secret_name = previous.map(str::to_string);
+            if let Some((name, tokens)) = previous {
+                o.previous_secret_name = Some(name.to_string());
+                // With no Secret under the new name, the old one's tokens (gone: none).
+                o.stored = tokens.cloned();
+            }
             let p = plan(&o, at(NOW));
             assert_eq!(p.write, want_write, "{what}: write");
             assert_eq!(
