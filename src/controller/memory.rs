@@ -101,26 +101,17 @@ impl HeldTokens {
         written_at: Option<std::time::Instant>,
         term: u64,
     ) -> HeldTokens {
-        let mut held = HeldTokens {
-            tokens: PackedTokens::pack(tokens),
-            stored_access_token: None,
+        let (tokens, stored_access_token) = match stored {
+            true => without_access_token(tokens),
+            false => (PackedTokens::pack(tokens), None),
+        };
+        HeldTokens {
+            tokens,
+            stored_access_token,
             resource_version,
             written_at,
             seen: Seen::now(term),
-        };
-        if stored {
-            held.shed_access_token(tokens);
         }
-        held
-    }
-
-    /// Keeps the digest of the access token in place of it (`tokens` are those held).
-    fn shed_access_token(&mut self, tokens: &StoredTokens) {
-        self.stored_access_token = Some(Digest::of(tokens.access_token.expose_secret()));
-        self.tokens = PackedTokens::pack(&StoredTokens {
-            access_token: SecretString::from(String::new()),
-            ..tokens.clone()
-        });
     }
 
     /// Tokens this replica has just written at `resource_version` in the watches' `term`.
@@ -162,12 +153,22 @@ impl HeldTokens {
     /// the watches' `term`: the access token goes, the refresh token stays.
     pub(crate) fn now_stored(&mut self, resource_version: Option<String>, term: u64) {
         if !self.stored() {
-            self.shed_access_token(&self.tokens());
+            (self.tokens, self.stored_access_token) = without_access_token(&self.tokens());
         }
         self.resource_version = resource_version;
         self.written_at = Some(std::time::Instant::now());
         self.seen = Seen::now(term);
     }
+}
+
+/// `tokens` packed without the access token, and the digest kept in its place.
+fn without_access_token(tokens: &StoredTokens) -> (PackedTokens, Option<Digest>) {
+    let digest = Digest::of(tokens.access_token.expose_secret());
+    let packed = PackedTokens::pack(&StoredTokens {
+        access_token: SecretString::from(String::new()),
+        ..tokens.clone()
+    });
+    (packed, Some(digest))
 }
 
 impl PartialEq for HeldTokens {
