@@ -973,6 +973,16 @@ fn list_item(def: &ResourceDef, stored: &Value) -> Value {
     v
 }
 
+/// How the list key of `k` (`namespace/name`, or `name` for a cluster-scoped resource)
+/// compares with `s`, byte by byte as strings compare.
+fn key_cmp(namespaced: bool, k: &(String, String), s: &str) -> std::cmp::Ordering {
+    let parts: [&[u8]; 3] = match namespaced {
+        true => [k.0.as_bytes(), b"/", k.1.as_bytes()],
+        false => [b"", b"", k.1.as_bytes()],
+    };
+    parts.iter().flat_map(|p| p.iter()).cmp(s.as_bytes().iter())
+}
+
 fn encode_continue(rv: u64, start: &str) -> String {
     use base64::Engine as _;
     let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{start}\u{0}")});
@@ -1089,9 +1099,9 @@ fn list(
     let mut remaining = 0usize;
     let mut more = false;
     for (k, obj) in store.iter_objects(def, namespace) {
-        let key = key_of(k);
+        // Compared without building the key: every page walks the whole collection.
         if let Some(s) = &start_after
-            && key.as_str() <= s.as_str()
+            && key_cmp(def.namespaced, k, s) != std::cmp::Ordering::Greater
         {
             continue;
         }
@@ -1111,7 +1121,7 @@ fn list(
         } else {
             items.push(list_item(def, obj));
         }
-        last_key = Some(key);
+        last_key = Some(key_of(k));
     }
     let mut meta = serde_json::Map::new();
     meta.insert("resourceVersion".into(), json!(list_rv.to_string()));
@@ -1165,4 +1175,32 @@ fn watch_reply(
         fields,
     };
     watch::start(shared, def, namespace, params).map(Reply::Stream)
+}
+
+#[cfg(test)]
+mod list_key_tests {
+    use super::key_cmp;
+
+    #[test]
+    fn list_keys_compare_as_their_text() {
+        for (ns, name, s) in [
+            ("a", "x", "a/x"),
+            ("a", "x", "a/y"),
+            ("a-b", "y", "a/x"),
+            ("a", "x", "a-b/y"),
+            ("ns", "n", "ns/"),
+            ("ns", "n", "ns/n0"),
+            ("ns", "n0", "ns/n"),
+            ("", "", ""),
+        ] {
+            let key = (ns.to_string(), name.to_string());
+            let text = format!("{ns}/{name}");
+            assert_eq!(
+                key_cmp(true, &key, s),
+                text.as_str().cmp(s),
+                "{text} vs {s}"
+            );
+            assert_eq!(key_cmp(false, &key, s), name.cmp(s), "{name} vs {s}");
+        }
+    }
 }
