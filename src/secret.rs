@@ -49,15 +49,14 @@ pub const OBTAINED_BY_ANNOTATION: &str = "goto-oauth.dev/obtained-by";
 /// GoTo's documented access-token lifetime, used when a response omits `expires_in`.
 pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
 
-/// The tokens of one client and the non-secret facts about them. `S` is how the two secrets
-/// are kept: as text, or packed while a replica holds them in memory
+/// The tokens of one client and the non-secret facts about them. A replica holds them packed
 /// (`controller::packed`).
 #[derive(Clone)]
-pub struct StoredTokens<S = SecretString> {
-    pub access_token: S,
+pub struct StoredTokens {
+    pub access_token: SecretString,
     /// Absent only for tokens of a personal access token grant whose response had none: they
     /// are renewed by exchanging the PAT again.
-    pub refresh_token: Option<S>,
+    pub refresh_token: Option<SecretString>,
     pub token_type: String,
     pub expires_at: Timestamp,
     pub issued_at: Timestamp,
@@ -73,31 +72,7 @@ pub struct StoredTokens<S = SecretString> {
     pub obtained_by: TokenGrant,
 }
 
-impl<S> StoredTokens<S> {
-    /// Equal apart from the secrets, which `same` compares.
-    pub(crate) fn equals<T>(&self, other: &StoredTokens<T>, same: impl Fn(&S, &T) -> bool) -> bool {
-        same(&self.access_token, &other.access_token)
-            && match (&self.refresh_token, &other.refresh_token) {
-                (Some(a), Some(b)) => same(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-            && self.token_type == other.token_type
-            && self.expires_at == other.expires_at
-            && self.issued_at == other.issued_at
-            && self.authorized_at == other.authorized_at
-            && self.refresh_token_obtained_at == other.refresh_token_obtained_at
-            && self.scope == other.scope
-            && self.principal == other.principal
-            && self.account_key == other.account_key
-            && self.organizer_key == other.organizer_key
-            && self.client_id == other.client_id
-            && self.token_url == other.token_url
-            && self.obtained_by == other.obtained_by
-    }
-}
-
-impl<S> std::fmt::Debug for StoredTokens<S> {
+impl std::fmt::Debug for StoredTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoredTokens")
             .field("access_token", &"<redacted>")
@@ -117,7 +92,40 @@ impl<S> std::fmt::Debug for StoredTokens<S> {
 
 impl PartialEq for StoredTokens {
     fn eq(&self, other: &Self) -> bool {
-        self.equals(other, |a, b| a.expose_secret() == b.expose_secret())
+        fn secrets(t: &StoredTokens) -> (&str, Option<&str>) {
+            (
+                t.access_token.expose_secret(),
+                t.refresh_token.as_ref().map(|r| r.expose_secret()),
+            )
+        }
+        secrets(self) == secrets(other)
+            && (
+                &self.token_type,
+                self.expires_at,
+                self.issued_at,
+                self.authorized_at,
+                self.refresh_token_obtained_at,
+                &self.scope,
+                &self.principal,
+                &self.account_key,
+                &self.organizer_key,
+                &self.client_id,
+                &self.token_url,
+                self.obtained_by,
+            ) == (
+                &other.token_type,
+                other.expires_at,
+                other.issued_at,
+                other.authorized_at,
+                other.refresh_token_obtained_at,
+                &other.scope,
+                &other.principal,
+                &other.account_key,
+                &other.organizer_key,
+                &other.client_id,
+                &other.token_url,
+                other.obtained_by,
+            )
     }
 }
 

@@ -1382,13 +1382,19 @@ async fn deleted_or_edited_secret_is_restored_by_a_refresh_from_memory() {
     );
     env.quiet().await;
 
+    // Sets one key of the token Secret by hand.
+    let edit = |key: &'static str, value: &'static str| {
+        let patch = serde_json::json!({"data": {key: base64_encode(value)}});
+        let secrets = env.cluster.secrets();
+        async move {
+            secrets
+                .patch("demo-token", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("edit Secret");
+        }
+    };
     let garbage = "hand-edited-refresh-token-value";
-    let edit = serde_json::json!({"data": {"refresh_token": base64_encode(garbage)}});
-    env.cluster
-        .secrets()
-        .patch("demo-token", &PatchParams::default(), &Patch::Merge(&edit))
-        .await
-        .expect("edit Secret");
+    edit("refresh_token", garbage).await;
     let repaired = eventually("edited Secret restored", || async {
         env.tokens("demo-token").await.filter(|d| {
             d["refresh_token"] != garbage && d["access_token"] != restored["access_token"]
@@ -1410,12 +1416,7 @@ async fn deleted_or_edited_secret_is_restored_by_a_refresh_from_memory() {
 
     // An edited access token is told too, though memory keeps only its digest.
     let garbage = "hand-edited-access-token-value";
-    let edit = serde_json::json!({"data": {"access_token": base64_encode(garbage)}});
-    env.cluster
-        .secrets()
-        .patch("demo-token", &PatchParams::default(), &Patch::Merge(&edit))
-        .await
-        .expect("edit Secret");
+    edit("access_token", garbage).await;
     eventually("edited access token replaced", || async {
         env.tokens("demo-token").await.filter(|d| {
             d["access_token"] != garbage && d["access_token"] != repaired["access_token"]

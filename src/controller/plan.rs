@@ -325,11 +325,10 @@ enum Mend {
 /// consent on another replica) or are what this replica stored; otherwise what it stored was
 /// deleted or edited, and is restored.
 fn choose_tokens(o: &Observed) -> (Option<StoredTokens>, Option<Mend>) {
-    let Some(held) = o.memory.held.as_ref() else {
+    let Some(entry) = o.memory.held.as_ref() else {
         return (o.stored.clone(), None);
     };
-    let (entry, held) = (held, held.tokens());
-    let stored_before = entry.stored();
+    let (held, stored_before) = (entry.tokens(), entry.stored());
     match &o.stored {
         Some(stored) if !stored_before => {
             if stored.authorized_at > held.authorized_at {
