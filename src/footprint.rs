@@ -47,6 +47,13 @@ struct Counting;
 
 thread_local! {
     static NET: Cell<isize> = const { Cell::new(0) };
+    static CHUNKS: Cell<isize> = const { Cell::new(0) };
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+/// What glibc's malloc takes for `size` bytes: an 8-byte header, rounded up to 16, at least 32.
+fn chunk(size: usize) -> isize {
+    ((size + 8).div_ceil(16) * 16).max(32) as isize
 }
 
 fn count(delta: isize) {
@@ -54,22 +61,32 @@ fn count(delta: isize) {
     let _ = NET.try_with(|n| n.set(n.get() + delta));
 }
 
+fn count_chunk(old: Option<usize>, new: Option<usize>) {
+    let delta = new.map_or(0, chunk) - old.map_or(0, chunk);
+    let live = isize::from(new.is_some()) - isize::from(old.is_some());
+    let _ = CHUNKS.try_with(|n| n.set(n.get() + delta));
+    let _ = LIVE.try_with(|n| n.set(n.get() + live));
+}
+
 // SAFETY: every call is forwarded to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        count_chunk(None, Some(layout.size()));
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(-(layout.size() as isize));
+        count_chunk(Some(layout.size()), None);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size as isize - layout.size() as isize);
+        count_chunk(Some(layout.size()), Some(new_size));
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -79,11 +96,30 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// The bytes `fill` leaves allocated (what it returns is kept until measured).
-fn retained<T>(fill: impl FnOnce() -> T) -> (T, usize) {
-    let before = NET.with(Cell::get);
+fn retained<T>(fill: impl FnOnce() -> T) -> (T, Kept) {
+    let read = || [&NET, &CHUNKS, &LIVE].map(|counter| counter.with(Cell::get));
+    let before = read();
     let kept = fill();
-    let after = NET.with(Cell::get);
-    (kept, usize::try_from(after - before).unwrap_or_default())
+    let after = read();
+    let [bytes, chunks, allocations] =
+        [0, 1, 2].map(|i| usize::try_from(after[i] - before[i]).unwrap_or_default());
+    (
+        kept,
+        Kept {
+            bytes,
+            chunks,
+            allocations,
+        },
+    )
+}
+
+/// What a store keeps: bytes asked for, bytes of malloc chunks (what RSS sees of them), and
+/// the number of allocations.
+#[derive(Clone, Copy)]
+struct Kept {
+    bytes: usize,
+    chunks: usize,
+    allocations: usize,
 }
 
 const CLIENTS: usize = 1000;
@@ -192,8 +228,12 @@ fn secret_meta(namespace: &str, name: String, rv: usize) -> PartialObjectMeta<Se
 #[test]
 fn footprint_per_client() {
     let clients: Vec<GoToOAuthClient> = (0..CLIENTS).map(client).collect();
-    let per_client = |bytes: usize| bytes / CLIENTS;
-    let mut rows: Vec<(&str, usize, usize)> = Vec::new();
+    let per_client = |kept: Kept| Kept {
+        bytes: kept.bytes / CLIENTS,
+        chunks: kept.chunks / CLIENTS,
+        allocations: kept.allocations / CLIENTS,
+    };
+    let mut rows: Vec<(&str, Kept, usize)> = Vec::new();
 
     let (_store, bytes) = retained(|| {
         let (store, mut writer) = reflector::store::<CachedClient>();
@@ -226,8 +266,7 @@ fn footprint_per_client() {
                 m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
                 m.held = Some(HeldTokens::written(&tokens(i), Some("200000".into()), 1));
                 m.client_secret = Some(ReadValue {
-                    name: c.spec.client_secret_ref.name.clone(),
-                    key: "clientSecret".into(),
+                    source: ReadValue::source(&c.spec.client_secret_ref.name, "clientSecret"),
                     resource_version: Some("300000".into()),
                     value: Some(SecretString::from("x".repeat(40))),
                     seen: Seen::now(1),
@@ -292,19 +331,31 @@ fn footprint_per_client() {
     });
     rows.push(("Secret references", per_client(bytes), 512));
 
-    let total: usize = rows.iter().map(|(_, b, _)| b).sum();
-    println!("bytes per client, {CLIENTS} clients:");
-    for (what, bytes, _) in &rows {
-        println!("  {what:<40} {bytes:>6}");
+    let total =
+        |field: fn(&Kept) -> usize| -> usize { rows.iter().map(|(_, k, _)| field(k)).sum() };
+    println!(
+        "bytes per client, {CLIENTS} clients (asked for, in glibc malloc chunks, allocations):"
+    );
+    for (what, kept, _) in &rows {
+        println!(
+            "  {what:<40} {:>6} {:>6} {:>4}",
+            kept.bytes, kept.chunks, kept.allocations
+        );
     }
-    println!("  {:<40} {total:>6}", "total");
+    println!(
+        "  {:<40} {:>6} {:>6} {:>4}",
+        "total",
+        total(|k| k.bytes),
+        total(|k| k.chunks),
+        total(|k| k.allocations)
+    );
     let sample = Arc::new(clients[0].clone());
     println!(
         "  (one cached client serializes to {} bytes of JSON; its spec and status take {} in the cache)",
         serde_json::to_string(sample.as_ref()).map_or(0, |s| s.len()),
         CachedClient::new(clients[0].clone()).body_len()
     );
-    for (what, bytes, budget) in rows {
+    for (what, Kept { bytes, .. }, budget) in rows {
         assert!(
             bytes <= budget,
             "{what}: {bytes} bytes a client, budget {budget}"

@@ -78,10 +78,16 @@ fn shared(default: &Arc<str>, value: &str) -> Arc<str> {
     }
 }
 
-/// Published links by namespace and name.
+/// The index's key of the client `name` in `namespace`.
+fn key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into()
+}
+
+/// Published links by `namespace/name` (one string: every replica keeps an entry per client,
+/// and neither part can hold a slash).
 #[derive(Debug)]
 pub(crate) struct LinkIndex {
-    links: RwLock<HashMap<(String, String), Entry>>,
+    links: RwLock<HashMap<Box<str>, Entry>>,
     /// Bumped on every change, so a waiting lookup re-checks.
     version: watch::Sender<u64>,
     /// To validate specs as the controller does.
@@ -105,7 +111,11 @@ impl LinkIndex {
     /// The client whose published link is `presented`, checked in constant time.
     fn check(&self, namespace: &str, name: &str, presented: &str) -> Option<Start> {
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());
-        let entry = links.get(&(namespace.to_string(), name.to_string()));
+        // A slash in either part (a hostile request's) names no client; the comparison below
+        // runs all the same.
+        let entry = (!namespace.contains('/') && !name.contains('/'))
+            .then(|| links.get(&*key(namespace, name)))
+            .flatten();
         let expected = entry.map_or(&DUMMY_LINK[..], |e| e.link.as_bytes());
         let matches = bool::from(expected.ct_eq(presented.as_bytes()));
         entry.filter(|_| matches).map(|e| e.start.clone())
@@ -137,8 +147,11 @@ impl LinkIndex {
         }
     }
 
-    fn key(obj: &GoToOAuthClient) -> Option<(String, String)> {
-        Some((obj.metadata.namespace.clone()?, obj.metadata.name.clone()?))
+    fn key(obj: &GoToOAuthClient) -> Option<Box<str>> {
+        Some(key(
+            obj.metadata.namespace.as_deref()?,
+            obj.metadata.name.as_deref()?,
+        ))
     }
 
     fn entry(&self, obj: &GoToOAuthClient) -> Option<Entry> {
@@ -192,7 +205,13 @@ impl LinkIndex {
     /// (after a relist, which applied the others).
     fn retain(&self, namespace: Option<&str>, alive: &HashSet<(String, String)>) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
-        links.retain(|key, _| namespace.is_some_and(|scope| scope != key.0) || alive.contains(key));
+        links.retain(|key, _| {
+            let Some((ns, name)) = key.split_once('/') else {
+                return false;
+            };
+            namespace.is_some_and(|scope| scope != ns)
+                || alive.contains(&(ns.to_string(), name.to_string()))
+        });
         drop(links);
         self.version.send_modify(|v| *v += 1);
     }
@@ -264,6 +283,13 @@ mod tests {
             "another namespace"
         );
         assert_eq!(uid(index.check("a", "other", LINK)), None);
+        for (namespace, name) in [("a/demo", ""), ("", "a/demo"), ("a", "demo/")] {
+            assert_eq!(
+                uid(index.check(namespace, name, LINK)),
+                None,
+                "{namespace:?} {name:?}: a slash names no client"
+            );
+        }
         // A withdrawn link (no authorizationUrl) and a deleted client are gone at once.
         index.apply(&client("a", "demo", "uid-1", None));
         assert_eq!(uid(index.check("a", "demo", LINK)), None);
@@ -277,8 +303,17 @@ mod tests {
         let index = LinkIndex::default();
         index.apply(&client("a", "x", "1", Some(LINK)));
         index.apply(&client("b", "y", "2", Some(LINK)));
-        index.retain(Some("a"), &HashSet::new());
+        index.apply(&client("a", "z", "3", Some(LINK)));
+        index.retain(
+            Some("a"),
+            &HashSet::from([("a".to_string(), "z".to_string())]),
+        );
         assert_eq!(uid(index.check("a", "x", LINK)), None);
+        assert_eq!(
+            uid(index.check("a", "z", LINK)),
+            Some("3".into()),
+            "listed again"
+        );
         assert_eq!(uid(index.check("b", "y", LINK)), Some("2".into()));
     }
 

@@ -10,6 +10,11 @@
 //! typed object once, in microseconds. LZ4 because it is fast, pure Rust and takes a dictionary;
 //! without one, a kilobyte of JSON barely compresses.
 //!
+//! Of the metadata, only the name and namespace stay outside the compressed body (kube's store
+//! and queue key on them) and the uid beside it (pruning and backoff read it without expanding):
+//! a resourceVersion kept as metadata would be two more strings a client, one in the object and
+//! one in kube's store key.
+//!
 //! The expanded object is exactly the object the watch delivered, trimmed: the controller
 //! decides on the same data as before, only kept smaller in between.
 
@@ -27,8 +32,11 @@ use crate::resource::{GoToOAuthClient, GoToOAuthClientSpec, GoToOAuthClientStatu
 /// A client as the controller's cache keeps it.
 #[derive(Clone, Debug)]
 pub(crate) struct CachedClient {
-    pub(crate) metadata: ObjectMeta,
-    /// `{"spec": …, "status": …}` as JSON, compressed against [`DICTIONARY`].
+    /// The name and namespace only.
+    metadata: ObjectMeta,
+    uid: Option<Box<str>>,
+    /// `{"metadata": …, "spec": …, "status": …}` as JSON, compressed against [`DICTIONARY`];
+    /// the metadata without what is kept outside.
     body: Box<[u8]>,
 }
 
@@ -43,10 +51,11 @@ pub(crate) fn client_ref(namespace: &str, name: &str) -> ClientRef {
 /// What most clients' JSON has in common: the field names and the operator's own words.
 /// LZ4 refers back into it, so a client's field names cost a few bytes instead of their text.
 /// It only ever changes with the binary: what one process compressed, it decompresses.
-const DICTIONARY: &[u8] = br#"{"spec":{"clientId":"","clientSecretRef":{"name":"-credentials","key":"clientSecret"},"redirectUri":"https://","scopes":["identity:"],"secretName":"-token","displayName":"","refreshBefore":"","endpoints":{"authorizeUrl":"","tokenUrl":""},"secretTemplate":{"labels":{},"annotations":{}},"expectedAccount":"","rolloutRestartTargets":[{"kind":"Deployment","name":""}],"rolloutRestartOn":["Authorization","RefreshTokenRotation","AccessToken"],"rolloutRestartMinInterval":"","personalAccessTokenRef":{"name":"","key":"pat"}},"status":{"conditions":[{"lastTransitionTime":"2026-12-02T10:00:00Z","message":"the access token in the Secret is valid until 2026-12-02T11:00:00Z","observedGeneration":1,"reason":"Authorized","status":"True","type":"Ready"},{"lastTransitionTime":"2026-12-02T10:00:00Z","message":"authorized by GoTo account @example.com","observedGeneration":1,"reason":"AwaitingAuthorization","status":"False","type":"Authorized"},{"type":"RolloutTargetsUpToDate","reason":"NoRestartNeeded"}],"authorizationUrl":"https://goto-oauth/authorize/","accessTokenExpiresAt":"2026-12-02T11:00:00Z","lastRefreshTime":"2026-12-02T10:00:00Z","nextRefreshTime":"2026-12-02T10:40:00Z","refreshTokenObtainedAt":"2026-12-02T10:00:00Z","principal":"","accountKey":"","organizerKey":"","authorization":{"phase":"Authorized"},"secretName":"-token","obtainedBy":"AuthorizationCode","rejectedPersonalAccessToken":{"sentWith":"","error":""},"rejectedAuthorization":"","handledLinkRotation":"","handledRefreshRequest":"","consumedStates":[{"nonce":"","expiresAt":""}],"rolloutRestart":{},"observedGeneration":1}}"#;
+const DICTIONARY: &[u8] = br#"{"metadata":{"annotations":{"goto-oauth.dev/"},"deletionTimestamp":"","generation":1,"resourceVersion":""},"spec":{"clientId":"","clientSecretRef":{"name":"-credentials","key":"clientSecret"},"redirectUri":"https://","scopes":["identity:"],"secretName":"-token","displayName":"","refreshBefore":"","endpoints":{"authorizeUrl":"","tokenUrl":""},"secretTemplate":{"labels":{},"annotations":{}},"expectedAccount":"","rolloutRestartTargets":[{"kind":"Deployment","name":""}],"rolloutRestartOn":["Authorization","RefreshTokenRotation","AccessToken"],"rolloutRestartMinInterval":"","personalAccessTokenRef":{"name":"","key":"pat"}},"status":{"conditions":[{"lastTransitionTime":"2026-12-02T10:00:00Z","message":"the access token in the Secret is valid until 2026-12-02T11:00:00Z","observedGeneration":1,"reason":"Authorized","status":"True","type":"Ready"},{"lastTransitionTime":"2026-12-02T10:00:00Z","message":"authorized by GoTo account @example.com","observedGeneration":1,"reason":"AwaitingAuthorization","status":"False","type":"Authorized"},{"type":"RolloutTargetsUpToDate","reason":"NoRestartNeeded"}],"authorizationUrl":"https://goto-oauth/authorize/","accessTokenExpiresAt":"2026-12-02T11:00:00Z","lastRefreshTime":"2026-12-02T10:00:00Z","nextRefreshTime":"2026-12-02T10:40:00Z","refreshTokenObtainedAt":"2026-12-02T10:00:00Z","principal":"","accountKey":"","organizerKey":"","authorization":{"phase":"Authorized"},"secretName":"-token","obtainedBy":"AuthorizationCode","rejectedPersonalAccessToken":{"sentWith":"","error":""},"rejectedAuthorization":"","handledLinkRotation":"","handledRefreshRequest":"","consumedStates":[{"nonce":"","expiresAt":""}],"rolloutRestart":{},"observedGeneration":1}}"#;
 
 #[derive(Serialize)]
 struct BodyRef<'a> {
+    metadata: &'a ObjectMeta,
     spec: &'a GoToOAuthClientSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: &'a Option<GoToOAuthClientStatus>,
@@ -54,6 +63,8 @@ struct BodyRef<'a> {
 
 #[derive(Deserialize)]
 struct Body {
+    #[serde(default)]
+    metadata: ObjectMeta,
     spec: GoToOAuthClientSpec,
     #[serde(default)]
     status: Option<GoToOAuthClientStatus>,
@@ -63,7 +74,14 @@ impl CachedClient {
     /// The cache entry of `obj`, trimmed.
     pub(crate) fn new(mut obj: GoToOAuthClient) -> CachedClient {
         obj.trim_for_cache();
+        let metadata = ObjectMeta {
+            name: obj.metadata.name.take(),
+            namespace: obj.metadata.namespace.take(),
+            ..ObjectMeta::default()
+        };
+        let uid = obj.metadata.uid.take().map(String::into_boxed_str);
         let json = serde_json::to_vec(&BodyRef {
+            metadata: &obj.metadata,
             spec: &obj.spec,
             status: &obj.status,
         })
@@ -75,9 +93,15 @@ impl CachedClient {
         });
         let body = lz4_flex::block::compress_prepend_size_with_dict(&json, DICTIONARY);
         CachedClient {
-            metadata: obj.metadata,
+            metadata,
+            uid,
             body: body.into_boxed_slice(),
         }
+    }
+
+    /// The client's uid, without expanding it.
+    pub(crate) fn uid(&self) -> Option<&str> {
+        self.uid.as_deref()
     }
 
     /// The client as the watch delivered it, trimmed.
@@ -85,9 +109,18 @@ impl CachedClient {
         let json = lz4_flex::block::decompress_size_prepended_with_dict(&self.body, DICTIONARY)
             // Only `new` compresses, against the same dictionary: a bug if it fails.
             .map_err(<serde_json::Error as serde::de::Error>::custom)?;
-        let Body { spec, status } = serde_json::from_slice(&json)?;
+        let Body {
+            metadata,
+            spec,
+            status,
+        } = serde_json::from_slice(&json)?;
         let mut obj = GoToOAuthClient::new("", spec);
-        obj.metadata = self.metadata.clone();
+        obj.metadata = ObjectMeta {
+            name: self.metadata.name.clone(),
+            namespace: self.metadata.namespace.clone(),
+            uid: self.uid.as_deref().map(str::to_string),
+            ..metadata
+        };
         obj.status = status;
         Ok(obj)
     }
@@ -164,11 +197,39 @@ mod tests {
         let (mut obj, _) = demo_client();
         obj.metadata.managed_fields = Some(Vec::new());
         obj.metadata.labels = Some([("team".to_string(), "billing".to_string())].into());
+        obj.metadata.resource_version = Some("48213".into());
+        obj.metadata.generation = Some(4);
+        obj.metadata.uid = Some("6f1c2a4e-0b7d-4c1e-9a3f-000000000001".into());
+        obj.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-03T10:00:00Z".parse().unwrap(),
+            ));
+        obj.metadata.annotations = Some(
+            [
+                ("goto-oauth.dev/refresh-requested".to_string(), "1".into()),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".into(),
+                    "{}".into(),
+                ),
+            ]
+            .into(),
+        );
         let mut trimmed = obj.clone();
         trimmed.trim_for_cache();
         let cached = CachedClient::new(obj);
         assert_eq!(json(&cached.expand().unwrap()), json(&trimmed));
-        assert_eq!(cached.metadata, trimmed.metadata);
+        assert_eq!(cached.expand().unwrap().metadata, trimmed.metadata);
+        assert_eq!(cached.uid(), trimmed.metadata.uid.as_deref());
+        assert_eq!(
+            (
+                cached.meta().name.as_ref(),
+                cached.meta().namespace.as_ref()
+            ),
+            (
+                trimmed.metadata.name.as_ref(),
+                trimmed.metadata.namespace.as_ref()
+            )
+        );
     }
 
     #[test]

@@ -60,12 +60,17 @@ impl FirstLook {
     /// A scope's cache is listed: its clients (uids) are pending, except those already looked at.
     pub(crate) fn listed(&self, uids: impl IntoIterator<Item = String>) {
         let mut state = self.state();
+        if state.started.is_none() {
+            // The term's first look is over (or none began): nothing waits for these.
+            return;
+        }
         let fresh: Vec<String> = uids
             .into_iter()
             .filter(|u| !state.looked.contains(u))
             .collect();
         state.pending.extend(fresh);
         state.scopes_unlisted = state.scopes_unlisted.saturating_sub(1);
+        state.settle(Instant::now());
     }
 
     /// A scope's Secret watch has listed. A relist counts again: at worst refreshes start
@@ -73,6 +78,7 @@ impl FirstLook {
     pub(crate) fn secrets_listed(&self) {
         let mut state = self.state();
         state.secrets_unlisted = state.secrets_unlisted.saturating_sub(1);
+        state.settle(Instant::now());
     }
 
     /// The client was reconciled (its status corrected if it lied).
@@ -82,16 +88,30 @@ impl FirstLook {
         if state.started.is_some() {
             state.looked.insert(uid.to_string());
         }
+        state.settle(Instant::now());
     }
 
-    /// Whether refreshes may go out at `now`.
+    /// Whether refreshes may go out at `now`. Once they may, the first look is over for the
+    /// term and its sets go: at 10,000 clients the uids looked at are about a megabyte
+    /// (BENCHMARKS.md, issue 11).
     pub(crate) fn refreshes_allowed(&self, now: Instant) -> bool {
-        let state = self.state();
+        self.state().settle(now)
+    }
+}
+
+impl State {
+    /// Whether the term's first look is over at `now`; ends it when it is, dropping its sets.
+    fn settle(&mut self, now: Instant) -> bool {
         let done =
-            state.scopes_unlisted == 0 && state.secrets_unlisted == 0 && state.pending.is_empty();
-        done || state
-            .started
-            .is_none_or(|started| now.duration_since(started) >= DEADLINE)
+            self.scopes_unlisted == 0 && self.secrets_unlisted == 0 && self.pending.is_empty();
+        let over = done
+            || self
+                .started
+                .is_none_or(|started| now.duration_since(started) >= DEADLINE);
+        if over && self.started.is_some() {
+            *self = State::default();
+        }
+        over
     }
 }
 
@@ -120,6 +140,20 @@ mod tests {
         );
         look.secrets_listed();
         assert!(look.refreshes_allowed(t0));
+        let state = look.state();
+        assert_eq!(
+            (state.pending.capacity(), state.looked.capacity()),
+            (0, 0),
+            "the term's first look is over: its sets are gone"
+        );
+        drop(state);
+        look.looked_at("d");
+        look.listed(["e".to_string()]);
+        assert!(
+            look.refreshes_allowed(t0),
+            "nothing waits after the first look"
+        );
+        assert!(look.state().looked.is_empty() && look.state().pending.is_empty());
 
         look.begin(1, t0);
         look.listed(["stuck".to_string()]);

@@ -48,6 +48,11 @@ impl Digest {
         Digest(DIGEST_KEYS.hash_one(text))
     }
 
+    /// The digest of several strings together (each delimited, so no two lists share one).
+    pub(crate) fn of_all(texts: &[&str]) -> Digest {
+        Digest(DIGEST_KEYS.hash_one(texts))
+    }
+
     /// Whether this is the digest of `text`.
     pub(crate) fn is(self, text: &str) -> bool {
         self == Digest::of(text)

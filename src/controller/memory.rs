@@ -192,8 +192,9 @@ impl PartialEq for HeldTokens {
 /// the version it was read at.
 #[derive(Clone)]
 pub(crate) struct ReadValue {
-    pub(crate) name: String,
-    pub(crate) key: String,
+    /// Which Secret and key it was read from ([`ReadValue::source`]): only ever compared with
+    /// the reference in the spec, so a digest instead of two strings.
+    pub(crate) source: Digest,
     pub(crate) resource_version: Option<String>,
     /// `None`: the key is missing or blank.
     pub(crate) value: Option<SecretString>,
@@ -201,11 +202,17 @@ pub(crate) struct ReadValue {
     pub(crate) seen: Seen,
 }
 
+impl ReadValue {
+    /// The digest of a reference to `key` in the Secret `name`.
+    pub(crate) fn source(name: &str, key: &str) -> Digest {
+        Digest::of_all(&[name, key])
+    }
+}
+
 impl std::fmt::Debug for ReadValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadValue")
-            .field("name", &self.name)
-            .field("key", &self.key)
+            .field("source", &self.source)
             .field("resource_version", &self.resource_version)
             .field("value", &self.value.as_ref().map(|_| "<redacted>"))
             .field("seen", &self.seen)
@@ -215,8 +222,8 @@ impl std::fmt::Debug for ReadValue {
 
 impl PartialEq for ReadValue {
     fn eq(&self, other: &Self) -> bool {
-        (&self.name, &self.key, &self.resource_version, self.seen)
-            == (&other.name, &other.key, &other.resource_version, other.seen)
+        (self.source, &self.resource_version, self.seen)
+            == (other.source, &other.resource_version, other.seen)
             && self.value.as_ref().map(|v| v.expose_secret())
                 == other.value.as_ref().map(|v| v.expose_secret())
     }
@@ -246,16 +253,130 @@ pub(crate) struct ClientMemory {
     pub(crate) consent_in_flight: Option<std::time::Instant>,
 }
 
-/// Every client's memory, keyed by uid. Boxed: a `ClientMemory` is most of a kilobyte, and a
-/// hash map keeps up to twice as many slots as entries.
+/// One client's memory as [`Memory`] keeps it between reconciles: what every client has
+/// inline (the held tokens, the client secret as read, the owner as one string), and the
+/// fields most clients leave at their defaults (backoff, a pending status write or consent, a
+/// rollout record, a personal access token) in one box that exists only while one of them is
+/// set. At 10,000 clients an entry is per client, so the 150 bytes of defaults each would carry
+/// inline are 1.5 MB (BENCHMARKS.md, issue 11). [`Memory::with`] hands out the whole
+/// [`ClientMemory`] and packs it back, so no caller sees the difference.
 #[derive(Debug, Default)]
-pub(crate) struct Memory(Mutex<HashMap<String, Box<ClientMemory>>>);
+struct Kept {
+    held: Option<HeldTokens>,
+    client_secret: Option<ReadValue>,
+    /// `namespace/name` (neither contains a slash).
+    owner: Option<Box<str>>,
+    rare: Option<Box<Rare>>,
+}
+
+/// The fields of [`ClientMemory`] most clients leave at their defaults.
+#[derive(Debug, Default, PartialEq)]
+struct Rare {
+    answered_refresh_request: Option<String>,
+    backoff: Backoff,
+    written_resource_version: Option<(String, std::time::Instant)>,
+    rollout: Option<Box<RolloutRestartStatus>>,
+    personal_access_token: Option<Box<ReadValue>>,
+    consent_in_flight: Option<std::time::Instant>,
+}
+
+impl Kept {
+    fn pack(memory: ClientMemory) -> Kept {
+        let ClientMemory {
+            owner,
+            held,
+            answered_refresh_request,
+            backoff,
+            written_resource_version,
+            rollout,
+            client_secret,
+            personal_access_token,
+            consent_in_flight,
+        } = memory;
+        let rare = Rare {
+            answered_refresh_request,
+            backoff,
+            written_resource_version,
+            rollout,
+            personal_access_token,
+            consent_in_flight,
+        };
+        Kept {
+            held,
+            client_secret,
+            owner: owner.map(|(namespace, name)| format!("{namespace}/{name}").into()),
+            rare: (rare != Rare::default()).then(|| Box::new(rare)),
+        }
+    }
+
+    fn unpack(self) -> ClientMemory {
+        let Kept {
+            held,
+            client_secret,
+            owner,
+            rare,
+        } = self;
+        let Rare {
+            answered_refresh_request,
+            backoff,
+            written_resource_version,
+            rollout,
+            personal_access_token,
+            consent_in_flight,
+        } = rare.map(|r| *r).unwrap_or_default();
+        ClientMemory {
+            owner: owner.as_deref().and_then(split_owner),
+            held,
+            answered_refresh_request,
+            backoff,
+            written_resource_version,
+            rollout,
+            client_secret,
+            personal_access_token,
+            consent_in_flight,
+        }
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.owner
+            .as_deref()
+            .and_then(|owner| owner.split_once('/'))
+            .map(|(namespace, _)| namespace)
+    }
+}
+
+fn split_owner(owner: &str) -> Option<(String, String)> {
+    owner
+        .split_once('/')
+        .map(|(namespace, name)| (namespace.to_string(), name.to_string()))
+}
+
+/// A client's memory unpacked for one [`Memory::with`]; packed back when dropped, also when
+/// the caller panics, so nothing held is lost.
+struct Unpacked<'a> {
+    slot: &'a mut Kept,
+    memory: ClientMemory,
+}
+
+impl Drop for Unpacked<'_> {
+    fn drop(&mut self) {
+        *self.slot = Kept::pack(std::mem::take(&mut self.memory));
+    }
+}
+
+/// Every client's memory, keyed by uid. Boxed: a hash map keeps up to twice as many slots as
+/// entries.
+#[derive(Debug, Default)]
+pub(crate) struct Memory(Mutex<HashMap<Box<str>, Box<Kept>>>);
 
 impl Memory {
     /// Reads or changes one client's memory.
     pub(crate) fn with<T>(&self, uid: &str, f: impl FnOnce(&mut ClientMemory) -> T) -> T {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        f(all.entry(uid.to_string()).or_default())
+        let slot: &mut Kept = all.entry(uid.into()).or_default();
+        let memory = std::mem::take(slot).unpack();
+        let mut unpacked = Unpacked { slot, memory };
+        f(&mut unpacked.memory)
     }
 
     pub(crate) fn forget(&self, uid: &str) {
@@ -270,16 +391,16 @@ impl Memory {
         alive: &HashSet<String>,
     ) -> Vec<(String, String)> {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<String> = all
+        let gone: Vec<Box<str>> = all
             .iter()
             .filter(|(uid, m)| {
-                !alive.contains(*uid)
-                    && scope.is_none_or(|ns| m.owner.as_ref().is_some_and(|(owner, _)| owner == ns))
+                !alive.contains(&***uid) && scope.is_none_or(|ns| m.namespace() == Some(ns))
             })
             .map(|(uid, _)| uid.clone())
             .collect();
         gone.iter()
-            .filter_map(|uid| all.remove(uid).and_then(|m| m.owner))
+            .filter_map(|uid| all.remove(uid))
+            .filter_map(|m| m.owner.as_deref().and_then(split_owner))
             .collect()
     }
 }
@@ -320,6 +441,63 @@ mod tests {
             HeldTokens::written(&tokens, Some("7".into()), 1).tokens(),
             held.tokens()
         );
+    }
+
+    #[test]
+    fn memory_is_packed_and_unpacked_unchanged() {
+        let tokens = crate::controller::fixtures::tokens(
+            "2026-12-03T10:00:00Z",
+            "2026-12-01T10:00:00Z",
+            "refresh-1",
+        );
+        let read = ReadValue {
+            source: ReadValue::source("creds", "clientSecret"),
+            resource_version: Some("3".into()),
+            value: Some(SecretString::from("s3cret")),
+            seen: Seen::now(1),
+        };
+        let common = ClientMemory {
+            owner: Some(("team-a".into(), "billing".into())),
+            held: Some(HeldTokens::written(&tokens, Some("7".into()), 1)),
+            client_secret: Some(read.clone()),
+            ..ClientMemory::default()
+        };
+        let kept = Kept::pack(common.clone());
+        assert!(kept.rare.is_none(), "defaults take no box");
+        assert_eq!(kept.unpack(), common);
+
+        let every = ClientMemory {
+            answered_refresh_request: Some("2".into()),
+            backoff: Backoff {
+                refresh_failures: 2,
+                not_before: Some("2026-12-03T10:00:05Z".parse().unwrap()),
+                last_failure: Some("GoTo answered 503".into()),
+                reconcile_errors: 1,
+            },
+            written_resource_version: Some(("9".into(), std::time::Instant::now())),
+            rollout: Some(serde_json::from_str(r#"{"since":"2026-12-03T09:00:00Z"}"#).unwrap()),
+            personal_access_token: Some(Box::new(read)),
+            consent_in_flight: Some(std::time::Instant::now()),
+            ..common
+        };
+        assert_eq!(Kept::pack(every.clone()).unpack(), every);
+    }
+
+    #[test]
+    fn memory_survives_a_panic_while_unpacked() {
+        let memory = Memory::default();
+        memory.with("a", |m| m.answered_refresh_request = Some("1".into()));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            memory.with("a", |m| {
+                m.backoff.refresh_failures = 3;
+                panic!("a bug while the memory is unpacked");
+            })
+        }));
+        assert!(panicked.is_err());
+        memory.with("a", |m| {
+            assert_eq!(m.answered_refresh_request.as_deref(), Some("1"));
+            assert_eq!(m.backoff.refresh_failures, 3);
+        });
     }
 
     #[test]

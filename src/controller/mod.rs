@@ -318,9 +318,7 @@ pub(crate) fn error_policy(
         return Action::await_change();
     }
     let attempts = obj
-        .metadata
-        .uid
-        .as_deref()
+        .uid()
         .map(|uid| {
             ctx.memory.with(uid, |m| {
                 m.backoff.reconcile_errors = m.backoff.reconcile_errors.saturating_add(1);

@@ -373,7 +373,8 @@ async fn read_value(
 ) -> Result<Option<ReadValue>> {
     let namespace = secrets_namespace(secrets);
     let term = ctx.secrets.term();
-    let same = |c: &ReadValue| c.name == name && c.key == key;
+    let source = ReadValue::source(name, key);
+    let same = |c: &ReadValue| c.source == source;
     match ctx.secrets.get(&namespace, name) {
         Known::At(rv)
             if cached.is_some_and(|c| {
@@ -403,8 +404,7 @@ fn secrets_namespace(secrets: &Api<Secret>) -> String {
 fn read_key(secret: &Secret, name: &str, key: &str, term: u64) -> ReadValue {
     ReadValue {
         seen: Seen::now(term),
-        name: name.to_string(),
-        key: key.to_string(),
+        source: ReadValue::source(name, key),
         resource_version: secret.metadata.resource_version.clone(),
         value: secret
             .data

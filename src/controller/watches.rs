@@ -183,14 +183,18 @@ async fn prune_deleted(ctx: Arc<Context>, store: Store<CachedClient>, scope: Opt
     if store.wait_until_ready().await.is_err() {
         return futures::future::pending().await;
     }
-    ctx.first_look
-        .listed(store.state().iter().filter_map(|c| c.metadata.uid.clone()));
+    ctx.first_look.listed(
+        store
+            .state()
+            .iter()
+            .filter_map(|c| c.uid().map(str::to_string)),
+    );
     loop {
         tokio::time::sleep(PRUNE_INTERVAL).await;
         let alive: HashSet<String> = store
             .state()
             .iter()
-            .filter_map(|c| c.metadata.uid.clone())
+            .filter_map(|c| c.uid().map(str::to_string))
             .collect();
         for (namespace, name) in ctx.memory.prune(scope.as_deref(), &alive) {
             ctx.metrics.forget_client(&namespace, &name);
