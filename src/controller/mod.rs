@@ -20,6 +20,7 @@ pub(crate) mod fixtures;
 pub(crate) mod index;
 pub(crate) mod memory;
 pub(crate) mod observe;
+pub(crate) mod pacer;
 pub(crate) mod packed;
 pub(crate) mod plan;
 pub(crate) mod rollout;

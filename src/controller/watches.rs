@@ -17,13 +17,15 @@ use tracing::{debug, info};
 use super::{
     Context,
     cached::{CachedClient, ClientRef, cache_event, client_ref},
-    error_policy, reconcile,
+    error_policy,
+    pacer::Pacer,
+    reconcile,
 };
 use crate::resource::GoToOAuthClient;
 
 /// Reconciles at most this many clients at once: a thousand at once would each hold an API
 /// connection (and its memory) for nothing; refreshes are rate-limited anyway.
-const CONCURRENCY: u16 = 16;
+pub(crate) const CONCURRENCY: u16 = 16;
 /// How often memory of deleted clients is dropped (the controller is not called for them).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -100,6 +102,10 @@ async fn run_scope(
     let (store, writer) = kube::runtime::reflector::store();
     let (refs_ctx, versions_ctx) = (ctx.clone(), ctx.clone());
     let (refs_scope, versions_scope) = (scope.clone(), scope.clone());
+    // Every trigger of the watches waits in the pacer (see there); the watch streams only keep
+    // the cache and indexes and yield nothing themselves.
+    let pacer = Arc::new(Pacer::new(store.clone()));
+    let client_pacer = pacer.clone();
     let client_events = watcher(clients, list_pages())
         .default_backoff()
         .inspect(move |event| {
@@ -109,8 +115,20 @@ async fn run_scope(
         })
         .map_ok(cache_event)
         .reflect(writer)
-        .touched_objects();
+        .try_filter_map(move |event| {
+            match event {
+                watcher::Event::InitDone => client_pacer.listed(),
+                watcher::Event::Apply(client) => {
+                    client_pacer.changed(kube::runtime::reflector::ObjectRef::from_obj(&client))
+                }
+                // A deleted client has nothing left to reconcile (its memory is pruned).
+                watcher::Event::Delete(_) | watcher::Event::Init | watcher::Event::InitApply(_) => {
+                }
+            }
+            futures::future::ready(Ok(None::<CachedClient>))
+        });
     // Metadata only: the controller needs a Secret's version, not its data.
+    let (mapper_ctx, secret_pacer) = (ctx.clone(), pacer.clone());
     let secret_events = watcher(secrets, watcher::Config::default())
         .default_backoff()
         .inspect(move |event| {
@@ -123,8 +141,13 @@ async fn run_scope(
                 }
             }
         })
-        .touched_objects();
-    let mapper_ctx = ctx.clone();
+        .touched_objects()
+        .try_filter_map(move |secret| {
+            for client in referencing_clients(&mapper_ctx, &secret) {
+                secret_pacer.changed(client);
+            }
+            futures::future::ready(Ok(None::<PartialObjectMeta<Secret>>))
+        });
     let ticks = futures::stream::unfold(ctx.clock.ticks(), |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))
@@ -156,18 +179,20 @@ async fn run_scope(
     let pruner = prune_deleted(ctx.clone(), store.clone(), scope.clone());
     let controller = Controller::for_stream(client_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
-        .watches_stream(secret_events, move |secret| {
-            referencing_clients(&mapper_ctx, &secret)
-        })
+        .watches_stream(secret_events, |_| std::iter::empty())
         .reconcile_all_on(ticks)
         .reconcile_on(wakes)
         .reconcile_on(alarms)
+        .reconcile_on(pacer.clone().clients())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((obj, _)) => debug!(object = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "reconcile error"),
+        .for_each(|result| {
+            pacer.reconciled(&result);
+            async move {
+                match result {
+                    Ok((obj, _)) => debug!(object = %obj, "reconciled"),
+                    Err(e) => debug!(error = %e, "reconcile error"),
+                }
             }
         });
     // The pruner never ends on its own; the controller's end (shutdown) ends both.
