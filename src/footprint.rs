@@ -249,14 +249,14 @@ fn footprint_per_client() {
         clients.iter().for_each(|c| links.apply(c));
         links
     });
-    rows.push(("link index (every replica)", per_client(bytes), 640));
+    rows.push(("link index (every replica)", per_client(bytes), 416));
 
     let (_metrics, bytes) = retained(|| {
         let metrics = Metrics::new(Clock::system());
         clients.iter().for_each(|c| metrics.observe(c));
         metrics
     });
-    rows.push(("per-client metric series", per_client(bytes), 512));
+    rows.push(("per-client metric series", per_client(bytes), 320));
 
     let (_memory, bytes) = retained(|| {
         let memory = Memory::default();
@@ -278,7 +278,7 @@ fn footprint_per_client() {
     rows.push((
         "memory: held tokens, client secret",
         per_client(bytes),
-        2304,
+        2048,
     ));
 
     let (_alarms, bytes) = retained(|| {

@@ -87,7 +87,9 @@ fn key(namespace: &str, name: &str) -> Box<str> {
 /// and neither part can hold a slash).
 #[derive(Debug)]
 pub(crate) struct LinkIndex {
-    links: RwLock<HashMap<Box<str>, Entry>>,
+    /// Boxed entries: a hash map keeps up to twice as many slots as entries, and an entry is
+    /// over a hundred bytes.
+    links: RwLock<HashMap<Box<str>, Box<Entry>>>,
     /// Bumped on every change, so a waiting lookup re-checks.
     version: watch::Sender<u64>,
     /// To validate specs as the controller does.
@@ -185,7 +187,7 @@ impl LinkIndex {
         let entry = self.entry(obj);
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         match entry {
-            Some(entry) => links.insert(key, entry),
+            Some(entry) => links.insert(key, Box::new(entry)),
             None => links.remove(&key),
         };
         drop(links);
