@@ -8,7 +8,7 @@
 FROM rust:1.95-bookworm AS build
 
 ARG TARGET=x86_64-unknown-linux-musl
-# musl-gcc compiles the C parts of dependencies (ring) for the static target.
+# musl-gcc compiles the C parts of dependencies (ring, jemalloc) for the static target.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends musl-tools \
     && rm -rf /var/lib/apt/lists/* \

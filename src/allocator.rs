@@ -1,53 +1,43 @@
-//! The allocator setting the operator runs with, chosen by measurement (BENCHMARKS.md, "the
-//! allocator"), not habit.
+//! The operator's allocator: jemalloc, with the settings in [`SETTINGS`], chosen by measurement
+//! (BENCHMARKS.md, "the allocator"), not habit.
 //!
-//! glibc's malloc gives threads that meet contention arenas of their own (up to eight per core)
-//! and keeps what is freed in each for reuse by that arena. The operator's work hops between
-//! tokio's worker threads, so objects freed on one thread leave holes another cannot fill: with
-//! one arena the resident heap at 1,000 clients was 1.3–2 MiB (about a tenth) smaller, with no
-//! measurable cost in the storm, whose pace is GoTo's. mimalloc was measured too and was far
-//! worse (per-thread pages). musl, the container image's libc, has no arenas: nothing is set
-//! there. `MALLOC_ARENA_MAX` in the environment wins over this default.
+//! The same operator in the bench (BENCHMARKS.md), glibc's malloc (one arena, freed pages
+//! trimmed every 10 s) against jemalloc with these settings: 10,000 clients after the idle
+//! window 50.4 against 47.8 MiB (the goal is 48); 1,000 clients after the window 15.5 against
+//! 16.7, after a refresh storm 18.5 against 17.0, and after another 30 s idle 17.5 against
+//! 15.8 (the goal is 20). Most of a replica's heap is tens of thousands of small per-client
+//! allocations made over a long start-up between short-lived ones (LIST pages, reconciles):
+//! glibc's first-fit heap keeps pages held by a few survivors, where jemalloc's size-class
+//! slabs keep like with like. jemalloc's defaults were measured in an earlier session (2 MiB
+//! more at 0 clients, more at 1,000), and mimalloc was far worse (per-thread pages).
 //!
-//! glibc also keeps freed pages in the middle of its heap until something asks for them back:
-//! after start-up (LIST pages, every client's first reconcile) that was 1.5 MiB of 15 at 1,000
-//! clients. [`give_back`] asks every [`TRIM_INTERVAL`]; a trim of a heap this size takes well
-//! under a millisecond.
+//! - `narenas:1`: one arena. The operator's work hops between tokio's worker threads; arenas per
+//!   thread (per core by default) each keep the holes the others left.
+//! - `tcache:false`: no per-thread caches of freed objects; the operator allocates little per
+//!   second, and each thread's cache would hold memory of its own.
+//! - `dirty_decay_ms:1000,muzzy_decay_ms:0`: freed pages go back to the system within about a
+//!   second and at once for good, rather than after ten seconds and lazily (pages freed lazily
+//!   still count in RSS until the kernel needs them).
+//!
+//! `_RJEM_MALLOC_CONF` in the environment overrides any of them at start-up (jemalloc's own
+//! variable; `stats_print:true` prints the settings in force at exit).
 
-use std::time::Duration;
+/// The allocator the binary installs as its global allocator.
+#[cfg(not(target_env = "msvc"))]
+pub type Allocator = tikv_jemallocator::Jemalloc;
 
-/// How often freed memory is returned to the system.
-pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+/// jemalloc's settings ([`malloc_conf`]), as a C string.
+pub const SETTINGS: &std::ffi::CStr =
+    c"narenas:1,tcache:false,dirty_decay_ms:1000,muzzy_decay_ms:0";
 
-/// Limits glibc to one malloc arena unless `MALLOC_ARENA_MAX` says otherwise. Call before any
-/// other thread starts.
-pub fn tune() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a malloc parameter; no other thread runs yet, and a value
-        // glibc rejects leaves the default in place (the return value says so, and either is
-        // fine).
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
-    }
-}
-
-/// Returns freed heap pages to the system every [`TRIM_INTERVAL`], for as long as it runs.
-pub async fn give_back() {
-    let mut every = tokio::time::interval(TRIM_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        trim();
-    }
-}
-
-/// Returns freed heap pages to the system, where the allocator can.
-fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it locks each arena it trims.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
+/// Read by jemalloc when it starts: its compiled-in settings (the `_rjem_` prefix is how the
+/// jemalloc of `tikv-jemallocator` names its symbols). `#[used]` keeps it through link-time
+/// optimisation although no Rust code reads it.
+#[cfg(not(target_env = "msvc"))]
+#[used]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&std::ffi::c_char> = {
+    // SAFETY: the pointer is to the first byte of a 'static C string literal.
+    Some(unsafe { &*SETTINGS.as_ptr() })
+};

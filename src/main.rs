@@ -13,9 +13,12 @@ use goto_oauth_operator::{
 use tokio::sync::watch;
 use tracing::{error, info};
 
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: goto_oauth_operator::allocator::Allocator =
+    goto_oauth_operator::allocator::Allocator {};
+
 fn main() -> ExitCode {
-    // Before the runtime's threads exist.
-    goto_oauth_operator::allocator::tune();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,8 +106,6 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // Ends with the process.
-    tokio::spawn(goto_oauth_operator::allocator::give_back());
     tokio::spawn(async move {
         wait_for_signal().await;
         info!("shutdown signal received");

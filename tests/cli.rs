@@ -18,6 +18,31 @@ fn operator(args: &[&str]) -> std::process::Output {
         .expect("run the operator binary")
 }
 
+/// The binary runs on jemalloc with the settings measured in BENCHMARKS.md ("the allocator"),
+/// compiled in (jemalloc prints the options in force at exit when asked to).
+#[test]
+#[cfg(not(target_env = "msvc"))]
+fn the_allocator_runs_with_the_measured_settings() {
+    let out = Command::new(env!("CARGO_BIN_EXE_goto-oauth-operator"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for setting in [
+        "opt.narenas: 1\n",
+        "opt.tcache: false\n",
+        "opt.dirty_decay_ms: 1000 ",
+        "opt.muzzy_decay_ms: 0 ",
+    ] {
+        assert!(
+            stats.contains(setting),
+            "{setting:?} not in force:\n{stats}"
+        );
+    }
+}
+
 #[test]
 fn bad_flags_exit_2_with_a_message() {
     for (args, needle) in [
