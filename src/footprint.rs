@@ -263,7 +263,10 @@ fn footprint_per_client() {
         for (i, c) in clients.iter().enumerate() {
             let uid = c.metadata.uid.clone().unwrap_or_default();
             memory.with(&uid, |m| {
-                m.owner = Some(("ns".into(), c.metadata.name.clone().unwrap_or_default()));
+                m.owner = Some(crate::resource::client_key(
+                    "ns",
+                    c.metadata.name.as_deref().unwrap_or_default(),
+                ));
                 m.held = Some(HeldTokens::written(&tokens(i), Some("200000".into()), 1));
                 m.client_secret = Some(ReadValue {
                     source: ReadValue::source(&c.spec.client_secret_ref.name, "clientSecret"),

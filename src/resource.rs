@@ -605,6 +605,17 @@ fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// One string for a client's namespace and name, `namespace/name` (neither can hold a slash):
+/// for the stores that keep an entry per client, one allocation instead of two.
+pub(crate) fn client_key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into()
+}
+
+/// The namespace and name of a [`client_key`].
+pub(crate) fn split_client_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+}
+
 /// The CRD as YAML, exactly as committed in `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     let yaml = serde_yaml::to_string(&GoToOAuthClient::crd())?;

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::link_token;
 use crate::{
     conditions::Reason,
-    resource::GoToOAuthClient,
+    resource::{GoToOAuthClient, client_key, split_client_key},
     validation::{Defaults, validate},
 };
 
@@ -78,13 +78,7 @@ fn shared(default: &Arc<str>, value: &str) -> Arc<str> {
     }
 }
 
-/// The index's key of the client `name` in `namespace`.
-fn key(namespace: &str, name: &str) -> Box<str> {
-    format!("{namespace}/{name}").into()
-}
-
-/// Published links by `namespace/name` (one string: every replica keeps an entry per client,
-/// and neither part can hold a slash).
+/// Published links by [`client_key`] (every replica keeps an entry per client).
 #[derive(Debug)]
 pub(crate) struct LinkIndex {
     /// Boxed entries: a hash map keeps up to twice as many slots as entries, and an entry is
@@ -116,7 +110,7 @@ impl LinkIndex {
         // A slash in either part (a hostile request's) names no client; the comparison below
         // runs all the same.
         let entry = (!namespace.contains('/') && !name.contains('/'))
-            .then(|| links.get(&*key(namespace, name)))
+            .then(|| links.get(&*client_key(namespace, name)))
             .flatten();
         let expected = entry.map_or(&DUMMY_LINK[..], |e| e.link.as_bytes());
         let matches = bool::from(expected.ct_eq(presented.as_bytes()));
@@ -150,7 +144,7 @@ impl LinkIndex {
     }
 
     fn key(obj: &GoToOAuthClient) -> Option<Box<str>> {
-        Some(key(
+        Some(client_key(
             obj.metadata.namespace.as_deref()?,
             obj.metadata.name.as_deref()?,
         ))
@@ -208,7 +202,7 @@ impl LinkIndex {
     fn retain(&self, namespace: Option<&str>, alive: &HashSet<(String, String)>) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         links.retain(|key, _| {
-            let Some((ns, name)) = key.split_once('/') else {
+            let Some((ns, name)) = split_client_key(key) else {
                 return false;
             };
             namespace.is_some_and(|scope| scope != ns)

@@ -30,7 +30,10 @@ use jiff::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{index::Digest, packed::PackedTokens};
-use crate::{resource::RolloutRestartStatus, secret::StoredTokens};
+use crate::{
+    resource::{RolloutRestartStatus, split_client_key},
+    secret::StoredTokens,
+};
 
 /// Consecutive failures and when to try again.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -232,8 +235,9 @@ impl PartialEq for ReadValue {
 /// What one replica remembers about one client.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct ClientMemory {
-    /// Namespace and name, to drop the metric series once the client is gone.
-    pub(crate) owner: Option<(String, String)>,
+    /// Namespace and name ([`crate::resource::client_key`]), to drop the metric series once
+    /// the client is gone.
+    pub(crate) owner: Option<Box<str>>,
     pub(crate) held: Option<HeldTokens>,
     /// The refresh-requested annotation value the last refresh answered.
     pub(crate) answered_refresh_request: Option<String>,
@@ -264,7 +268,6 @@ pub(crate) struct ClientMemory {
 struct Kept {
     held: Option<HeldTokens>,
     client_secret: Option<ReadValue>,
-    /// `namespace/name` (neither contains a slash).
     owner: Option<Box<str>>,
     rare: Option<Box<Rare>>,
 }
@@ -304,7 +307,7 @@ impl Kept {
         Kept {
             held,
             client_secret,
-            owner: owner.map(|(namespace, name)| format!("{namespace}/{name}").into()),
+            owner,
             rare: (rare != Rare::default()).then(|| Box::new(rare)),
         }
     }
@@ -325,7 +328,7 @@ impl Kept {
             consent_in_flight,
         } = rare.map(|r| *r).unwrap_or_default();
         ClientMemory {
-            owner: owner.as_deref().and_then(split_owner),
+            owner,
             held,
             answered_refresh_request,
             backoff,
@@ -340,15 +343,9 @@ impl Kept {
     fn namespace(&self) -> Option<&str> {
         self.owner
             .as_deref()
-            .and_then(|owner| owner.split_once('/'))
+            .and_then(split_client_key)
             .map(|(namespace, _)| namespace)
     }
-}
-
-fn split_owner(owner: &str) -> Option<(String, String)> {
-    owner
-        .split_once('/')
-        .map(|(namespace, name)| (namespace.to_string(), name.to_string()))
 }
 
 /// A client's memory unpacked for one [`Memory::with`]; packed back when dropped, also when
@@ -400,7 +397,10 @@ impl Memory {
             .collect();
         gone.iter()
             .filter_map(|uid| all.remove(uid))
-            .filter_map(|m| m.owner.as_deref().and_then(split_owner))
+            .filter_map(|m| {
+                let (namespace, name) = split_client_key(m.owner.as_deref()?)?;
+                Some((namespace.to_string(), name.to_string()))
+            })
             .collect()
     }
 }
@@ -408,6 +408,7 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resource::client_key;
 
     #[test]
     fn stored_tokens_are_held_without_their_access_token() {
@@ -457,7 +458,7 @@ mod tests {
             seen: Seen::now(1),
         };
         let common = ClientMemory {
-            owner: Some(("team-a".into(), "billing".into())),
+            owner: Some(client_key("team-a", "billing")),
             held: Some(HeldTokens::written(&tokens, Some("7".into()), 1)),
             client_secret: Some(read.clone()),
             ..ClientMemory::default()
@@ -504,7 +505,7 @@ mod tests {
     fn prune_keeps_the_living_and_other_scopes() {
         let memory = Memory::default();
         for (uid, ns) in [("a", "one"), ("b", "one"), ("c", "two")] {
-            memory.with(uid, |m| m.owner = Some((ns.into(), uid.into())));
+            memory.with(uid, |m| m.owner = Some(client_key(ns, uid)));
         }
         let alive = HashSet::from(["a".to_string()]);
         let gone = memory.prune(Some("one"), &alive);

@@ -113,7 +113,7 @@ pub(crate) enum Snapshot {
 pub(crate) async fn observe(ctx: &Context, obj: Arc<GoToOAuthClient>) -> Result<Snapshot> {
     let keys = ObjectKeys::of(&obj)?;
     let mut memory = ctx.memory.with(&keys.uid, |m| {
-        m.owner = Some((keys.namespace.clone(), keys.name.clone()));
+        m.owner = Some(crate::resource::client_key(&keys.namespace, &keys.name));
         if m.written_resource_version.as_ref().map(|(rv, _)| rv)
             == obj.metadata.resource_version.as_ref()
         {
